@@ -1,0 +1,331 @@
+"""Framing and signing of monq's multipart messages.
+
+A message on the wire is::
+
+    [routing idents..., b"<IDS|MSG>", signature, header, parent, metadata, content, buffers...]
+
+``header``, ``parent``, ``metadata`` and ``content`` are small JSON documents
+that any process (the Hub above all) can read without touching a payload.
+``header`` carries ``msg_id``, ``msg_type``, ``session``, ``date`` (float
+epoch seconds), ``version`` and ``buffers``: one ``[nbytes, raw]`` pair per
+buffer frame.
+
+The signature is HMAC-SHA256, with the cluster key, over the four JSON frames
+and every buffer that is *not* raw.  Raw buffers (large out-of-band array
+data) are left out of the MAC for speed, which is safe because their count
+and sizes are bound in the signed header and they are only ever used as plain
+memory, never handed to pickle as a stream.  A receiver checks, in this order
+and before anything is parsed: frame count, signature, replay, JSON, buffer
+sizes.  Anything that fails is rejected with :class:`ProtocolError` and
+counted in :attr:`Session.rejected`; callers drop it and keep going.
+
+Message types (``msg_type``), by channel:
+
+- task/direct (client -> engine): ``apply_request``; reply ``apply_reply``.
+- hub (engine -> hub): ``registration_request`` -> ``registration_reply``,
+  ``task_started`` (no reply), ``unregistration_request`` (no reply).
+- hub (client -> hub): ``connect_request``, ``engines_request``,
+  ``queue_request``, ``history_request``, ``db_request``,
+  ``hub_history_request``, ``result_request``, ``purge_request``,
+  ``status_request``; each answered by the matching ``*_reply`` whose
+  content has ``status`` ``ok`` or ``error`` (with ``ename``/``evalue``).
+- notify (hub -> clients, PUB): ``engine_registered``, ``engine_unregistered``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from monq.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+DELIM = b"<IDS|MSG>"
+VERSION = 1
+#: Frames after the delimiter that every message has: signature + 4 JSON docs.
+N_FIXED = 5
+
+Buffer = Any  # bytes, memoryview, zmq.Frame or anything with the buffer protocol
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _nbytes(buf: Buffer) -> int:
+    if isinstance(buf, zmq.Frame):
+        return len(buf)
+    if isinstance(buf, bytes):
+        return len(buf)
+    return memoryview(buf).nbytes
+
+
+def _as_bytes(frame: Any) -> bytes:
+    if isinstance(frame, zmq.Frame):
+        return frame.bytes
+    return bytes(frame)
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class Message:
+    """A verified message: parsed JSON parts and the raw buffer frames."""
+
+    idents: list[bytes]
+    header: dict[str, Any]
+    parent: dict[str, Any]
+    metadata: dict[str, Any]
+    content: dict[str, Any]
+    buffers: list[Any] = field(default_factory=list)
+    #: the frames after the delimiter exactly as received (for re-forwarding)
+    signature: bytes = b""
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.header.get("msg_id", ""))
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header.get("msg_type", ""))
+
+    @property
+    def raw_flags(self) -> list[bool]:
+        return [bool(raw) for _, raw in self.header.get("buffers", [])]
+
+
+class ReplayGuard:
+    """Refuses a message that was already received (a replay).
+
+    Every sender numbers its messages per channel (``header["seq"]``), and a
+    channel delivers them in order (ZeroMQ keeps order per pipe and the relays
+    keep it too), so a receiver only has to remember the highest number seen
+    per ``(session, channel)``: anything not above it is a replay.  Senders
+    idle for longer than ``window`` seconds are forgotten, and messages dated
+    further than ``window`` from now are refused as stale, so the memory is
+    bounded by the number of live senders, never by the message count.  The
+    window is long (a day by default) because a task may sit in an engine's
+    queue for a long time before it is read.
+    """
+
+    def __init__(self, window: float = 86400.0) -> None:
+        self.window = window
+        self._last: dict[tuple[str, str], tuple[int, float]] = {}
+        self._next_sweep = 0.0
+
+    def check(self, session: str, channel: str, seq: int, date: float,
+              now: float | None = None) -> str | None:
+        """Record the message; return a rejection reason, or None when fresh."""
+        now = time.time() if now is None else now
+        if not (now - self.window <= date <= now + self.window):
+            return "stale"
+        key = (session, channel)
+        last = self._last.get(key)
+        if last is not None and seq <= last[0]:
+            return "replay"
+        self._last[key] = (seq, now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + 60.0
+            idle = [k for k, (_, t) in self._last.items() if t < now - self.window]
+            for k in idle:
+                del self._last[k]
+        return None
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
+class Session:
+    """Signs outgoing and verifies incoming messages for one process.
+
+    Each receiving socket owner keeps its own Session (its own replay memory).
+    ``rejected`` counts refused messages by reason.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        session_id: str | None = None,
+        replay_window: float = 86400.0,
+    ) -> None:
+        if not key:
+            raise ValueError("a cluster key is required")
+        self.key = key
+        self.session_id = session_id or new_id()
+        self.replay = ReplayGuard(replay_window)
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._seq: collections.Counter[str] = collections.Counter()
+
+    # -- outgoing -----------------------------------------------------------
+
+    def sign(self, parts: Sequence[Buffer]) -> bytes:
+        h = hmac.new(self.key, digestmod=hashlib.sha256)
+        for p in parts:
+            h.update(p)
+        return h.hexdigest().encode()
+
+    def header(self, msg_type: str, channel: str, msg_id: str | None = None) -> dict[str, Any]:
+        """A fresh header; numbers the message on ``channel`` (see ReplayGuard).
+
+        Messages must be sent on ``channel`` in the order their headers were made.
+        """
+        self._seq[channel] += 1
+        return {
+            "msg_id": msg_id or new_id(),
+            "msg_type": msg_type,
+            "session": self.session_id,
+            "channel": channel,
+            "seq": self._seq[channel],
+            "date": time.time(),
+            "version": VERSION,
+        }
+
+    def serialize(
+        self,
+        msg_type: str,
+        channel: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[Buffer] = (),
+        raw: Sequence[bool] | None = None,
+        header: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """Build ``(header, frames)``; frames start at the delimiter."""
+        if raw is None:
+            raw = [False] * len(buffers)
+        if len(raw) != len(buffers):
+            raise ValueError("one raw flag per buffer")
+        hdr = dict(header) if header is not None else self.header(msg_type, channel)
+        hdr["buffers"] = [[_nbytes(b), bool(r)] for b, r in zip(buffers, raw)]
+        parts = [
+            _dumps(hdr),
+            _dumps(parent or {}),
+            _dumps(metadata or {}),
+            _dumps(content or {}),
+        ]
+        signed = parts + [_frame_view(b) for b, r in zip(buffers, raw) if not r]
+        sig = self.sign(signed)
+        return hdr, [DELIM, sig, *parts, *buffers]
+
+    def send(
+        self,
+        socket: zmq.Socket,
+        msg_type: str,
+        channel: str,
+        content: dict[str, Any] | None = None,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        buffers: Sequence[Buffer] = (),
+        raw: Sequence[bool] | None = None,
+        idents: Sequence[bytes] = (),
+        header: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Sign and send a message; returns its header."""
+        hdr, frames = self.serialize(msg_type, channel, content, parent, metadata, buffers, raw,
+                                     header)
+        socket.send_multipart([*idents, *frames], copy=False)
+        return hdr
+
+    # -- incoming -----------------------------------------------------------
+
+    def feed(self, frames: Sequence[Any]) -> Message:
+        """Verify and parse a received multipart message (with its idents).
+
+        Raises ProtocolError (after counting it) for anything not acceptable.
+        """
+        try:
+            return self._feed(frames)
+        except ProtocolError as e:
+            self.rejected[e.reason] += 1
+            log.debug("rejected message: %s", e)
+            raise
+
+    def _feed(self, frames: Sequence[Any]) -> Message:
+        idx = -1
+        for i, f in enumerate(frames):
+            # identities are short; do not scan into payloads looking for DELIM
+            if i > 16:
+                break
+            if len(f) == len(DELIM) and _as_bytes(f) == DELIM:
+                idx = i
+                break
+        if idx < 0:
+            raise ProtocolError("malformed", "no delimiter")
+        idents = [_as_bytes(f) for f in frames[:idx]]
+        rest = frames[idx + 1 :]
+        if len(rest) < N_FIXED:
+            raise ProtocolError("malformed", f"{len(rest)} frames after the delimiter")
+        sig = _as_bytes(rest[0])
+        if len(sig) != 64:
+            raise ProtocolError("unsigned", "signature missing or of the wrong size")
+        parts = [_as_bytes(f) for f in rest[1:N_FIXED]]
+        bufs = list(rest[N_FIXED:])
+        # The header is JSON we have not verified yet: parse it only to learn
+        # which buffers are raw, then verify the MAC before trusting anything.
+        try:
+            header = json.loads(parts[0])
+            spec = header["buffers"]
+            if not isinstance(spec, list) or len(spec) != len(bufs):
+                raise ValueError("buffer count")
+            raw_flags = [bool(s[1]) for s in spec]
+            sizes = [int(s[0]) for s in spec]
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            # still check the MAC first so the reason reported is honest
+            if not hmac.compare_digest(sig, self.sign(parts + [_frame_view(b) for b in bufs])):
+                raise ProtocolError("bad signature", "") from None
+            raise ProtocolError("malformed", f"bad buffer spec: {e}") from None
+        signed = parts + [_frame_view(b) for b, r in zip(bufs, raw_flags) if not r]
+        if not hmac.compare_digest(sig, self.sign(signed)):
+            raise ProtocolError("bad signature", header.get("msg_type", "?") if isinstance(header, dict) else "?")
+        for b, n in zip(bufs, sizes):
+            if _nbytes(b) != n:
+                raise ProtocolError("malformed", "buffer size differs from the signed size")
+        try:
+            parent, metadata, content = (json.loads(p) for p in parts[1:])
+            date = float(header["date"])
+            seq = int(header["seq"])
+            sender = (str(header["session"]), str(header["channel"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError("malformed", f"bad JSON: {e}") from None
+        if not all(isinstance(d, dict) for d in (header, parent, metadata, content)):
+            raise ProtocolError("malformed", "JSON parts must be objects")
+        why = self.replay.check(sender[0], sender[1], seq, date)
+        if why:
+            raise ProtocolError(why, header.get("msg_id", "?"))
+        return Message(idents, header, parent, metadata, content, bufs, sig)
+
+    def recv(self, socket: zmq.Socket, flags: int = 0) -> Message | None:
+        """Receive one message; None (after counting and logging) if rejected."""
+        frames = socket.recv_multipart(flags, copy=False)
+        try:
+            return self.feed(frames)
+        except ProtocolError:
+            return None
+
+
+def _frame_view(buf: Any) -> Any:
+    if isinstance(buf, zmq.Frame):
+        return buf.buffer
+    return buf
+
+
+def split_idents(frames: Sequence[Any]) -> tuple[list[bytes], list[Any]]:
+    """Split routing identities from the rest without verifying anything."""
+    for i, f in enumerate(frames[:17]):
+        if len(f) == len(DELIM) and _as_bytes(f) == DELIM:
+            return [_as_bytes(x) for x in frames[:i]], list(frames[i:])
+    raise ProtocolError("malformed", "no delimiter")

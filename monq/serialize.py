@@ -1,0 +1,142 @@
+"""Pickling of functions, arguments and results, and numpy arrays as raw frames.
+
+Objects are pickled with cloudpickle at protocol 5.  Any buffer of at least
+``OOB_THRESHOLD`` bytes (numpy arrays, bytes-like objects that support
+out-of-band pickling) leaves the pickle stream as its own *raw* frame, sent
+with ``copy=False`` and rebuilt on the other side as a view of the received
+frame, without a copy.  The pickle stream itself is always the first frame and
+always signed (see :mod:`monq.protocol`); raw frames are only ever handed to
+``pickle.loads`` as ``buffers=``, i.e. as plain memory, never as a stream.
+Non-contiguous arrays are made contiguous once before sending.
+
+``send_array`` / ``recv_array`` are the same idea for any zmq socket: a small
+JSON frame with dtype and shape, then the data frame.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import zmq
+
+from monq.errors import SerializationError
+
+#: buffers smaller than this stay inside the (signed) pickle stream
+OOB_THRESHOLD = 64 * 1024
+
+
+def _prepare(obj: Any) -> Any:
+    """Make non-contiguous top-level arrays contiguous so they travel out of band."""
+    if isinstance(obj, np.ndarray) and not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+        return np.ascontiguousarray(obj)
+    return obj
+
+
+def serialize(obj: Any) -> tuple[list[Any], list[bool]]:
+    """Pickle ``obj``; return ``(frames, raw_flags)`` with the stream first.
+
+    Raises SerializationError (with the original exception as cause) when the
+    object cannot be pickled.
+    """
+    raws: list[Any] = []
+
+    def on_buffer(pb: pickle.PickleBuffer) -> bool:
+        mv = pb.raw()
+        if mv.nbytes < OOB_THRESHOLD:
+            return True  # keep small buffers in band: one frame costs more than the bytes
+        raws.append(mv)
+        return False
+
+    try:
+        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=on_buffer)
+    except Exception as e:
+        raise SerializationError(f"cannot pickle {_describe(obj)}: {type(e).__name__}: {e}") from e
+    return [stream, *raws], [False] + [True] * len(raws)
+
+
+def deserialize(frames: Sequence[Any]) -> Any:
+    """Rebuild an object from ``serialize``'s frames (zmq Frames, bytes or views)."""
+    if not frames:
+        raise SerializationError("no frames to unpickle")
+    stream = _view(frames[0])
+    raws = [_view(f) for f in frames[1:]]
+    try:
+        return pickle.loads(stream, buffers=raws)
+    except Exception as e:
+        raise SerializationError(f"cannot unpickle: {type(e).__name__}: {e}") from e
+
+
+def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+               ) -> tuple[list[Any], list[bool]]:
+    """Serialize a call ``f(*args, **kwargs)``."""
+    if not callable(f):
+        raise TypeError(f"{f!r} is not callable")
+    return serialize((f, tuple(_prepare(a) for a in args),
+                      {k: _prepare(v) for k, v in kwargs.items()}))
+
+
+def unpack_apply(frames: Sequence[Any]) -> tuple[Callable[..., Any], tuple[Any, ...],
+                                                 dict[str, Any]]:
+    obj = deserialize(frames)
+    try:
+        f, args, kwargs = obj
+    except (TypeError, ValueError):
+        raise SerializationError("request is not a (function, args, kwargs) triple") from None
+    return f, tuple(args), dict(kwargs)
+
+
+def func_name(f: Any) -> str:
+    """A short human name for what runs, recorded in the history."""
+    name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None)
+    mod = getattr(f, "__module__", None)
+    if name is None:
+        return type(f).__name__
+    return f"{mod}.{name}" if mod and mod not in ("__main__", "builtins") else str(name)
+
+
+def _view(frame: Any) -> Any:
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer
+    return frame
+
+
+def _describe(obj: Any) -> str:
+    r = repr(obj)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+# -- arrays over any zmq socket --------------------------------------------------
+
+
+def send_array(socket: zmq.Socket, array: np.ndarray, flags: int = 0, copy: bool = False,
+               track: bool = False) -> Any:
+    """Send a numpy array as two frames: JSON ``{dtype, shape}`` then the raw data.
+
+    The data frame is sent without a copy when the array is contiguous; a
+    non-contiguous array is made contiguous first.  Object arrays are refused:
+    they hold pointers, not data.
+    """
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError("send_array cannot send object arrays; pickle them instead")
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    dtype = array.dtype.descr if array.dtype.names else array.dtype.str
+    md = json.dumps({"dtype": dtype, "shape": list(array.shape)}).encode()
+    socket.send(md, flags | zmq.SNDMORE)
+    return socket.send(array, flags, copy=copy, track=track)
+
+
+def recv_array(socket: zmq.Socket, flags: int = 0, copy: bool = False) -> np.ndarray:
+    """Receive an array sent by :func:`send_array`, as a view of the received frame."""
+    md = json.loads(socket.recv(flags))
+    data = socket.recv(flags, copy=copy)
+    buf = data.buffer if isinstance(data, zmq.Frame) else data
+    dtype = md["dtype"]
+    dt = np.dtype([tuple(x) for x in dtype]) if isinstance(dtype, list) else np.dtype(dtype)
+    return np.frombuffer(buf, dtype=dt).reshape(md["shape"])
