@@ -1,0 +1,260 @@
+"""Translation of history filters and ``db_query`` dicts into SQLAlchemy clauses.
+
+Everything a user sends becomes a bound parameter: no SQL is ever built from
+a user's strings.  Values are checked against the column's type here, so a
+bad query fails with a :class:`HubError` that says what is wrong instead of a
+driver error (or, worse, a silent string-versus-number comparison in SQLite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, ColumnElement, Table, and_, false, or_, true
+from sqlalchemy import types as sqltypes
+
+from monq.errors import HubError
+
+__all__ = [
+    "BLOB_COLUMNS", "ORDER_KEYS", "db_query_clause", "glob_to_like", "history_clause",
+    "order_clause",
+]
+
+#: columns that hold payloads: never filtered on, never returned by history/db_query
+BLOB_COLUMNS = ("request", "result")
+#: what ``history(order=...)`` may sort by (with an optional leading "-")
+ORDER_KEYS = ("submitted", "started", "completed", "msg_id")
+_TIME_COLUMNS = ("submitted", "started", "completed", "received")
+_OPERATORS = ("$lt", "$gt", "$lte", "$gte", "$eq", "$ne", "$in", "$nin", "$glob")
+
+
+# -- history ----------------------------------------------------------------------
+
+
+def history_clause(
+    table: Table,
+    *,
+    status: str | Sequence[str] | None = None,
+    engine: int | Sequence[int] | None = None,
+    client: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    what: str = "history",
+) -> ColumnElement[bool]:
+    """The WHERE clause for ``history()``; ``since`` is inclusive, ``until`` exclusive.
+
+    ``what`` names the caller in error messages.
+    """
+    c = table.c
+    conds: list[ColumnElement[bool]] = []
+    if status is not None:
+        conds.append(_one_or_many(c.status, status, _is_str, what, "status", "a string"))
+    if engine is not None:
+        conds.append(_one_or_many(c.engine, engine, _is_int, what, "engine", "an integer"))
+    if client is not None:
+        if not _is_str(client):
+            raise HubError(f"{what}: client must be a string, not {_tname(client)}")
+        conds.append(c.client == client)
+    if since is not None:
+        conds.append(c.submitted >= time_value("since", since))
+    if until is not None:
+        conds.append(c.submitted < time_value("until", until))
+    return and_(true(), *conds)
+
+
+def order_clause(table: Table, order: str) -> list[Any]:
+    """ORDER BY for ``history()``: ``"submitted"`` ascending, ``"-submitted"`` descending."""
+    if not isinstance(order, str):
+        raise HubError(f"history: order must be a string, not {_tname(order)}")
+    desc = order.startswith("-")
+    key = order[1:] if desc else order
+    if key not in ORDER_KEYS:
+        raise HubError(f"history: cannot order by {order!r}; use one of "
+                       f"{', '.join(ORDER_KEYS)} (prefix '-' for descending)")
+    col = table.c[key]
+    return [col.desc() if desc else col.asc()]
+
+
+def check_limit(limit: Any) -> int | None:
+    if limit is None:
+        return None
+    if not _is_int(limit) or limit < 0:
+        raise HubError(f"history: limit must be a non-negative integer or None, not {limit!r}")
+    return int(limit)
+
+
+def _one_or_many(col: Column[Any], value: Any, ok: Callable[[Any], bool], caller: str,
+                 name: str, what: str) -> ColumnElement[bool]:
+    if ok(value):
+        return col == value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        bad = [v for v in value if not ok(v)]
+        if bad:
+            raise HubError(f"{caller}: every {name} must be {what}; got {bad[0]!r}")
+        return col.in_(list(value))
+    raise HubError(f"{caller}: {name} must be {what} or a list of them, not {_tname(value)}")
+
+
+def time_value(name: str, value: Any) -> float:
+    """Epoch seconds from a number or a datetime (the client converts phrases)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if not _is_num(value):
+        raise HubError(f"{name} must be epoch seconds (a number), not {_tname(value)}")
+    return float(value)
+
+
+# -- db_query -------------------------------------------------------------------------
+
+
+def db_query_clause(table: Table, query: Any, dialect: str = "sqlite") -> ColumnElement[bool]:
+    """The WHERE clause for an ipyparallel-style query dict.
+
+    ``{"engine": 0, "status": {"$in": ["ok", "error"]}, "label": None}``: a
+    plain value means ``$eq``; ``None`` with ``$eq`` means IS NULL and with
+    ``$ne`` IS NOT NULL.  ``$ne`` and ``$nin`` follow MongoDB (which ipyparallel
+    imitates): a NULL column *is* "not equal to 'ok'", so NULL rows match them
+    unless None is among the excluded values.  ``$glob`` is GLOB on SQLite and
+    an escaped LIKE elsewhere (``dialect`` is the engine's dialect name).
+    """
+    if not isinstance(query, dict):
+        raise HubError(f"db_query: the query must be a dict, not {_tname(query)}")
+    conds: list[ColumnElement[bool]] = []
+    for name, spec in query.items():
+        col = _query_column(table, name)
+        if isinstance(spec, dict):
+            if not spec:
+                raise HubError(f"db_query: empty operator dict for column {name!r}")
+            for op, value in spec.items():
+                conds.append(_operator(col, op, value, dialect))
+        else:
+            conds.append(_operator(col, "$eq", spec, dialect))
+    return and_(true(), *conds)
+
+
+def check_keys(table: Table, keys: Any) -> list[str]:
+    """The columns ``db_query(keys=...)`` returns: msg_id first, never a blob."""
+    if keys is None:
+        return [c.name for c in table.columns if c.name not in BLOB_COLUMNS]
+    if isinstance(keys, str) or not isinstance(keys, (list, tuple)):
+        raise HubError(f"db_query: keys must be a list of column names, not {_tname(keys)}")
+    out = ["msg_id"]
+    for k in keys:
+        if k in BLOB_COLUMNS:
+            raise HubError(f"db_query: {k!r} cannot be returned by a query; "
+                           "fetch payloads one task at a time with get_result")
+        if not isinstance(k, str) or k not in table.c:
+            raise HubError(f"db_query: unknown column {k!r} in keys")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def _query_column(table: Table, name: Any) -> Column[Any]:
+    if name in BLOB_COLUMNS:
+        raise HubError(f"db_query: cannot filter on payload column {name!r}; "
+                       f"filter on {name}_bytes instead")
+    if not isinstance(name, str) or name not in table.c:
+        known = ", ".join(c.name for c in table.columns if c.name not in BLOB_COLUMNS)
+        raise HubError(f"db_query: unknown column {name!r}; known columns: {known}")
+    return table.c[name]
+
+
+def _operator(col: Column[Any], op: Any, value: Any, dialect: str) -> ColumnElement[bool]:
+    if op not in _OPERATORS:
+        raise HubError(f"db_query: unknown operator {op!r} for column {col.name!r}; "
+                       f"use one of {' '.join(_OPERATORS)}")
+    where = f"{col.name!r} {op}"
+    if op == "$eq":
+        return col.is_(None) if value is None else col == _value(col, value, where)
+    if op == "$ne":
+        if value is None:
+            return col.is_not(None)
+        return or_(col != _value(col, value, where), col.is_(None))
+    if op in ("$in", "$nin"):
+        if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+            raise HubError(f"db_query: {where} takes a list, not {_tname(value)}")
+        vals = [_value(col, v, where) for v in value if v is not None]
+        has_null = any(v is None for v in value)
+        if op == "$in":
+            matched = col.in_(vals) if vals else false()
+            return or_(matched, col.is_(None)) if has_null else matched
+        kept = col.not_in(vals) if vals else true()
+        return and_(kept, col.is_not(None)) if has_null else or_(kept, col.is_(None))
+    if op == "$glob":
+        if not _is_text(col):
+            raise HubError(f"db_query: {where} needs a text column")
+        if not _is_str(value):
+            raise HubError(f"db_query: {where} takes a string pattern, not {_tname(value)}")
+        if dialect == "sqlite":
+            return col.op("GLOB", is_comparison=True)(value)
+        return col.like(glob_to_like(value), escape="\\")
+    if value is None:
+        raise HubError(f"db_query: {where} cannot compare with None; use $eq/$ne None")
+    v = _value(col, value, where)
+    if op == "$lt":
+        return col < v
+    if op == "$gt":
+        return col > v
+    if op == "$lte":
+        return col <= v
+    return col >= v  # $gte
+
+
+def glob_to_like(pattern: str) -> str:
+    """A LIKE pattern (escape character backslash) matching what GLOB would match.
+
+    ``*`` -> ``%``, ``?`` -> ``_``; literal ``%``, ``_`` and ``\\`` are escaped.
+    Character classes (``[abc]``) have no LIKE equivalent and are refused.
+    """
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        elif ch == "[":
+            raise HubError(f"db_query: $glob character classes ('[...]' in {pattern!r}) "
+                           "are supported on SQLite only")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _value(col: Column[Any], value: Any, where: str) -> Any:
+    """Check ``value`` fits the column's type (SQLite would compare anything silently)."""
+    if _is_text(col):
+        if not _is_str(value):
+            raise HubError(f"db_query: {where} needs a string, not {_tname(value)} {value!r}")
+        return value
+    if col.name in _TIME_COLUMNS and isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(col.type, (sqltypes.Integer, sqltypes.Float)):
+        if not _is_num(value):
+            raise HubError(f"db_query: {where} needs a number, not {_tname(value)} {value!r}")
+        return value
+    raise HubError(f"db_query: column {col.name!r} cannot be queried")
+
+
+def _is_text(col: Column[Any]) -> bool:
+    return isinstance(col.type, sqltypes.String)  # Text is a String
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _tname(v: Any) -> str:
+    return type(v).__name__
