@@ -1,0 +1,455 @@
+"""Start, supervise and stop the processes of one cluster: a controller and its engines.
+
+The process that runs :class:`Cluster` is the *supervisor*.  It starts the
+controller (``python -m monq.hub``), waits for the connection file that the
+controller writes once every socket is bound, starts the engines
+(``python -m monq.engine``) and waits until each has registered with the Hub.
+
+Resource handling: the Cluster owns every child process it starts and the
+profile's lock file; :meth:`Cluster.stop` (also called by ``__exit__`` and
+when :meth:`Cluster.start` fails) ends them all and is safe to call twice.
+Children run in their own session, so a Ctrl-C in the terminal reaches the
+supervisor alone, which then shuts them down in order.  On Linux each child
+also asks the kernel for SIGTERM when the supervisor dies
+(``PR_SET_PDEATHSIG``), so a supervisor killed with SIGKILL leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from monq.connection import (
+    CONNECTION_FILE,
+    ConnectionInfo,
+    load_connection_file,
+    monq_home,
+    profile_dir,
+)
+from monq.errors import MonqError, NoClusterError
+from monq.errors import TimeoutError as MonqTimeoutError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "supervisor.lock"
+LOG_DIR = "logs"
+#: how often start() looks for the connection file / the supervision loop polls children
+POLL = 0.02
+SUPERVISE_POLL = 0.1
+
+
+class ClusterError(MonqError):
+    """A cluster could not be started (a process failed or was too slow)."""
+
+
+class ClusterRunningError(ClusterError):
+    """A cluster already runs for this profile."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What to start: which profile, how many engines, and the controller's options."""
+
+    profile: str = "default"
+    #: the directory holding the profiles (None: $MONQ_HOME, else ~/.monq)
+    home: Path | None = None
+    #: number of engines (None: one per CPU)
+    n: int | None = None
+    #: SQLAlchemy URL of the history database (None: sqlite in the profile dir)
+    db_url: str | None = None
+    ip: str = "127.0.0.1"
+    heartbeat_period: float = 1.0
+    log_level: str = "INFO"
+
+    @property
+    def n_engines(self) -> int:
+        return self.n if self.n is not None else (os.cpu_count() or 1)
+
+    @property
+    def profile_dir(self) -> Path:
+        return profile_dir(self.profile, self.home if self.home is not None else monq_home())
+
+    @property
+    def connection_file(self) -> Path:
+        return self.profile_dir / CONNECTION_FILE
+
+    @property
+    def log_dir(self) -> Path:
+        return self.profile_dir / LOG_DIR
+
+
+# --- children ---------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _child_setup(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive SIGTERM when the supervisor dies (Linux)."""
+    libc = _libc
+    if libc is None:
+        return None
+
+    def setup() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # the supervisor may have died between fork and prctl: then nobody will signal us
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
+
+
+def log_tail(path: Path, offset: int = 0, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, from byte ``offset`` on ('' if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class _Child:
+    """One child process, its log file and where this run's output starts in it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_offset: int
+    reported: bool = False
+
+    def tail(self) -> str:
+        return log_tail(self.log_path, self.log_offset)
+
+
+def _is_monq_process(pid: int) -> bool:
+    """False when ``pid`` is known to be something else than monq (a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (or a race): cannot tell, trust the pid
+    return b"monq" in cmdline
+
+
+def running_info(config: ClusterConfig) -> ConnectionInfo | None:
+    """The connection info of the live cluster of this profile, or None."""
+    try:
+        info = load_connection_file(config.connection_file, check_alive=True)
+    except NoClusterError:
+        return None
+    return info if _is_monq_process(info.controller_pid) else None
+
+
+def _running_error(cfg: ClusterConfig, who: str) -> ClusterRunningError:
+    hint = "monq stop" + (f" --profile {cfg.profile}" if cfg.profile != "default" else "")
+    return ClusterRunningError(f"a cluster is already running for profile {cfg.profile!r} "
+                               f"({who}); stop it with `{hint}`")
+
+
+def check_not_running(config: ClusterConfig) -> None:
+    """Raise ClusterRunningError when a supervisor or a controller runs for this profile."""
+    lock = config.profile_dir / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise _running_error(config, f"supervisor pid {holder}") from None
+        finally:
+            os.close(fd)
+    info = running_info(config)
+    if info is not None:
+        raise _running_error(config, f"controller pid {info.controller_pid}")
+
+
+def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """SIGTERM every process, wait for them up to ``timeout`` seconds, SIGKILL the rest."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not exit within %.1fs of SIGTERM; killing it", p.pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+# --- the cluster ------------------------------------------------------------
+
+class Cluster:
+    """A controller and ``config.n_engines`` engines, started and stopped as one.
+
+    Usage::
+
+        with Cluster(ClusterConfig(n=4)) as cluster:
+            info = cluster.start()
+            cluster.wait()        # until stop is requested or the controller exits
+    """
+
+    def __init__(self, config: ClusterConfig | None = None) -> None:
+        self.config = config or ClusterConfig()
+        self.info: ConnectionInfo | None = None
+        self.controller: _Child | None = None
+        self.engines: list[_Child] = []
+        self._lock_fd: int | None = None
+        self._stop_requested = threading.Event()
+        self._stopped = False
+
+    # -- public state
+
+    @property
+    def connection_file(self) -> Path:
+        return self.config.connection_file
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Pid of every process this cluster started, by name (``controller``, ``engine-<i>``)."""
+        children = ([self.controller] if self.controller else []) + self.engines
+        return {c.name: c.proc.pid for c in children}
+
+    # -- start
+
+    def start(
+        self,
+        timeout: float = 30.0,
+        on_controller: Callable[[ConnectionInfo], None] | None = None,
+        on_engine: Callable[[int, int], None] | None = None,
+    ) -> ConnectionInfo:
+        """Start the controller and the engines; return once every engine has registered.
+
+        ``on_controller(info)`` is called once the controller is up,
+        ``on_engine(engine_id, registered_count)`` as each engine registers.
+        Raises ClusterError (everything started is stopped again) when a
+        cluster already runs for the profile, a process exits early, or the
+        whole start takes longer than ``timeout`` seconds.
+        """
+        if self.controller is not None:
+            raise ClusterError("this Cluster was already started")
+        deadline = time.monotonic() + timeout
+        cfg = self.config
+        cfg.profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cfg.log_dir.mkdir(exist_ok=True, mode=0o700)
+        self._lock_profile()
+        try:
+            self.info = self._start_controller(deadline)
+            if on_controller is not None:
+                on_controller(self.info)
+            for i in range(cfg.n_engines):
+                self.engines.append(self._spawn(
+                    f"engine-{i}", ["monq.engine", "--connection-file", str(self.connection_file),
+                                    "--log-level", cfg.log_level]))
+            self._wait_for_engines(deadline, on_engine)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("cluster %r up: controller pid %d, %d engines",
+                 cfg.profile, self.info.controller_pid, len(self.engines))
+        return self.info
+
+    def _lock_profile(self) -> None:
+        """Take the profile's lock for the supervisor's lifetime; refuse a second cluster."""
+        cfg = self.config
+        fd = os.open(cfg.profile_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise _running_error(cfg, f"supervisor pid {holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        # a controller started by hand (python -m monq.hub) holds no lock: look for it too
+        info = running_info(cfg)
+        if info is not None:
+            self._unlock_profile()
+            raise _running_error(cfg, f"controller pid {info.controller_pid}")
+
+    def _unlock_profile(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            # empty the file first: a reader must not take our pid for a live holder
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+    def _spawn(self, name: str, module_args: list[str]) -> _Child:
+        log_path = self.config.log_dir / f"{name}.log"
+        logf = open(log_path, "ab")  # noqa: SIM115 - the child owns it once started
+        try:
+            offset = logf.tell()
+            logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+            logf.flush()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *module_args],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_child_setup(os.getpid()),
+            )
+        finally:
+            logf.close()
+        log.debug("started %s: pid %d", name, proc.pid)
+        return _Child(name, proc, log_path, offset)
+
+    def _start_controller(self, deadline: float) -> ConnectionInfo:
+        cfg = self.config
+        args = ["monq.hub", "--profile-dir", str(cfg.profile_dir), "--profile", cfg.profile,
+                "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
+                "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
+        if cfg.db_url:
+            args += ["--db", cfg.db_url]
+        self.controller = ctl = self._spawn("controller", args)
+        # the controller writes the file (atomically) once every socket is bound; a file
+        # naming another pid is a leftover of an earlier run
+        while True:
+            try:
+                info = load_connection_file(self.connection_file, check_alive=False)
+                if info.controller_pid == ctl.proc.pid:
+                    return info
+            except NoClusterError:
+                pass
+            code = ctl.proc.poll()
+            if code is not None:
+                ctl.reported = True
+                raise ClusterError(f"the controller exited with code {code} before it was ready; "
+                                   f"{ctl.log_path}:\n{ctl.tail()}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the controller was not ready in time; "
+                                   f"{ctl.log_path}:\n{ctl.tail()}")
+            time.sleep(POLL)
+
+    def _wait_for_engines(self, deadline: float,
+                          on_engine: Callable[[int, int], None] | None) -> None:
+        from monq.client import Client  # the client pulls in more than the supervisor needs
+
+        n = len(self.engines)
+        seen: set[int] = set()
+        with Client(connection_file=self.connection_file,
+                    timeout=max(1.0, deadline - time.monotonic())) as client:
+            while len(seen) < n:
+                self._check_started()
+                try:
+                    client.wait_for_engines(len(seen) + 1, timeout=0.25)
+                except MonqTimeoutError:
+                    if time.monotonic() > deadline:
+                        tails = "\n".join(f"{e.log_path}:\n{e.tail()}" for e in self.engines)
+                        raise ClusterError(f"only {len(seen)} of {n} engines registered in "
+                                           f"time\n{tails}") from None
+                    continue
+                for eid in sorted(set(client.ids) - seen):
+                    seen.add(eid)
+                    if on_engine is not None:
+                        on_engine(eid, len(seen))
+
+    def _check_started(self) -> None:
+        """Fail fast when a child died while the cluster was still starting."""
+        for child in ([self.controller] if self.controller else []) + self.engines:
+            code = child.proc.poll()
+            if code is not None:
+                child.reported = True
+                raise ClusterError(f"{child.name} (pid {child.proc.pid}) exited with code {code} "
+                                   f"while the cluster was starting; {child.log_path}:\n"
+                                   f"{child.tail()}")
+
+    # -- supervise
+
+    def request_stop(self) -> None:
+        """Make :meth:`wait` return (safe from a signal handler or another thread)."""
+        self._stop_requested.set()
+
+    def wait(self) -> int:
+        """Supervise until a stop is requested or the controller exits.
+
+        An engine that exits is logged with its exit code (the Hub notices
+        the missing heartbeats and ends its tasks).  Returns 0 after a
+        requested stop, else the controller's exit code.  Does not stop
+        anything itself: the caller calls :meth:`stop` (``__exit__`` does).
+        """
+        if self.controller is None:
+            raise ClusterError("the cluster was not started")
+        while not self._stop_requested.wait(SUPERVISE_POLL):
+            for e in self.engines:
+                code = e.proc.poll()
+                if code is not None and not e.reported:
+                    e.reported = True
+                    log.warning("%s (pid %d) exited with code %d; log: %s",
+                                e.name, e.proc.pid, code, e.log_path)
+            code = self.controller.proc.poll()
+            if code is not None:
+                self.controller.reported = True
+                log.error("the controller (pid %d) exited with code %d; log: %s\n%s",
+                          self.controller.proc.pid, code, self.controller.log_path,
+                          self.controller.tail())
+                return code if code != 0 else 1
+        return 0
+
+    # -- stop
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every process this cluster started; bounded, and safe to call twice.
+
+        Order matters: the engines go first, while the Hub still runs, so that
+        each one unregisters and the Hub records the end of whatever it held
+        instead of having to wait for missed heartbeats; and no engine is left
+        behind retrying a controller that has gone.  Then the controller, which
+        flushes its pending history writes on SIGTERM.  Each step waits up to
+        ``timeout`` seconds after SIGTERM, then kills.  Last, the connection
+        file is removed if it is still ours (a newer cluster may own it).
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_requested.set()
+        try:
+            if self.engines:
+                terminate([e.proc for e in self.engines], timeout)
+            if self.controller is not None:
+                terminate([self.controller.proc], timeout)
+                self._remove_connection_file(self.controller.proc.pid)
+        finally:
+            self._unlock_profile()
+        if self.controller is not None:
+            log.info("cluster %r stopped", self.config.profile)
+
+    def _remove_connection_file(self, controller_pid: int) -> None:
+        try:
+            info = load_connection_file(self.connection_file, check_alive=False)
+        except NoClusterError:
+            return
+        if info.controller_pid == controller_pid:
+            with contextlib.suppress(FileNotFoundError):
+                self.connection_file.unlink()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
