@@ -1,0 +1,5 @@
+import sys
+
+from monq.engine.engine import main
+
+sys.exit(main())

@@ -1,0 +1,284 @@
+"""The engine: runs the tasks it is sent and answers with results and timings.
+
+An engine registers with the Hub and gets an integer id, then reads two
+channels: the load-balanced ``task`` channel and its own ``direct`` channel,
+both as a DEALER whose identity is the engine's uuid.  Tasks run one at a
+time in the main thread, with stdout and stderr captured.  Before it runs a
+task the engine tells the Hub (``task_started``), and its reply carries the
+received/started/completed times.
+
+A heartbeat thread forwards the Hub's pings back to it inside
+``zmq.proxy``, which runs in C without the GIL: a task that spins in pure
+Python for minutes still answers every ping.
+
+Resource handling: :meth:`Engine.close` closes every socket and terminates
+the Context (ending the heartbeat proxy); safe to call twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import socket as _socket
+import sys
+import threading
+import time
+import traceback
+import uuid as _uuid
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from monq.connection import ConnectionInfo
+from monq.errors import MonqError, ProtocolError, SerializationError
+from monq.protocol import Message, Session
+from monq.serialize import serialize, unpack_apply
+
+log = logging.getLogger(__name__)
+
+_OUTPUT_CAP = 1 << 20
+
+
+class RegistrationError(MonqError):
+    """The Hub did not accept this engine."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    registration_timeout: float = 30.0
+    output_cap: int = _OUTPUT_CAP
+
+
+class _Capture(io.StringIO):
+    """A text stream that keeps at most ``cap`` characters."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+        self.dropped = 0
+
+    def write(self, s: str) -> int:
+        room = self.cap - self.tell()
+        if room <= 0:
+            self.dropped += len(s)
+            return len(s)
+        if len(s) > room:
+            self.dropped += len(s) - room
+            super().write(s[:room])
+            return len(s)
+        return super().write(s)
+
+    def text(self) -> str:
+        v = self.getvalue()
+        return v + (f"\n[... {self.dropped} characters dropped]" if self.dropped else "")
+
+
+class Engine:
+    """One engine process's worker.  ``Engine(info).run()`` until :meth:`stop`."""
+
+    def __init__(self, info: ConnectionInfo, config: EngineConfig = EngineConfig()) -> None:
+        self.info = info
+        self.config = config
+        self.uuid = _uuid.uuid4().hex
+        self.id: int | None = None
+        self.session = Session(info.key)
+        self.ctx = zmq.Context()
+        self.ctx.linger = 0
+        self._stop = False
+        self._closed = False
+        self._heart: threading.Thread | None = None
+        ident = self.uuid.encode()
+        self.hub = self.ctx.socket(zmq.DEALER)
+        self.task = self.ctx.socket(zmq.DEALER)
+        self.direct = self.ctx.socket(zmq.DEALER)
+        for s in (self.task, self.direct):
+            s.identity = ident
+        self.hub.connect(info.url("hub"))
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def register(self) -> int:
+        """Register with the Hub; returns the engine id given by the Hub."""
+        hdr = self.session.send(self.hub, "registration_request", "hub", {
+            "uuid": self.uuid, "hostname": _socket.gethostname(), "pid": os.getpid()})
+        deadline = time.monotonic() + self.config.registration_timeout
+        while time.monotonic() < deadline:
+            if not self.hub.poll(100):
+                if self._stop:
+                    raise RegistrationError("stopped before registering")
+                continue
+            msg = self.session.recv(self.hub)
+            if msg is None or msg.parent.get("msg_id") != hdr["msg_id"]:
+                continue
+            if msg.content.get("status") != "ok":
+                raise RegistrationError(f"the Hub refused this engine: {msg.content}")
+            self.id = int(msg.content["id"])
+            break
+        else:
+            raise RegistrationError(f"no answer from the Hub at {self.info.url('hub')} within "
+                                    f"{self.config.registration_timeout}s")
+        self.task.connect(self.info.url("task_engine"))
+        self.direct.connect(self.info.url("direct_engine"))
+        self._heart = threading.Thread(target=self._heartbeat, name="heart", daemon=True)
+        self._heart.start()
+        log.info("engine %d registered (uuid %s)", self.id, self.uuid)
+        return self.id
+
+    def _heartbeat(self) -> None:
+        """Echo the Hub's pings from C (zmq.proxy releases the GIL)."""
+        sub = self.ctx.socket(zmq.SUB)
+        back = self.ctx.socket(zmq.DEALER)
+        try:
+            sub.linger = back.linger = 0
+            back.identity = self.uuid.encode()
+            sub.subscribe(b"")
+            sub.connect(self.info.url("hb_ping"))
+            back.connect(self.info.url("hb_pong"))
+            zmq.proxy(sub, back)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sub.close(linger=0)
+            back.close(linger=0)
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current task (safe from a signal handler)."""
+        self._stop = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.id is not None:
+            try:
+                self.session.send(self.hub, "unregistration_request", "hub",
+                                  {"uuid": self.uuid, "id": self.id})
+                self.hub.linger = 500  # let the goodbye leave
+            except zmq.ZMQError:
+                pass
+        for s in (self.task, self.direct):
+            s.close(linger=0)
+        self.hub.close()
+        self.ctx.term()
+        if self._heart is not None:
+            self._heart.join(timeout=2)
+
+    # -- loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        channels = {self.task: "task", self.direct: "direct"}
+        for s in channels:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self.hub, zmq.POLLIN)
+        while not self._stop:
+            try:
+                events = poller.poll(200)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                raise
+            for sock, _ in events:
+                if sock is self.hub:
+                    self.session.recv(self.hub, zmq.NOBLOCK)  # nothing expected; drain
+                    continue
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                try:
+                    msg = self.session.feed(frames)
+                except ProtocolError as e:
+                    log.warning("dropped a message on %s: %s", channels[sock], e)
+                    continue
+                if msg.msg_type != "apply_request":
+                    log.warning("ignored %s on %s", msg.msg_type, channels[sock])
+                    continue
+                try:
+                    self.handle_apply(sock, channels[sock], msg)
+                except Exception:
+                    log.exception("failed to answer %s", msg.msg_id)
+
+    # -- tasks --------------------------------------------------------------------
+
+    def handle_apply(self, sock: zmq.Socket, channel: str, msg: Message) -> None:
+        received = time.time()
+        started = time.time()
+        self.session.send(self.hub, "task_started", "hub", {
+            "msg_id": msg.msg_id, "engine": self.id, "engine_uuid": self.uuid,
+            "started": started})
+        out, err = _Capture(self.config.output_cap), _Capture(self.config.output_cap)
+        content: dict[str, Any]
+        result: Any = None
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                f, args, kwargs = unpack_apply(msg.buffers)
+                result = f(*args, **kwargs)
+                content = {"status": "ok"}
+            except BaseException as e:  # noqa: BLE001 - everything a task raises goes home
+                if isinstance(e, KeyboardInterrupt) and self._stop:
+                    raise
+                content = _error_content(e)
+        completed = time.time()
+        buffers: list[Any] = []
+        raw: list[bool] = []
+        if content["status"] == "ok":
+            try:
+                buffers, raw = serialize(result)
+            except SerializationError as e:
+                content = _error_content(e, skip_frames=False)
+                content["evalue"] = f"the task's result cannot be sent back: {e}"
+        metadata = {
+            "engine": self.id, "engine_uuid": self.uuid, "status": content["status"],
+            "received": received, "started": started, "completed": completed,
+            "stdout": out.text(), "stderr": err.text(),
+        }
+        self.session.send(sock, "apply_reply", channel, content, parent=msg.header,
+                          metadata=metadata, buffers=buffers, raw=raw, idents=msg.idents)
+
+
+def _error_content(e: BaseException, skip_frames: bool = True) -> dict[str, Any]:
+    tb = e.__traceback__
+    if skip_frames and tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # drop the engine's own frame: show the user's code
+    lines = traceback.format_exception(type(e), e, tb)
+    return {"status": "error", "ename": type(e).__name__, "evalue": str(e),
+            "traceback": "".join(lines)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import signal
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m monq.engine", description="a monq engine")
+    p.add_argument("--connection-file", required=True, type=Path)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
+    info = ConnectionInfo.from_json(json.loads(a.connection_file.read_text()))
+    engine = Engine(info)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        engine.stop()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        engine.register()
+        engine.run()
+    except RegistrationError as e:
+        log.error("%s", e)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The Hub: engine registration, heartbeats, the task store and the query service."""

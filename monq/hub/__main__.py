@@ -1,0 +1,5 @@
+import sys
+
+from monq.hub.controller import main
+
+sys.exit(main())

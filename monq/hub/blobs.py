@@ -1,0 +1,46 @@
+"""How a message's buffer frames are kept in one database column, and read back.
+
+Each frame is stored as one flag byte (1 = raw), an 8-byte little-endian
+length, then its bytes.  The Hub never unpickles what it stores; it hands the
+frames back, signed anew, to a client that asks for a result.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+_HEAD = struct.Struct("<BQ")
+
+
+def total_size(frames: Sequence[Any]) -> int:
+    return sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+
+
+def pack(frames: Sequence[Any], raw: Sequence[bool]) -> bytes:
+    parts: list[Any] = []
+    for f, r in zip(frames, raw):
+        view = f.buffer if hasattr(f, "buffer") else memoryview(f)
+        parts.append(_HEAD.pack(1 if r else 0, view.nbytes))
+        parts.append(view)
+    return b"".join(parts)
+
+
+def unpack(blob: bytes) -> tuple[list[memoryview], list[bool]]:
+    """Split a packed blob; ValueError if it is truncated or corrupt."""
+    view = memoryview(blob)
+    frames: list[memoryview] = []
+    raw: list[bool] = []
+    pos = 0
+    while pos < len(view):
+        if pos + _HEAD.size > len(view):
+            raise ValueError("truncated frame header")
+        flag, n = _HEAD.unpack_from(view, pos)
+        pos += _HEAD.size
+        if pos + n > len(view):
+            raise ValueError("truncated frame")
+        frames.append(view[pos : pos + n])
+        raw.append(bool(flag))
+        pos += n
+    return frames, raw

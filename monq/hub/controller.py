@@ -1,0 +1,112 @@
+"""The controller process: the Hub and the relays, in one process.
+
+Why one process with the relays as threads: the relays' loop is C with the
+GIL released, so it does not compete with the Hub's Python; and the monitor
+copies travel over ``inproc://``, which passes message references instead of
+bytes (a separate relay process would copy every payload once more through a
+socket).  The controller binds everything, then writes the connection file
+(mode 0600) that clients and engines read.
+
+Shutdown order, on SIGTERM or SIGINT: the Hub loop ends and flushes its last
+batch; the Hub closes its sockets and the store; terminating the Context then
+ends the relay loops (ETERM), which close their own sockets; the connection
+file is removed if it is still ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import zmq
+
+from monq.connection import (
+    CONNECTION_FILE,
+    ConnectionInfo,
+    default_db_url,
+    new_key,
+    write_connection_file,
+)
+from monq.hub.hub import MONITOR_URL, Hub, HubConfig
+from monq.hub.store import TaskStore
+from monq.protocol import Session
+from monq.schedulers import Relay
+
+log = logging.getLogger(__name__)
+
+
+def _reuse_key(path: Path) -> bytes:
+    """Keep the key of a previous controller of this profile, so its engines can rejoin."""
+    try:
+        import json
+
+        return bytes.fromhex(json.loads(path.read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return new_key()
+
+
+def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
+          supervisor_pid: int = 0) -> int:
+    profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conn_path = profile_dir / CONNECTION_FILE
+    key = _reuse_key(conn_path)
+    db_url = db_url or default_db_url(profile_dir)
+    ctx = zmq.Context()
+    ctx.linger = 0
+    store = TaskStore(db_url, payload_cap=config.payload_cap)
+    hub = Hub(ctx, Session(key), store, config, db_url)
+    relays: list[Relay] = []
+    info: ConnectionInfo | None = None
+    try:
+        ports = hub.bind()
+        for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
+            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL)
+            client_port, engine_port = relay.start_and_wait(hub.monitor)
+            ports[f"{name}_client"], ports[f"{name}_engine"] = client_port, engine_port
+            relays.append(relay)
+        info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
+                              supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
+                              heartbeat_period=config.heartbeat_period)
+        write_connection_file(conn_path, info)
+        log.info("controller ready: connection file %s, history %s", conn_path, db_url)
+        signal.signal(signal.SIGTERM, lambda *_: hub.stop())
+        signal.signal(signal.SIGINT, lambda *_: hub.stop())
+        hub.run()
+    finally:
+        hub.close()
+        ctx.term()  # ends the relay loops with ETERM; they close their sockets
+        for r in relays:
+            r.join(timeout=5)
+        if info is not None and _still_ours(conn_path):
+            conn_path.unlink(missing_ok=True)
+        log.info("controller stopped")
+    return 0
+
+
+def _still_ours(path: Path) -> bool:
+    try:
+        import json
+
+        return int(json.loads(path.read_text()).get("controller_pid", 0)) == os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m monq.hub", description="monq controller")
+    p.add_argument("--profile-dir", required=True, type=Path)
+    p.add_argument("--profile", default="default")
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in the profile)")
+    p.add_argument("--ip", default="127.0.0.1")
+    p.add_argument("--heartbeat-period", type=float, default=1.0)
+    p.add_argument("--supervisor-pid", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [controller] %(name)s: %(message)s")
+    return serve(a.profile_dir, a.profile, a.db,
+                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid)

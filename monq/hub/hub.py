@@ -1,0 +1,563 @@
+"""The Hub: registers engines, watches their hearts and records every task.
+
+The Hub runs in the controller's main thread.  It reads three sockets:
+
+- the monitor SUB, bound on ``inproc://`` and fed by every relay, which sees
+  each request as it enters (``in.task`` / ``in.direct``) and each reply as
+  it leaves (``out.task`` / ``out.direct``);
+- the Hub ROUTER, where engines register and report ``task_started`` and
+  clients ask their queries;
+- the heartbeat pong ROUTER.
+
+It verifies every message (a forged copy never becomes history), keeps a
+small record of each task in flight, and writes records to the store in
+batches: one transaction per ``flush_rows`` rows or ``flush_interval``
+seconds, whichever comes first, and always before answering a query, so a
+client that has seen its result also sees it in the history.  Payloads are
+passed through as bytes and never unpickled here.
+
+Resource handling: the Hub owns its sockets and the store and closes them in
+:meth:`close` (safe to call twice); the Context belongs to the controller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket as _socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from monq.errors import HubError, ProtocolError
+from monq.hub import blobs
+from monq.hub.heart import HeartMonitor
+from monq.hub.store import TaskStore
+from monq.protocol import DELIM, Message, Session
+
+log = logging.getLogger(__name__)
+
+MONITOR_URL = "inproc://monq-monitor"
+TERMINAL = frozenset({"ok", "error", "aborted", "timeout", "lost", "resubmitted"})
+# cap on a reply's captured output kept per stream (bytes of text)
+_OUTPUT_CAP = 1 << 20
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """How the Hub behaves; passed explicitly by the controller."""
+
+    ip: str = "127.0.0.1"
+    heartbeat_period: float = 1.0
+    heartbeat_max_missed: int = 3
+    flush_interval: float = 0.005
+    flush_rows: int = 2000
+    payload_cap: int = 1 << 20
+
+
+@dataclass
+class _InFlight:
+    queue: str
+    status: str
+    engine: int | None
+    client: str
+    inserted: bool = False
+
+
+@dataclass
+class _Engine:
+    id: int
+    uuid: str
+    hostname: str
+    pid: int
+    registered: float
+    status: str = "alive"
+
+
+class Hub:
+    """The controller's bookkeeper.  Create, :meth:`bind`, then :meth:`run`."""
+
+    def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
+                 config: HubConfig, db_url: str = "") -> None:
+        self.ctx = ctx
+        self.session = session
+        self.store = store
+        self.config = config
+        self.db_url = db_url
+        self.ports: dict[str, int] = {}
+        self.rejected: Counter[str] = Counter()
+        self._stop = False
+        self._sockets: list[zmq.Socket] = []
+        self._inflight: dict[str, _InFlight] = {}
+        self._dirty: dict[str, dict[str, Any]] = {}
+        self._dirty_since = 0.0
+        self._engines: dict[str, _Engine] = {}  # by uuid
+        self._by_id: dict[int, _Engine] = {}
+        self._next_id = store.max_engine_id() + 1
+        self._closed = False
+        for row in store.engines():
+            if row.get("status") == "alive":
+                # the previous controller ended without saying; they re-register if alive
+                store.upsert_engine({**row, "status": "dead", "unregistered": time.time()})
+
+    # -- sockets --------------------------------------------------------------
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        self._sockets.append(s)
+        return s
+
+    def bind(self) -> dict[str, int]:
+        """Bind every Hub socket; the monitor first, so relays can connect to it."""
+        addr = f"tcp://{self.config.ip}"
+        self.monitor = self._socket(zmq.SUB)
+        self.monitor.rcvhwm = 0  # never drop a copy; queue it
+        self.monitor.bind(MONITOR_URL)
+        self.monitor.subscribe(b"")
+        self.router = self._socket(zmq.ROUTER)
+        self.router.sndhwm = 0
+        self.ports["hub"] = self.router.bind_to_random_port(addr)
+        self.notify = self._socket(zmq.PUB)
+        self.ports["notify"] = self.notify.bind_to_random_port(addr)
+        ping = self._socket(zmq.PUB)
+        self.ports["hb_ping"] = ping.bind_to_random_port(addr)
+        pong = self._socket(zmq.ROUTER)
+        self.ports["hb_pong"] = pong.bind_to_random_port(addr)
+        self.heart = HeartMonitor(ping, pong, self.config.heartbeat_period,
+                                  self.config.heartbeat_max_missed)
+        return dict(self.ports)
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler)."""
+        self._stop = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        except Exception:
+            log.exception("final flush failed")
+        for s in self._sockets:
+            s.close(linger=0)
+        self.store.close()
+
+    # -- loop -----------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.heart.pong, zmq.POLLIN)
+        handlers: dict[zmq.Socket, Callable[[], None]] = {
+            self.monitor: self._drain_monitor,
+            self.router: self._drain_router,
+            self.heart.pong: self._drain_pong,
+        }
+        while not self._stop:
+            timeout = 100.0
+            if self._dirty:
+                timeout = max(0.0, (self._dirty_since + self.config.flush_interval
+                                    - time.monotonic()) * 1000)
+            timeout = min(timeout, max(0.0, (self.heart.next_beat - time.monotonic()) * 1000))
+            try:
+                events = poller.poll(timeout)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                raise
+            for sock, _ in events:
+                handlers[sock]()
+            for uuid in self.heart.tick():
+                self._engine_gone(uuid.decode(errors="replace"), "heartbeat")
+            if self._dirty and (len(self._dirty) >= self.config.flush_rows or
+                                time.monotonic() - self._dirty_since >= self.config.flush_interval):
+                self.flush()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
+               limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:
+                # one bad message must never end the loop
+                log.exception("error handling a message")
+                self.rejected["handler error"] += 1
+
+    def _drain_monitor(self) -> None:
+        self._drain(self.monitor, self._on_monitor, limit=5000)
+        if len(self._dirty) >= self.config.flush_rows:
+            self.flush()
+
+    def _drain_router(self) -> None:
+        self._drain(self.router, self._on_router)
+
+    def _drain_pong(self) -> None:
+        self._drain(self.heart.pong, lambda fr: self.heart.handle_pong([f.bytes for f in fr]))
+
+    # -- monitor: the life of tasks ---------------------------------------------
+
+    def _verify(self, frames: list[Any]) -> Message | None:
+        try:
+            return self.session.feed(frames)
+        except ProtocolError as e:
+            self.rejected[e.reason] += 1
+            return None
+
+    def _on_monitor(self, frames: list[Any]) -> None:
+        prefix = frames[0].bytes
+        direction, _, channel = prefix.decode(errors="replace").partition(".")
+        msg = self._verify(frames[1:])
+        if msg is None:
+            return
+        if direction == "in" and msg.msg_type == "apply_request":
+            target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
+                msg.idents else None
+            self._on_request(msg, channel, target)
+        elif direction == "out" and msg.msg_type == "apply_reply":
+            self._on_reply(msg, channel)
+
+    def _touch(self, msg_id: str, **fields: Any) -> None:
+        if not self._dirty:
+            self._dirty_since = time.monotonic()
+        row = self._dirty.setdefault(msg_id, {"msg_id": msg_id})
+        row.update(fields)
+
+    def _payload(self, msg: Message) -> tuple[bytes | None, int]:
+        size = blobs.total_size(msg.buffers)
+        if size > self.config.payload_cap:
+            return None, size
+        return blobs.pack(msg.buffers, msg.raw_flags), size
+
+    def _on_request(self, msg: Message, channel: str, target_uuid: str | None) -> None:
+        h, md = msg.header, msg.metadata
+        engine = self._engines.get(target_uuid) if target_uuid else None
+        engine_id = engine.id if engine else None
+        blob, size = self._payload(msg)
+        self._inflight[msg.msg_id] = _InFlight(channel, "pending", engine_id, h.get("session", ""))
+        self._touch(msg.msg_id, client=h.get("session"), queue=channel, status="pending",
+                    submitted=h.get("date"), label=_short(md.get("label"), 200),
+                    func=_short(md.get("func"), 300), engine=engine_id,
+                    engine_uuid=target_uuid, request=blob, request_bytes=size,
+                    retries=int(md.get("retries_done", 0) or 0))
+        if channel == "direct" and engine is None:
+            # the relay drops messages for unknown identities: say so instead of waiting forever
+            self._finish_lost(msg.msg_id, f"no engine with uuid {target_uuid}", None)
+
+    def _on_reply(self, msg: Message, channel: str) -> None:
+        parent, md, content = msg.parent, msg.metadata, msg.content
+        msg_id = str(parent.get("msg_id", ""))
+        if not msg_id:
+            return
+        state = self._inflight.get(msg_id)
+        status = content.get("status", "error")
+        if status not in TERMINAL:
+            status = "error"
+        blob, size = self._payload(msg)
+        fields: dict[str, Any] = dict(
+            status=status, engine=md.get("engine"), engine_uuid=md.get("engine_uuid"),
+            started=md.get("started"), completed=md.get("completed"), received=time.time(),
+            stdout=_short(md.get("stdout"), _OUTPUT_CAP), stderr=_short(md.get("stderr"),
+                                                                         _OUTPUT_CAP),
+            result=blob, result_bytes=size,
+        )
+        if status != "ok":
+            fields.update(ename=_short(content.get("ename"), 200),
+                          evalue=_short(content.get("evalue"), _OUTPUT_CAP),
+                          traceback=_short(content.get("traceback"), _OUTPUT_CAP))
+        if state is None:
+            # a reply whose request this Hub never saw (e.g. it restarted): keep it anyway
+            state = _InFlight(channel, status, md.get("engine"), str(parent.get("session", "")))
+            self._inflight[msg_id] = state
+            fields.update(client=parent.get("session"), submitted=parent.get("date"),
+                          queue=channel)
+        state.status = status
+        state.engine = md.get("engine")
+        self._touch(msg_id, **fields)
+
+    def _on_started(self, msg: Message) -> None:
+        msg_id = str(msg.content.get("msg_id", ""))
+        state = self._inflight.get(msg_id)
+        if state is None or state.status in TERMINAL:
+            return  # the reply already said everything, or we never saw the request
+        state.status = "running"
+        state.engine = msg.content.get("engine")
+        self._touch(msg_id, status="running", started=msg.content.get("started"),
+                    engine=state.engine, engine_uuid=msg.content.get("engine_uuid"))
+
+    def _finish_lost(self, msg_id: str, why: str, engine: int | None) -> None:
+        state = self._inflight.get(msg_id)
+        if state is None or state.status in TERMINAL:
+            return
+        state.status = "lost"
+        self._touch(msg_id, status="lost", completed=time.time(), ename="EngineDied",
+                    evalue=why, engine=engine)
+        self._publish("task_lost", {"msg_ids": [msg_id], "engine": engine, "reason": why})
+
+    def flush(self) -> None:
+        """Write every dirty record in one transaction; forget finished tasks."""
+        if not self._dirty:
+            return
+        inserts, updates = [], []
+        for msg_id, row in self._dirty.items():
+            state = self._inflight.get(msg_id)
+            if state is not None and state.inserted:
+                updates.append(row)
+            else:
+                inserts.append(row)
+        self.store.write(inserts, updates)
+        for msg_id in self._dirty:
+            state = self._inflight.get(msg_id)
+            if state is None:
+                continue
+            if state.status in TERMINAL:
+                del self._inflight[msg_id]
+            else:
+                state.inserted = True
+        self._dirty.clear()
+
+    # -- engines ----------------------------------------------------------------
+
+    def _register(self, msg: Message) -> dict[str, Any]:
+        c = msg.content
+        uuid = str(c.get("uuid", ""))
+        if not uuid:
+            raise HubError("registration without a uuid")
+        old = self._engines.get(uuid)
+        if old is not None and old.status == "alive":
+            eid = old.id
+        else:
+            known = [e for e in self.store.engines() if e.get("uuid") == uuid]
+            eid = known[0]["id"] if known else self._next_id
+            self._next_id = max(self._next_id, eid + 1)
+        eng = _Engine(eid, uuid, _short(c.get("hostname"), 200) or "", int(c.get("pid") or 0),
+                      time.time())
+        self._engines[uuid] = eng
+        self._by_id[eid] = eng
+        self.heart.add(uuid.encode())
+        self.store.upsert_engine({"id": eid, "uuid": uuid, "hostname": eng.hostname,
+                                  "pid": eng.pid, "registered": eng.registered,
+                                  "unregistered": None, "status": "alive"})
+        log.info("engine %d registered (pid %d on %s)", eid, eng.pid, eng.hostname)
+        self._publish("engine_registered", {"id": eid, "uuid": uuid})
+        return {"status": "ok", "id": eid}
+
+    def _engine_gone(self, uuid: str, reason: str) -> None:
+        eng = self._engines.get(uuid)
+        if eng is None or eng.status != "alive":
+            return
+        eng.status = "stopped" if reason == "stopped" else "dead"
+        self.heart.remove(uuid.encode())
+        self.store.upsert_engine({"id": eng.id, "uuid": uuid, "hostname": eng.hostname,
+                                  "pid": eng.pid, "registered": eng.registered,
+                                  "unregistered": time.time(), "status": eng.status})
+        log.warning("engine %d gone (%s)", eng.id, reason)
+        # tasks we know it held: addressed to it, or reported started by it
+        for msg_id, st in list(self._inflight.items()):
+            if st.engine == eng.id and st.status in ("pending", "running"):
+                self._finish_lost(msg_id, f"engine {eng.id} died ({reason})", eng.id)
+        self._publish("engine_unregistered", {"id": eng.id, "uuid": uuid, "reason": reason})
+
+    def _alive(self) -> dict[str, str]:
+        return {str(e.id): e.uuid for e in self._engines.values() if e.status == "alive"}
+
+    def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        _, frames = self.session.serialize(msg_type, "notify", content)
+        self.notify.send_multipart([b"notify", *frames])
+
+    # -- router: engines and clients ----------------------------------------------
+
+    def _on_router(self, frames: list[Any]) -> None:
+        try:
+            msg = self.session.feed(frames)
+        except ProtocolError as e:
+            self.rejected[e.reason] += 1
+            self._maybe_auth_error(frames, e)
+            return
+        t = msg.msg_type
+        if t == "task_started":
+            self._on_started(msg)
+            return
+        if t == "unregistration_request":
+            self._engine_gone(str(msg.content.get("uuid", "")), "stopped")
+            return
+        handler = self._queries.get(t)
+        if handler is None:
+            self._reply(msg, {"status": "error", "ename": "HubError",
+                              "evalue": f"unknown request {t!r}"})
+            return
+        # see every copy the relays have made, and write it, before answering
+        self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+        self.flush()
+        buffers: list[Any] = []
+        raw: list[bool] = []
+        try:
+            result = handler(self, msg)
+            if isinstance(result, tuple):
+                result, buffers, raw = result
+            content = {"status": "ok", **result}
+        except (HubError, ValueError, TypeError, KeyError) as e:
+            content = {"status": "error", "ename": type(e).__name__, "evalue": str(e)}
+        except Exception as e:
+            log.exception("query %s failed", t)
+            content = {"status": "error", "ename": type(e).__name__, "evalue": str(e)}
+        self._reply(msg, content, buffers, raw)
+
+    def _reply(self, msg: Message, content: dict[str, Any], buffers: Sequence[Any] = (),
+               raw: Sequence[bool] | None = None) -> None:
+        reply_type = msg.msg_type.replace("_request", "_reply")
+        self.session.send(self.router, reply_type, "hub", content, parent=msg.header,
+                          buffers=buffers, raw=raw, idents=msg.idents)
+
+    def _maybe_auth_error(self, frames: list[Any], err: ProtocolError) -> None:
+        """Tell a client with the wrong key so, instead of letting it wait.
+
+        Only a ``connect_request`` gets this answer, and it carries nothing but
+        the fact that the signature was refused.
+        """
+        if err.reason != "bad signature":
+            return
+        try:
+            i = [f.bytes for f in frames[:17]].index(DELIM)
+            header = json.loads(frames[i + 2].bytes)
+            if header.get("msg_type") != "connect_request":
+                return
+        except (ValueError, IndexError, AttributeError):
+            return
+        parent = json.dumps({"msg_id": header.get("msg_id")}).encode()
+        self.router.send_multipart([
+            *[f.bytes for f in frames[:i]], DELIM, b"",
+            b'{"msg_type":"auth_error"}', parent, b"{}",
+            b'{"status":"error","ename":"AuthenticationError"}'])
+
+    # -- queries --------------------------------------------------------------------
+
+    def _q_connect(self, msg: Message) -> dict[str, Any]:
+        return {"engines": self._alive(), "hub_session": self.session.session_id}
+
+    def _q_engines(self, msg: Message) -> dict[str, Any]:
+        return {"engines": self._alive()}
+
+    def _queue_status(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        q: dict[str, Any] = {}
+        for e in self._engines.values():
+            if e.status != "alive":
+                continue
+            done = counts.get("engine", {}).get(e.id, counts.get("engine", {}).get(str(e.id), {}))
+            q[str(e.id)] = {"queue": 0, "tasks": 0,
+                            "completed": sum(n for s, n in done.items() if s in TERMINAL)}
+        unassigned = 0
+        for st in self._inflight.values():
+            if st.status in TERMINAL:
+                continue
+            key = str(st.engine) if st.engine is not None else None
+            if key is None or key not in q:
+                unassigned += 1
+            elif st.queue == "direct" and st.status == "pending":
+                q[key]["queue"] += 1
+            else:
+                q[key]["tasks"] += 1
+        q["unassigned"] = unassigned
+        return q
+
+    def _q_queue(self, msg: Message) -> dict[str, Any]:
+        return {"queue": self._queue_status()}
+
+    def _q_status(self, msg: Message) -> dict[str, Any]:
+        counts = self.store.counts()
+        rejected = Counter(self.rejected)
+        return {
+            "engines": self.store.engines(),
+            "counts": counts.get("status", {}),
+            "queue": self._queue_status(),
+            "rejected": dict(rejected),
+            "in_flight": len(self._inflight),
+            "db_url": _hide_password(self.db_url),
+            "hostname": _socket.gethostname(),
+        }
+
+    def _q_history(self, msg: Message) -> dict[str, Any]:
+        c = msg.content
+        allowed = {"status", "engine", "client", "since", "until", "limit", "order"}
+        bad = set(c) - allowed
+        if bad:
+            raise HubError(f"unknown history filter(s): {', '.join(sorted(bad))}")
+        return {"records": self.store.history(**c)}
+
+    def _q_db(self, msg: Message) -> dict[str, Any]:
+        query = msg.content.get("query")
+        if not isinstance(query, dict):
+            raise HubError("db_query needs a dict query")
+        return {"records": self.store.db_query(query, msg.content.get("keys"))}
+
+    def _q_hub_history(self, msg: Message) -> dict[str, Any]:
+        return {"msg_ids": self.store.hub_history()}
+
+    def _q_result(self, msg: Message) -> Any:
+        msg_id = msg.content.get("msg_id")
+        if not isinstance(msg_id, str):
+            raise HubError("result_request needs a msg_id")
+        row = self.store.get_task(msg_id, with_payload=True)
+        if row is None:
+            raise HubError(f"no task {msg_id!r} in the history")
+        blob = row.pop("result", None)
+        row.pop("request", None)
+        if row.get("status") not in TERMINAL:
+            return {"record": row, "done": False}
+        if blob is None:
+            return {"record": row, "done": True, "has_result": False}
+        try:
+            frames, raw = blobs.unpack(blob)
+        except ValueError as e:
+            raise HubError(f"stored result of {msg_id} is corrupt: {e}") from e
+        return {"record": row, "done": True, "has_result": True}, frames, raw
+
+    def _q_purge(self, msg: Message) -> dict[str, Any]:
+        c = msg.content
+        allowed = {"msg_ids", "engine", "status", "before", "everything"}
+        bad = set(c) - allowed
+        if bad:
+            raise HubError(f"unknown purge filter(s): {', '.join(sorted(bad))}")
+        return {"purged": self.store.purge(**c)}
+
+    _queries: dict[str, Callable[[Hub, Message], Any]] = {
+        "connect_request": _q_connect,
+        "engines_request": _q_engines,
+        "queue_request": _q_queue,
+        "status_request": _q_status,
+        "history_request": _q_history,
+        "db_request": _q_db,
+        "hub_history_request": _q_hub_history,
+        "result_request": _q_result,
+        "purge_request": _q_purge,
+    }
+
+
+Hub._queries["registration_request"] = lambda hub, msg: hub._register(msg)
+
+
+def _short(value: Any, limit: int) -> Any:
+    if value is None:
+        return None
+    s = value if isinstance(value, str) else str(value)
+    return s if len(s) <= limit else s[: limit - 12] + "…[truncated]"
+
+
+def _hide_password(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

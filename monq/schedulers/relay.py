@@ -1,0 +1,116 @@
+"""MonitoredQueue relays: the C loop that moves tasks and copies them to the Hub.
+
+A :class:`Relay` is a thread that owns three sockets, created in that thread:
+the client-facing ROUTER, the engine-facing DEALER (load-balanced ``task``
+channel) or ROUTER (``direct`` channel, where the two routing identities are
+swapped so a client addresses an engine by its uuid), and the monitor socket
+that copies every message, prefixed with ``in.<name>`` or ``out.<name>``, to
+the Hub.  The loop itself is pyzmq's ``monitored_queue``, which runs in C
+with the GIL released.
+
+The monitor socket is an XPUB connected to the Hub's SUB over ``inproc://``
+(same process, so a copy costs a reference count, not bytes).  An XPUB rather
+than a PUB because an XPUB *tells* us when the Hub's subscription has arrived:
+the relay waits for it before it forwards anything, so not even the first
+message can be dropped for want of a subscriber.  Both ends use an unlimited
+high-water mark: the copies queue in memory rather than being dropped.
+
+Resource handling: the thread closes its sockets when the loop ends, which
+happens when the shared Context is terminated (ETERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import zmq
+from zmq.devices import monitored_queue
+
+log = logging.getLogger(__name__)
+
+
+class RelayError(RuntimeError):
+    pass
+
+
+class Relay(threading.Thread):
+    """One monitored relay; ``ports`` is ``(client_port, engine_port)`` once started."""
+
+    def __init__(self, ctx: zmq.Context, name: str, engine_side: int, ip: str,
+                 monitor_url: str) -> None:
+        super().__init__(name=f"relay-{name}", daemon=True)
+        if engine_side not in (zmq.DEALER, zmq.ROUTER):
+            raise ValueError("engine side must be DEALER or ROUTER")
+        self.ctx = ctx
+        self.channel = name
+        self.engine_side = engine_side
+        self.ip = ip
+        self.monitor_url = monitor_url
+        self._ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+        self.ports: tuple[int, int] = (0, 0)
+
+    def start_and_wait(self, monitor: zmq.Socket, timeout: float = 10.0) -> tuple[int, int]:
+        """Start the thread; return its ports once it relays (or raise).
+
+        ``monitor`` is the Hub's SUB socket, owned by the calling thread: a
+        bound inproc socket only takes in a new peer (and sends it its
+        subscription) when its own thread touches it, so we touch it while we
+        wait.
+        """
+        self.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            monitor.getsockopt(zmq.EVENTS)  # lets the SUB process the relay's connect
+            try:
+                got = self._ready.get(timeout=0.005)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise RelayError(f"relay {self.channel} did not start within {timeout}s"
+                                     ) from None
+        if isinstance(got, BaseException):
+            raise RelayError(f"relay {self.channel} failed to start: {got}") from got
+        self.ports = got
+        return got
+
+    def run(self) -> None:
+        sockets: list[zmq.Socket] = []
+        try:
+            front = self.ctx.socket(zmq.ROUTER)
+            back = self.ctx.socket(self.engine_side)
+            mon = self.ctx.socket(zmq.XPUB)
+            sockets = [front, back, mon]
+            for s in (front, back):
+                s.linger = 0
+                # never drop a task at the relay: queue instead of dropping
+                s.sndhwm = 0
+                s.rcvhwm = 0
+            mon.linger = 0
+            mon.sndhwm = 0
+            addr = f"tcp://{self.ip}"
+            ports = (front.bind_to_random_port(addr), back.bind_to_random_port(addr))
+            mon.connect(self.monitor_url)
+            # wait for the Hub's subscription: after this no copy can be dropped
+            if not mon.poll(10_000):
+                raise RelayError("the Hub never subscribed to the monitor")
+            mon.recv()
+        except BaseException as e:  # report to start_and_wait, then end the thread
+            for s in sockets:
+                s.close(linger=0)
+            self._ready.put(e)
+            return
+        self._ready.put(ports)
+        log.info("relay %s: clients on %d, engines on %d", self.channel, *ports)
+        try:
+            monitored_queue(front, back, mon, f"in.{self.channel}".encode(),
+                            f"out.{self.channel}".encode())
+        except zmq.ContextTerminated:
+            pass
+        except zmq.ZMQError as e:
+            log.error("relay %s stopped: %s", self.channel, e)
+        finally:
+            for s in sockets:
+                s.close(linger=0)
