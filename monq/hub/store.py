@@ -415,14 +415,14 @@ def _make_engine(url: str) -> Engine:
     if u.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     db = u.database
-    memory = not db or db == ":memory:" or "mode=memory" in db
-    if memory:
+    if not db or db == ":memory:" or "mode=memory" in db:
         # One shared connection: the default pool would give each thread its
         # own, empty, in-memory database.
         engine = create_engine(url, poolclass=StaticPool,
                                connect_args={"check_same_thread": False})
     else:
-        _touch_private(Path(db))
+        if not u.query.get("uri"):  # a file: URI is the caller's business
+            _touch_private(Path(db))
         engine = create_engine(url, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
