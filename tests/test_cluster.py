@@ -1,0 +1,121 @@
+"""Tests for monq.cluster: starting, supervising and stopping real processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from monq.cluster import Cluster, ClusterConfig, ClusterError, ClusterRunningError
+from monq.connection import load_connection_file
+
+from conftest import START_TIMEOUT, alive, wait_until
+
+
+def test_config_defaults(monq_home: Path) -> None:
+    cfg = ClusterConfig()
+    assert cfg.n_engines == (os.cpu_count() or 1)
+    assert cfg.profile_dir == monq_home / "default"
+    assert cfg.connection_file == monq_home / "default" / "connection.json"
+    assert ClusterConfig(n=3, profile="p", home=Path("/x")).profile_dir == Path("/x/p")
+    with pytest.raises(ValueError):
+        _ = ClusterConfig(profile="../evil").profile_dir
+
+
+def test_session_cluster_is_up(cluster: Cluster, client) -> None:
+    info = load_connection_file(cluster.connection_file)
+    assert info.controller_pid == cluster.pids["controller"]
+    assert info.supervisor_pid == os.getpid()
+    assert info.db_url.endswith("history.db")
+    assert len(client.ids) == 2
+    assert sorted(cluster.pids) == ["controller", "engine-0", "engine-1"]
+    assert alive(list(cluster.pids.values())) == list(cluster.pids.values())
+
+
+def test_connection_file_and_profile_dir_are_private(cluster: Cluster) -> None:
+    assert stat.S_IMODE(cluster.connection_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cluster.config.profile_dir.stat().st_mode) == 0o700
+    assert (cluster.config.log_dir / "controller.log").exists()
+    assert (cluster.config.log_dir / "engine-0.log").exists()
+
+
+def test_second_cluster_on_same_profile_is_refused(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    other = Cluster(ClusterConfig(n=1, home=cluster.config.home))
+    with pytest.raises(ClusterRunningError, match="monq stop"):
+        other.start(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert other.pids == {}
+    # the running cluster was not disturbed
+    assert load_connection_file(cluster.connection_file).controller_pid == cluster.pids["controller"]
+
+
+@pytest.mark.slow
+def test_stop_ends_every_process_and_is_idempotent(monq_home: Path) -> None:
+    c = Cluster(ClusterConfig(n=2, profile="stopme"))
+    try:
+        info = c.start(timeout=START_TIMEOUT)
+        pids = list(c.pids.values())
+        assert len(pids) == 3 and alive(pids) == pids
+        assert info.profile == "stopme"
+    finally:
+        t0 = time.monotonic()
+        c.stop(timeout=5)
+    assert time.monotonic() - t0 < 15
+    assert alive(pids) == []
+    assert not c.connection_file.exists()
+    c.stop()  # a second stop is a no-op
+    # the profile is free again
+    with Cluster(ClusterConfig(n=1, profile="stopme")) as again:
+        again.start(timeout=START_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_wait_logs_an_engine_that_exits_and_returns_on_request(
+        monq_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="monq.cluster")
+    with Cluster(ClusterConfig(n=2, heartbeat_period=0.5)) as c:
+        c.start(timeout=START_TIMEOUT)
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(c.wait()))
+        t.start()
+        try:
+            victim = c.engines[1].proc
+            os.kill(victim.pid, signal.SIGKILL)
+            wait_until(lambda: "engine-1" in caplog.text, 10, "the supervisor to log the exit")
+            assert "-9" in caplog.text
+            assert t.is_alive()  # one lost engine does not end the cluster
+        finally:
+            c.request_stop()
+            t.join(10)
+        assert result == [0]
+
+
+@pytest.mark.slow
+def test_wait_returns_when_the_controller_dies(monq_home: Path) -> None:
+    with Cluster(ClusterConfig(n=1)) as c:
+        c.start(timeout=START_TIMEOUT)
+        os.kill(c.pids["controller"], signal.SIGKILL)
+        t0 = time.monotonic()
+        assert c.wait() != 0
+        assert time.monotonic() - t0 < 5
+    assert alive(list(c.pids.values())) == []
+
+
+def test_controller_failure_reports_the_log_and_leaves_nothing(monq_home: Path) -> None:
+    c = Cluster(ClusterConfig(n=1, db_url="nosuchdialect://nowhere"))
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match="controller") as e:
+        c.start(timeout=30)
+    assert time.monotonic() - t0 < 25
+    assert "controller.log" in str(e.value)
+    assert alive(list(c.pids.values())) == []
+    # the lock was released: a good start on the same profile works
+    with Cluster(ClusterConfig(n=1)) as ok:
+        ok.start(timeout=START_TIMEOUT)
