@@ -161,7 +161,12 @@ def test_bad_rows_are_refused(store: TaskStore) -> None:
         store.write([{"status": "ok"}], [])
     with pytest.raises(HubError, match="needs a status"):
         store.write([{"msg_id": "x"}], [])
+    with pytest.raises(HubError, match="unknown status 'done'"):
+        store.write([], [{"msg_id": "x", "status": "done"}])
+    with pytest.raises(HubError, match="unknown status None"):
+        store.write([{"msg_id": "x", "status": None}], [])
     store.write([], [])  # nothing to do is fine
+    assert store.hub_history() == []
 
 
 def test_payload_cap(tmp_path: Path) -> None:

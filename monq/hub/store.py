@@ -237,8 +237,11 @@ class TaskStore:
         if unknown:
             raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
                            f"{', '.join(sorted(unknown))}")
-        if what == "insert" and not isinstance(row.get("status"), str):
+        if what == "insert" and "status" not in row:
             raise HubError(f"task insert for {row['msg_id']} needs a status")
+        if "status" in row and row["status"] not in STATUSES:
+            raise HubError(f"task {what} for {row['msg_id']}: unknown status "
+                           f"{row['status']!r}; one of {', '.join(STATUSES)}")
         out = dict(row)  # never mutate the caller's row
         for blob, size_col in PAYLOADS.items():
             data = out.get(blob)
