@@ -149,10 +149,10 @@ def _profile_hint(profile: str) -> str:
 
 def _connect(profile: str, home: Path, timeout: float = 5.0) -> tuple[Client, ConnectionInfo, Path]:
     """A client of the profile's running cluster (NoClusterError, quickly, if there is none)."""
-    from monq.client import Client
-
     path = find_connection_file(profile, home=home)
     info = load_connection_file(path)  # fails fast on a missing file or a dead controller
+    from monq.client import Client  # only now: importing it costs more than the check
+
     return Client(connection_file=path, timeout=timeout), info, path
 
 
@@ -406,13 +406,13 @@ def cmd_history(args: argparse.Namespace, home: Path) -> int:
                                  limit=args.limit or None, order=args.order)
     if args.json:
         for r in records:
-            d = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r))
-            d["duration"] = getattr(r, "duration", None)
+            d = dataclasses.asdict(r)
+            d["duration"] = r.duration
             _out(json.dumps(d, default=_jsonable))
         return ExitCode.OK
     rows = [[r.msg_id[:8], r.status, "-" if r.engine is None else r.engine,
              _short(r.func or r.label or "-", 40), _local_time(r.submitted),
-             _duration(getattr(r, "duration", None))] for r in records]
+             _duration(r.duration)] for r in records]
     if not rows:
         _out("no tasks")
         return ExitCode.OK

@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from monq.cli import ExitCode, main
-from monq.connection import ConnectionInfo, load_connection_file, write_connection_file
 from conftest import (
     REPO,
     START_TIMEOUT,
@@ -26,6 +23,9 @@ from conftest import (
     run_monq,
     wait_until,
 )
+
+from monq.cli import ExitCode, main
+from monq.connection import ConnectionInfo, load_connection_file, write_connection_file
 
 # -- no cluster: one line, a named exit code, quickly
 
@@ -180,7 +180,8 @@ def test_daemon_start_failure_prints_the_log(monq_home: Path) -> None:
 # -- a foreground cluster: Ctrl-C and SIGKILL
 
 
-def _start_foreground(home: Path, tmp_path: Path, n: int = 2) -> tuple[subprocess.Popen[bytes], Path]:
+def _start_foreground(home: Path, tmp_path: Path,
+                      n: int = 2) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp_path / "start.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "monq", "start", "-n", str(n)],

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import START_TIMEOUT, alive, wait_until
 
 from monq.cluster import Cluster, ClusterConfig, ClusterError, ClusterRunningError
 from monq.connection import load_connection_file
-
-from conftest import START_TIMEOUT, alive, wait_until
 
 
 def test_config_defaults(monq_home: Path) -> None:
@@ -53,7 +52,8 @@ def test_second_cluster_on_same_profile_is_refused(cluster: Cluster) -> None:
     assert time.monotonic() - t0 < 5
     assert other.pids == {}
     # the running cluster was not disturbed
-    assert load_connection_file(cluster.connection_file).controller_pid == cluster.pids["controller"]
+    info = load_connection_file(cluster.connection_file)
+    assert info.controller_pid == cluster.pids["controller"]
 
 
 @pytest.mark.slow
