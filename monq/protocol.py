@@ -136,7 +136,9 @@ class ReplayGuard:
         last = self._last.get(key)
         if last is not None and seq <= last[0]:
             return "replay"
-        self._last[key] = (seq, now)
+        # remember the sender until its messages are stale: a message dated
+        # ahead of our clock must not become replayable once forgotten
+        self._last[key] = (seq, max(now, date))
         if now >= self._next_sweep:
             self._next_sweep = now + 60.0
             idle = [k for k, (_, t) in self._last.items() if t < now - self.window]
@@ -283,7 +285,7 @@ class Session:
                 raise ValueError("buffer count")
             raw_flags = [bool(s[1]) for s in spec]
             sizes = [int(s[0]) for s in spec]
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError) as e:
             # still check the MAC first so the reason reported is honest
             if not hmac.compare_digest(sig, self.sign(parts + [_frame_view(b) for b in bufs])):
                 raise ProtocolError("bad signature", "") from None
@@ -299,7 +301,7 @@ class Session:
             date = float(header["date"])
             seq = int(header["seq"])
             sender = (str(header["session"]), str(header["channel"]))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise ProtocolError("malformed", f"bad JSON: {e}") from None
         if not all(isinstance(d, dict) for d in (header, parent, metadata, content)):
             raise ProtocolError("malformed", "JSON parts must be objects")

@@ -85,9 +85,12 @@ def unpack_apply(frames: Sequence[Any]) -> tuple[Callable[..., Any], tuple[Any, 
     obj = deserialize(frames)
     try:
         f, args, kwargs = obj
+        args, kwargs = tuple(args), dict(kwargs)
     except (TypeError, ValueError):
         raise SerializationError("request is not a (function, args, kwargs) triple") from None
-    return f, tuple(args), dict(kwargs)
+    if not callable(f):
+        raise SerializationError(f"request is not a call: {_describe(f)} is not callable")
+    return f, args, kwargs
 
 
 def func_name(f: Any) -> str:
@@ -106,7 +109,10 @@ def _view(frame: Any) -> Any:
 
 
 def _describe(obj: Any) -> str:
-    r = repr(obj)
+    try:
+        r = repr(obj)
+    except Exception:
+        r = f"<{type(obj).__qualname__} object (repr failed)>"
     return r if len(r) <= 80 else r[:77] + "..."
 
 
@@ -126,10 +132,13 @@ def send_array(socket: zmq.Socket, array: np.ndarray, flags: int = 0, copy: bool
         raise TypeError("send_array cannot send object arrays; pickle them instead")
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    dtype = array.dtype.descr if array.dtype.names else array.dtype.str
+    dtype = np.lib.format.dtype_to_descr(array.dtype)
     md = json.dumps({"dtype": dtype, "shape": list(array.shape)}).encode()
+    # as plain bytes: datetime64 arrays have no buffer interface, and nothing
+    # may fail once the first frame has gone out with SNDMORE
+    data = array.reshape(-1).view(np.uint8)
     socket.send(md, flags | zmq.SNDMORE)
-    return socket.send(array, flags, copy=copy, track=track)
+    return socket.send(data, flags, copy=copy, track=track)
 
 
 def recv_array(socket: zmq.Socket, flags: int = 0, copy: bool = False) -> np.ndarray:
@@ -138,5 +147,5 @@ def recv_array(socket: zmq.Socket, flags: int = 0, copy: bool = False) -> np.nda
     data = socket.recv(flags, copy=copy)
     buf = data.buffer if isinstance(data, zmq.Frame) else data
     dtype = md["dtype"]
-    dt = np.dtype([tuple(x) for x in dtype]) if isinstance(dtype, list) else np.dtype(dtype)
+    dt = np.lib.format.descr_to_dtype(dtype)  # nested fields, padding, subarrays
     return np.frombuffer(buf, dtype=dt).reshape(md["shape"])
