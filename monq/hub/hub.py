@@ -178,7 +178,13 @@ class Hub:
                 self._engine_gone(uuid.decode(errors="replace"), "heartbeat")
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:
+                    # a database error must not end the Hub; the batch is logged and dropped
+                    log.exception("could not write %d task records", len(self._dirty))
+                    self.rejected["store error"] += len(self._dirty)
+                    self._dirty.clear()
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
                limit: int = 1000) -> None:

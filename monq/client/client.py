@@ -1,0 +1,451 @@
+"""The Client: connects to a running cluster, submits work, asks the Hub.
+
+Resource handling: a Client owns a zmq Context, the I/O thread and its
+sockets; :meth:`Client.close` (or leaving a ``with`` block) stops the thread,
+fails every task still waiting with an error (nothing hangs) and terminates
+the Context.  Safe to call twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from monq import errors
+from monq.client.io import IOThread
+from monq.client.results import AsyncResult, TaskFuture
+from monq.client.view import DirectView, LoadBalancedView
+from monq.connection import find_connection_file, load_connection_file
+from monq.protocol import Message, Session
+from monq.records import TaskRecord, to_epoch
+from monq.serialize import deserialize, func_name, pack_apply
+
+log = logging.getLogger(__name__)
+
+_TIME_FIELDS = ("submitted", "started", "completed", "received")
+
+
+class Client:
+    """A connection to a monq cluster.
+
+    ``Client()`` finds the default profile's running cluster; ``profile=``
+    names another, ``connection_file=`` points at one directly.  Raises
+    :class:`monq.NoClusterError` within ``timeout`` seconds when no cluster
+    answers, and :class:`monq.AuthenticationError` when the key is wrong.
+    """
+
+    def __init__(self, profile: str = "default", connection_file: str | os.PathLike[str] |
+                 None = None, home: str | os.PathLike[str] | None = None,
+                 timeout: float = 5.0, query_timeout: float = 60.0) -> None:
+        path = find_connection_file(profile, connection_file, Path(home) if home else None)
+        self.info = load_connection_file(path)
+        self.connection_file = path
+        self.query_timeout = query_timeout
+        self.session = Session(self.info.key)
+        self._ctx = zmq.Context()
+        self._ctx.linger = 0
+        self._lock = threading.Lock()  # guards the pipe and the sequence numbers
+        self._tasks: dict[str, TaskFuture] = {}
+        self._queries: dict[str, Any] = {}
+        self._engines: dict[int, str] = {}
+        self._closed = False
+        pipe_url = f"inproc://monq-client-{self.session.session_id}"
+        self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
+                            self._on_hub, self._on_notify, self._on_auth_error)
+        self._io.start()
+        self._io.ready.wait(10)
+        if self._io.error is not None:
+            self._ctx.term()
+            raise errors.NoClusterError(f"cannot open sockets: {self._io.error}")
+        self._pipe = self._ctx.socket(zmq.PUSH)
+        self._pipe.linger = 0
+        self._pipe.sndhwm = 0
+        self._pipe.connect(pipe_url)
+        try:
+            reply = self._query("connect_request", {}, timeout=timeout, connecting=True)
+        except errors.TimeoutError:
+            self.close()
+            raise errors.NoClusterError(
+                f"no cluster answered at {self.info.url('hub')} within {timeout}s "
+                f"(connection file {path})") from None
+        except BaseException:
+            self.close()
+            raise
+        self._set_engines(reply["engines"])
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the I/O thread, fail what still waits, free the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            try:
+                self._pipe.send_multipart(IOThread.stop_frame())
+            except zmq.ZMQError:
+                pass
+        self._io.join(timeout=5)
+        self._pipe.close(linger=0)
+        self._ctx.term()
+        err = errors.MonqError("the client was closed before the task finished")
+        for fut in list(self._tasks.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        for fut in list(self._queries.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        self._tasks.clear()
+        self._queries.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    # -- sending ------------------------------------------------------------------
+
+    def _send(self, channel: str, msg_type: str, content: dict[str, Any],
+              metadata: dict[str, Any] | None = None, buffers: Sequence[Any] = (),
+              raw: Sequence[bool] | None = None, idents: Sequence[bytes] = (),
+              register: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        if self._closed:
+            raise errors.MonqError("this client is closed")
+        with self._lock:
+            # numbering and sending under one lock: the channel's order is the send order
+            hdr, frames = self.session.serialize(msg_type, channel, content,
+                                                 metadata=metadata, buffers=buffers, raw=raw)
+            if register is not None:
+                register(hdr)  # before sending, so the reply always finds its future
+            self._pipe.send_multipart([channel.encode(), *idents, *frames], copy=False)
+        return hdr
+
+    def _send_apply(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any], engine: int | None = None,
+                    label: str | None = None) -> TaskFuture:
+        buffers, raw = pack_apply(f, args, kwargs)
+        idents: list[bytes] = []
+        if channel == "direct":
+            assert engine is not None
+            idents = [self._engine_uuid(engine).encode()]
+        md: dict[str, Any] = {"func": func_name(f)}
+        if label is not None:
+            md["label"] = str(label)
+        holder: list[TaskFuture] = []
+
+        def register(hdr: dict[str, Any]) -> None:
+            fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
+            self._tasks[hdr["msg_id"]] = fut
+            holder.append(fut)
+
+        self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+        return holder[0]
+
+    def _engine_uuid(self, engine: int) -> str:
+        uuid = self._engines.get(engine)
+        if uuid is None:
+            self._refresh_engines()
+            uuid = self._engines.get(engine)
+        if uuid is None:
+            raise errors.MonqError(f"no engine {engine} (engines: {sorted(self._engines)})")
+        return uuid
+
+    # -- receiving (in the I/O thread) -----------------------------------------------
+
+    def _on_reply(self, msg: Message) -> None:
+        fut = self._tasks.pop(str(msg.parent.get("msg_id", "")), None)
+        if fut is None or fut.done():
+            return
+        md = msg.metadata
+        fut.metadata.update({k: md.get(k) for k in
+                             ("engine", "engine_uuid", "started", "completed", "received",
+                              "stdout", "stderr")})
+        fut.metadata["status"] = msg.content.get("status", "error")
+        self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
+
+    def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],
+                 engine: int | None) -> None:
+        if content.get("status") == "ok":
+            try:
+                fut.set_result(deserialize(buffers))
+            except errors.SerializationError as e:
+                fut.set_exception(e)
+        else:
+            fut.set_exception(_remote_error(content, engine, fut.msg_id))
+
+    def _on_hub(self, msg: Message) -> None:
+        fut = self._queries.pop(str(msg.parent.get("msg_id", "")), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def _on_notify(self, msg: Message) -> None:
+        c = msg.content
+        if msg.msg_type == "engine_registered":
+            self._engines[int(c["id"])] = str(c["uuid"])
+        elif msg.msg_type == "engine_unregistered":
+            self._engines.pop(int(c["id"]), None)
+        elif msg.msg_type == "task_lost":
+            for msg_id in c.get("msg_ids", []):
+                fut = self._tasks.pop(msg_id, None)
+                if fut is not None and not fut.done():
+                    fut.metadata["status"] = "lost"
+                    fut.set_exception(errors.EngineDied(
+                        f"task {msg_id} was lost: {c.get('reason', 'engine died')}",
+                        c.get("engine")))
+
+    def _on_auth_error(self, parent_msg_id: str) -> None:
+        fut = self._queries.pop(parent_msg_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(errors.AuthenticationError(
+                "the controller refused this client's signature: the cluster key in "
+                f"{self.connection_file} is not the running cluster's"))
+
+    # -- queries ------------------------------------------------------------------------
+
+    def _query(self, msg_type: str, content: dict[str, Any], timeout: float | None = None,
+               connecting: bool = False) -> dict[str, Any]:
+        """Ask the Hub; the content of its answer."""
+        return self._query_msg(msg_type, content, timeout).content
+
+    def _query_msg(self, msg_type: str, content: dict[str, Any], timeout: float | None = None
+                   ) -> Message:
+        """Ask the Hub; its answer, or HubError / monq.TimeoutError."""
+        import concurrent.futures as cf
+
+        holder: list[cf.Future[Message]] = []
+
+        def register(hdr: dict[str, Any]) -> None:
+            fut: cf.Future[Message] = cf.Future()
+            self._queries[hdr["msg_id"]] = fut
+            holder.append(fut)
+
+        hdr = self._send("hub", msg_type, content, register=register)
+        timeout = self.query_timeout if timeout is None else timeout
+        try:
+            msg = holder[0].result(timeout)
+        except cf.TimeoutError:
+            self._queries.pop(hdr["msg_id"], None)
+            raise errors.TimeoutError(
+                f"the Hub did not answer {msg_type} within {timeout}s") from None
+        if msg.content.get("status") != "ok":
+            raise errors.HubError(f"{msg.content.get('ename', 'error')}: "
+                                  f"{msg.content.get('evalue', '')}")
+        return msg
+
+    def _set_engines(self, engines: dict[str, str]) -> None:
+        self._engines = {int(k): v for k, v in engines.items()}
+
+    def _refresh_engines(self) -> None:
+        self._set_engines(self._query("engines_request", {})["engines"])
+
+    # -- engines and views ------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the engines registered now, sorted."""
+        self._refresh_engines()
+        return sorted(self._engines)
+
+    def wait_for_engines(self, n: int, timeout: float = 30.0) -> list[int]:
+        """Wait until at least ``n`` engines are registered; return their ids."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self.ids
+            if len(ids) >= n:
+                return ids
+            if time.monotonic() > deadline:
+                raise errors.TimeoutError(
+                    f"{len(ids)} of {n} engines registered after {timeout}s")
+            time.sleep(0.05)
+
+    def load_balanced_view(self, block: bool = False, label: str | None = None
+                           ) -> LoadBalancedView:
+        """A view whose tasks go to whichever engine is free next."""
+        return LoadBalancedView(self, block=block, label=label)
+
+    def direct_view(self, targets: int | list[int] | None = None, block: bool = False,
+                    label: str | None = None) -> DirectView:
+        """A view on chosen engines (all of them when ``targets`` is None)."""
+        return DirectView(self, self.ids if targets is None else targets, block, label)
+
+    def __getitem__(self, key: int | slice | list[int]) -> DirectView:
+        ids = self.ids
+        if isinstance(key, int):
+            if key not in ids:
+                raise IndexError(f"no engine {key} (engines: {ids})")
+            return DirectView(self, key)
+        if isinstance(key, slice):
+            return DirectView(self, ids[key])
+        missing = [k for k in key if k not in ids]
+        if missing:
+            raise IndexError(f"no engine(s) {missing} (engines: {ids})")
+        return DirectView(self, list(key))
+
+    # -- the Hub's history ----------------------------------------------------------------
+
+    def history(self, status: str | Sequence[str] | None = None,
+                engine: int | Sequence[int] | None = None, client: str | None = None,
+                since: Any = None, until: Any = None, limit: int | None = None,
+                order: str = "-submitted") -> list[TaskRecord]:
+        """Tasks recorded by the Hub, filtered and sorted in the database.
+
+        ``since``/``until`` bound the submission time and take datetimes,
+        epoch seconds, ISO strings or phrases like ``"10 minutes ago"``.
+        """
+        content: dict[str, Any] = {"order": order}
+        if status is not None:
+            content["status"] = status if isinstance(status, str) else list(status)
+        if engine is not None:
+            content["engine"] = engine if isinstance(engine, int) else list(engine)
+        if client is not None:
+            content["client"] = client
+        if since is not None:
+            content["since"] = to_epoch(since)
+        if until is not None:
+            content["until"] = to_epoch(until)
+        if limit is not None:
+            content["limit"] = limit
+        rows = self._query("history_request", content)["records"]
+        return [TaskRecord.from_row(r) for r in rows]
+
+    def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None
+                 ) -> list[dict[str, Any]]:
+        """ipyparallel-style query: ``{"engine": 0, "completed": {"$gt": t}}``.
+
+        Operators: $lt $gt $lte $gte $eq $ne $in $nin $glob.  Times may be
+        given as datetimes; time fields come back as UTC datetimes.
+        """
+        content = {"query": _epochs(query), "keys": list(keys) if keys is not None else None}
+        rows = self._query("db_request", content)["records"]
+        for r in rows:
+            for k in _TIME_FIELDS:
+                if r.get(k) is not None:
+                    r[k] = datetime.fromtimestamp(r[k], timezone.utc)
+        return rows  # type: ignore[no-any-return]
+
+    def hub_history(self) -> list[str]:
+        """Every msg_id the Hub has recorded, in submission order."""
+        return list(self._query("hub_history_request", {})["msg_ids"])
+
+    def get_result(self, msg_id: str, timeout: float | None = None) -> AsyncResult:
+        """The result of any recorded task, from the Hub (this client's or another's).
+
+        If the task is still running, the AsyncResult resolves when it ends.
+        """
+        local = self._tasks.get(msg_id)
+        if local is not None:
+            return AsyncResult([local])
+        fut = TaskFuture(msg_id, 0.0, "")
+        self._fetch_result(fut)
+        if not fut.done():
+            threading.Thread(target=self._poll_result, args=(fut,), daemon=True,
+                             name=f"monq-result-{msg_id[:8]}").start()
+        return AsyncResult([fut])
+
+    def _fetch_result(self, fut: TaskFuture) -> None:
+        reply = self._query_msg("result_request", {"msg_id": fut.msg_id})
+        content = reply.content
+        rec = content["record"]
+        for k in ("engine", "status", "submitted", "started", "completed", "received",
+                  "stdout", "stderr", "queue"):
+            fut.metadata[k] = rec.get(k)
+        if not content.get("done"):
+            return
+        status = rec.get("status")
+        if status == "ok":
+            if not content.get("has_result"):
+                fut.set_exception(errors.HubError(
+                    f"the result of {fut.msg_id} was not kept ({rec.get('result_bytes')} "
+                    "bytes: above the Hub's payload cap)"))
+                return
+            try:
+                fut.set_result(deserialize(reply.buffers))
+            except errors.SerializationError as e:
+                fut.set_exception(e)
+        elif status == "lost":
+            fut.set_exception(errors.EngineDied(rec.get("evalue") or "engine died",
+                                                rec.get("engine")))
+        else:
+            fut.set_exception(_remote_error(rec, rec.get("engine"), fut.msg_id))
+
+    def _poll_result(self, fut: TaskFuture) -> None:
+        while not fut.done() and not self._closed:
+            time.sleep(0.1)
+            try:
+                self._fetch_result(fut)
+            except errors.MonqError as e:
+                if not fut.done():
+                    fut.set_exception(e)
+
+    def queue_status(self) -> dict[Any, Any]:
+        """Per engine: ``queue`` (direct tasks waiting), ``tasks`` (running), ``completed``;
+        and ``unassigned``: load-balanced tasks not yet started."""
+        q = self._query("queue_request", {})["queue"]
+        return {(int(k) if k.isdigit() else k): v for k, v in q.items()}
+
+    def cluster_status(self) -> dict[str, Any]:
+        """Engines, task counts by status, queues and rejected-message counts."""
+        st = self._query("status_request", {})
+        st["queue"] = {(int(k) if k.isdigit() else k): v for k, v in st["queue"].items()}
+        return st
+
+    def purge_results(self, msg_ids: Sequence[str] | None = None,
+                      engine: int | None = None, status: str | Sequence[str] | None = None,
+                      before: Any = None, everything: bool = False) -> int:
+        """Delete finished tasks from the history; returns how many were deleted."""
+        content: dict[str, Any] = {}
+        if msg_ids is not None:
+            content["msg_ids"] = [msg_ids] if isinstance(msg_ids, str) else list(msg_ids)
+        if engine is not None:
+            content["engine"] = engine
+        if status is not None:
+            content["status"] = status if isinstance(status, str) else list(status)
+        if before is not None:
+            content["before"] = to_epoch(before)
+        if everything:
+            content["everything"] = True
+        return int(self._query("purge_request", content)["purged"])
+
+    def __repr__(self) -> str:
+        return f"<monq.Client {self.connection_file} engines={sorted(self._engines)}>"
+
+
+def _remote_error(content: dict[str, Any], engine: Any, msg_id: str) -> errors.MonqError:
+    return errors.RemoteError(str(content.get("ename") or "Error"),
+                              str(content.get("evalue") or ""),
+                              str(content.get("traceback") or ""),
+                              engine if isinstance(engine, int) else None, msg_id)
+
+
+def _epochs(query: dict[str, Any]) -> dict[str, Any]:
+    """Turn datetimes in a db_query into epoch seconds, as the Hub stores them."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, datetime):
+            return to_epoch(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return {k: conv(v) for k, v in query.items()}
+
+
+__all__ = ["Client"]

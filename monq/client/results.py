@@ -1,0 +1,171 @@
+"""Futures for submitted work: AsyncResult and AsyncMapResult.
+
+An :class:`AsyncResult` is a :class:`concurrent.futures.Future` (so it works
+with ``concurrent.futures.wait``, ``as_completed`` and callbacks) and is
+awaitable in asyncio.  It stands for one task or several: one ``apply`` on a
+load-balanced view or a single engine gives one value; an ``apply`` on several
+engines gives a list, in target order; a ``map`` gives the flattened list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
+
+from monq import errors
+
+
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """The future of one task (one msg_id); ``metadata`` is filled by the reply."""
+
+    def __init__(self, msg_id: str, submitted: float, queue: str,
+                 engine: int | None = None) -> None:
+        super().__init__()
+        self.msg_id = msg_id
+        self.metadata: dict[str, Any] = {
+            "msg_id": msg_id, "engine": engine, "status": "pending", "queue": queue,
+            "submitted": submitted, "started": None, "completed": None, "received": None,
+            "stdout": "", "stderr": "",
+        }
+
+
+class AsyncResult(cf.Future):  # type: ignore[type-arg]
+    """The result of work submitted to the cluster, available later."""
+
+    def __init__(self, children: Sequence[TaskFuture], single: bool = True,
+                 reduce: Callable[[list[Any]], Any] | None = None) -> None:
+        super().__init__()
+        self._children = list(children)
+        self._single = single and len(self._children) == 1
+        self._reduce = reduce
+        self._left = len(self._children)
+        self._lock = threading.Lock()
+        if not self._children:
+            self.set_result([])
+        for c in self._children:
+            c.add_done_callback(self._child_done)
+
+    # -- composition -----------------------------------------------------------
+
+    def _child_done(self, _: cf.Future) -> None:  # type: ignore[type-arg]
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        failed = [c for c in self._children if c.exception() is not None]
+        if failed:
+            self.set_exception(failed[0].exception())
+            return
+        values = [c.result() for c in self._children]
+        if self._single:
+            self.set_result(values[0])
+        elif self._reduce is not None:
+            self.set_result(self._reduce(values))
+        else:
+            self.set_result(values)
+
+    # -- the ipyparallel-style API ---------------------------------------------
+
+    @property
+    def msg_ids(self) -> list[str]:
+        return [c.msg_id for c in self._children]
+
+    @property
+    def msg_id(self) -> str:
+        if len(self._children) != 1:
+            raise AttributeError("this result covers several tasks; use msg_ids")
+        return self._children[0].msg_id
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result and return it; raise the remote error if the task failed.
+
+        Raises monq.TimeoutError if it is not ready within ``timeout`` seconds
+        (the work goes on: call get again later).
+        """
+        try:
+            return self.result(timeout)
+        except cf.TimeoutError:
+            raise errors.TimeoutError(
+                f"{len(self._children) - self.finished} of {len(self._children)} task(s) "
+                f"not finished after {timeout}s") from None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until ready or ``timeout``; return whether it is ready."""
+        cf.wait([self], timeout)
+        return self.done()
+
+    def ready(self) -> bool:
+        return self.done()
+
+    def successful(self) -> bool:
+        """True when finished without error (False while still running)."""
+        return self.done() and not self.cancelled() and self.exception() is None
+
+    @property
+    def finished(self) -> int:
+        """How many of the tasks have finished."""
+        return sum(1 for c in self._children if c.done())
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    @property
+    def metadata(self) -> Any:
+        """A mapping per task: engine, status, submitted, started, completed, stdout, stderr.
+
+        One mapping for a single task; a list of them otherwise.
+        """
+        mds = [c.metadata for c in self._children]
+        return mds[0] if self._single else mds
+
+    @property
+    def stdout(self) -> Any:
+        out = [c.metadata["stdout"] for c in self._children]
+        return out[0] if self._single else out
+
+    @property
+    def stderr(self) -> Any:
+        err = [c.metadata["stderr"] for c in self._children]
+        return err[0] if self._single else err
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else f"{self.finished}/{len(self._children)} done"
+        return f"<{type(self).__name__} {state}>"
+
+
+class AsyncMapResult(AsyncResult):
+    """The result of a ``map``: iterating yields items as their chunk finishes."""
+
+    def __init__(self, children: Sequence[TaskFuture], ordered: bool = True) -> None:
+        self.ordered = ordered
+        self._order: list[TaskFuture] = []
+        self._order_lock = threading.Lock()
+        for c in children:
+            c.add_done_callback(self._record_order)
+        super().__init__(children, single=False, reduce=self._flatten)
+
+    def _record_order(self, f: cf.Future) -> None:  # type: ignore[type-arg]
+        with self._order_lock:
+            self._order.append(f)  # type: ignore[arg-type]
+
+    def _flatten(self, values: list[Any]) -> list[Any]:
+        if self.ordered:
+            chunks = values
+        else:
+            with self._order_lock:
+                chunks = [f.result() for f in self._order]
+        return [x for chunk in chunks for x in chunk]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.ordered:
+            for c in self._children:
+                yield from c.result()
+        else:
+            for c in cf.as_completed(self._children):
+                yield from c.result()
