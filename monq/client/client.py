@@ -21,7 +21,7 @@ import zmq
 
 from monq import errors
 from monq.client.io import IOThread
-from monq.client.results import AsyncResult, TaskFuture
+from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView
 from monq.connection import find_connection_file, load_connection_file
 from monq.protocol import Message, Session
@@ -173,9 +173,9 @@ class Client:
         if fut is None or fut.done():
             return
         md = msg.metadata
-        fut.metadata.update({k: md.get(k) for k in
-                             ("engine", "engine_uuid", "started", "completed", "received",
-                              "stdout", "stderr")})
+        fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
+                                                    "stderr")})
+        fut.metadata.update({k: _dt(md.get(k)) for k in ("started", "completed", "received")})
         fut.metadata["status"] = msg.content.get("status", "error")
         self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
 
@@ -362,9 +362,10 @@ class Client:
         reply = self._query_msg("result_request", {"msg_id": fut.msg_id})
         content = reply.content
         rec = content["record"]
-        for k in ("engine", "status", "submitted", "started", "completed", "received",
-                  "stdout", "stderr", "queue"):
+        for k in ("engine", "status", "stdout", "stderr", "queue"):
             fut.metadata[k] = rec.get(k)
+        for k in _TIME_FIELDS:
+            fut.metadata[k] = _dt(rec.get(k))
         if not content.get("done"):
             return
         status = rec.get("status")

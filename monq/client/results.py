@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+from datetime import datetime, timezone
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
@@ -27,9 +28,14 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         self.msg_id = msg_id
         self.metadata: dict[str, Any] = {
             "msg_id": msg_id, "engine": engine, "status": "pending", "queue": queue,
-            "submitted": submitted, "started": None, "completed": None, "received": None,
+            "submitted": _dt(submitted), "started": None, "completed": None, "received": None,
             "stdout": "", "stderr": "",
         }
+
+
+def _dt(t: float | None) -> datetime | None:
+    """Epoch seconds to an aware UTC datetime, as TaskRecord has them."""
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc)
 
 
 class AsyncResult(cf.Future):  # type: ignore[type-arg]

@@ -234,6 +234,9 @@ class Hub:
             self._on_reply(msg, channel)
 
     def _touch(self, msg_id: str, **fields: Any) -> None:
+        for k in _TIME_FIELDS:
+            if k in fields:
+                fields[k] = _epoch(fields[k])
         if not self._dirty:
             self._dirty_since = time.monotonic()
         row = self._dirty.setdefault(msg_id, {"msg_id": msg_id})
@@ -551,6 +554,17 @@ class Hub:
 
 
 Hub._queries["registration_request"] = lambda hub, msg: hub._register(msg)
+
+
+_TIME_FIELDS = ("submitted", "started", "completed", "received")
+
+
+def _epoch(value: Any) -> float | None:
+    """Times are kept to the microsecond, so they survive a trip through datetime."""
+    try:
+        return None if value is None else round(float(value), 6)
+    except (TypeError, ValueError):
+        return None
 
 
 def _short(value: Any, limit: int) -> Any:
