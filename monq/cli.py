@@ -153,7 +153,7 @@ def _connect(profile: str, home: Path, timeout: float = 5.0) -> tuple[Client, Co
     info = load_connection_file(path)  # fails fast on a missing file or a dead controller
     from monq.client import Client  # only now: importing it costs more than the check
 
-    return Client(connection_file=path, timeout=timeout), info, path
+    return Client(connection_file=path, timeout=timeout, query_timeout=30.0), info, path
 
 
 def _local_time(value: Any) -> str:
@@ -269,7 +269,11 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
             proc.terminate()  # it stops whatever it started
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-        _err(f"{why}; {log_path}:\n{log_tail(log_path, offset)}")
+        # the supervisor's own error (with the failing process's log) is the useful part
+        lines = log_tail(log_path, offset, lines=200).splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("monq: ")]
+        tail = lines[starts[-1]:][:40] if starts else lines[-20:]
+        _err(f"{why}; {log_path}:\n" + "\n".join(tail))
         return ExitCode.START_FAILED
 
     deadline = time.monotonic() + args.timeout
