@@ -367,6 +367,7 @@ def cmd_status(args: argparse.Namespace, home: Path) -> int:
     client, info, path = _connect(args.profile, home)
     with client:
         st = dict(client.cluster_status())
+    st.pop("status", None)  # the reply's own "ok", not the cluster's
     if args.json:
         doc = {"profile": info.profile or args.profile, "connection_file": str(path),
                "controller_pid": info.controller_pid, "supervisor_pid": info.supervisor_pid,
