@@ -45,7 +45,7 @@ def monq_home(_isolated_home: Path) -> Path:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A real controller with 2 engines, shared by the session; stopped at the end."""
     home = tmp_path_factory.mktemp("cluster-home")
-    c = Cluster(ClusterConfig(n=2, home=home, log_level="DEBUG"))
+    c = Cluster(ClusterConfig(n=2, home=home))
     try:
         c.start(timeout=START_TIMEOUT)
         yield c
