@@ -15,8 +15,10 @@ JSON frame with dtype and shape, then the data frame.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,26 @@ def _prepare(obj: Any) -> Any:
     return obj
 
 
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's code reducer, but keeping the real file name.
+
+    cloudpickle replaces it with ``<dynamic-code>``; keeping it lets an
+    engine on the same machine show the source lines in a remote traceback.
+    """
+    ctor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = {**cloudpickle.Pickler.dispatch_table, types.CodeType: _code_reduce}
+
+
+def _dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()
+
+
 def serialize(obj: Any) -> tuple[list[Any], list[bool]]:
     """Pickle ``obj``; return ``(frames, raw_flags)`` with the stream first.
 
@@ -53,7 +75,7 @@ def serialize(obj: Any) -> tuple[list[Any], list[bool]]:
         return False
 
     try:
-        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=on_buffer)
+        stream = _dumps(obj, on_buffer)
     except Exception as e:
         raise SerializationError(f"cannot pickle {_describe(obj)}: {type(e).__name__}: {e}") from e
     return [stream, *raws], [False] + [True] * len(raws)

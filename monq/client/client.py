@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from monq import errors
-from monq.client.io import IOThread
+from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView
 from monq.connection import find_connection_file, load_connection_file
@@ -52,14 +52,16 @@ class Client:
         self.session = Session(self.info.key)
         self._ctx = zmq.Context()
         self._ctx.linger = 0
-        self._lock = threading.Lock()  # guards the pipe and the sequence numbers
+        self._outbox = Outbox()
+        self._lock = self._outbox.lock  # guards the pipe, the outbox and the numbering
         self._tasks: dict[str, TaskFuture] = {}
         self._queries: dict[str, Any] = {}
         self._engines: dict[int, str] = {}
         self._closed = False
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
-                            self._on_hub, self._on_notify, self._on_auth_error)
+                            self._on_hub, self._on_notify, self._on_auth_error,
+                            self._outbox)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -90,7 +92,7 @@ class Client:
         self._closed = True
         with self._lock:
             try:
-                self._pipe.send_multipart(IOThread.stop_frame())
+                self._pipe.send(IOThread.stop_frame())
             except zmq.ZMQError:
                 pass
         self._io.join(timeout=5)
@@ -133,7 +135,7 @@ class Client:
                                                  metadata=metadata, buffers=buffers, raw=raw)
             if register is not None:
                 register(hdr)  # before sending, so the reply always finds its future
-            self._pipe.send_multipart([channel.encode(), *idents, *frames], copy=False)
+            self._outbox.put(channel.encode(), [*idents, *frames], self._pipe)
         return hdr
 
     def _send_apply(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],

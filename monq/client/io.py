@@ -12,6 +12,7 @@ closes its own sockets; the caller then terminates the Context.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -31,6 +32,35 @@ CHANNELS = {b"task": "task_client", b"direct": "direct_client", b"hub": "hub"}
 _STOP = b"stop"
 
 
+class Outbox:
+    """Messages waiting for the I/O thread, in send order, with one wake-up per batch.
+
+    Waking a thread costs far more than queueing a message (the waker and the
+    woken fight for the GIL), so a caller only rings the pipe when the box
+    was empty; the I/O thread then takes everything queued at once.  ``lock``
+    also guards the caller's message numbering, so queue order is send order.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._items: collections.deque[tuple[bytes, list[Any]]] = collections.deque()
+        self._rung = False
+
+    def put(self, channel: bytes, frames: list[Any], bell: zmq.Socket) -> None:
+        """Queue one message; the caller holds ``lock``."""
+        self._items.append((channel, frames))
+        if not self._rung:
+            self._rung = True
+            bell.send(b"")
+
+    def take(self) -> list[tuple[bytes, list[Any]]]:
+        with self.lock:
+            items = list(self._items)
+            self._items.clear()
+            self._rung = False
+        return items
+
+
 class IOThread(threading.Thread):
     """Forwards outgoing frames and dispatches incoming messages.
 
@@ -43,7 +73,7 @@ class IOThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, info: ConnectionInfo, session: Session,
                  pipe_url: str, on_reply: Callable[[Message], None],
                  on_hub: Callable[[Message], None], on_notify: Callable[[Message], None],
-                 on_auth_error: Callable[[str], None]) -> None:
+                 on_auth_error: Callable[[str], None], outbox: Outbox) -> None:
         super().__init__(name="monq-client-io", daemon=True)
         self.ctx = ctx
         self.info = info
@@ -53,6 +83,7 @@ class IOThread(threading.Thread):
         self.on_hub = on_hub
         self.on_notify = on_notify
         self.on_auth_error = on_auth_error
+        self.outbox = outbox
         self.ready = threading.Event()
         self.error: BaseException | None = None
 
@@ -102,17 +133,24 @@ class IOThread(threading.Thread):
         while True:
             for sock, _ in poller.poll():
                 name = by_socket[sock]
+                if name == "pipe":
+                    # read the bells first, then take the box: a message queued
+                    # after take() rings again, so none is left behind
+                    while True:
+                        try:
+                            bell = pipe.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if bell == _STOP:
+                            return
+                    for channel, out in self.outbox.take():
+                        sockets[CHANNELS[channel]].send_multipart(out, copy=False)
+                    continue
                 for _ in range(1000):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if name == "pipe":
-                        if frames[0].bytes == _STOP:
-                            return
-                        target = sockets[CHANNELS[frames[0].bytes]]
-                        target.send_multipart(frames[1:], copy=False)
-                        continue
                     try:
                         self._dispatch(name, frames)
                     except Exception:
@@ -148,5 +186,5 @@ class IOThread(threading.Thread):
             self.on_auth_error(str(parent.get("msg_id", "")))
 
     @staticmethod
-    def stop_frame() -> list[bytes]:
-        return [_STOP]
+    def stop_frame() -> bytes:
+        return _STOP
