@@ -61,7 +61,7 @@ class Client:
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
-                            self._outbox)
+                            self._outbox, self._on_hub_lost)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -210,6 +210,23 @@ class Client:
                     fut.set_exception(errors.EngineDied(
                         f"task {msg_id} was lost: {c.get('reason', 'engine died')}",
                         c.get("engine")))
+
+    def _on_hub_lost(self, silent: float) -> None:
+        """The controller has been silent too long: fail everything that waits on it."""
+        with self._lock:
+            waiting = [f for f in [*self._tasks.values(), *self._queries.values()]
+                       if not f.done()]
+            self._tasks.clear()
+            self._queries.clear()
+        if not waiting:
+            return
+        err = errors.NoClusterError(
+            f"lost contact with the controller ({self.info.url('hub')}): no heartbeat for "
+            f"{silent:.0f}s; {len(waiting)} task(s) or queries failed")
+        for f in waiting:
+            if isinstance(f, TaskFuture):
+                f.metadata["status"] = "lost"
+            f.set_exception(err)
 
     def _on_auth_error(self, parent_msg_id: str) -> None:
         fut = self._queries.pop(parent_msg_id, None)

@@ -16,6 +16,7 @@ import collections
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,8 @@ class IOThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, info: ConnectionInfo, session: Session,
                  pipe_url: str, on_reply: Callable[[Message], None],
                  on_hub: Callable[[Message], None], on_notify: Callable[[Message], None],
-                 on_auth_error: Callable[[str], None], outbox: Outbox) -> None:
+                 on_auth_error: Callable[[str], None], outbox: Outbox,
+                 on_hub_lost: Callable[[float], None]) -> None:
         super().__init__(name="monq-client-io", daemon=True)
         self.ctx = ctx
         self.info = info
@@ -84,6 +86,10 @@ class IOThread(threading.Thread):
         self.on_notify = on_notify
         self.on_auth_error = on_auth_error
         self.outbox = outbox
+        self.on_hub_lost = on_hub_lost
+        # the Hub beats on the notify channel; silence longer than this means it is gone
+        self.grace = max(5.0, 5 * info.heartbeat_period)
+        self.last_beat = time.monotonic()
         self.ready = threading.Event()
         self.error: BaseException | None = None
 
@@ -131,7 +137,11 @@ class IOThread(threading.Thread):
             poller.register(s, zmq.POLLIN)
         by_socket = {s: name for name, s in sockets.items()}
         while True:
-            for sock, _ in poller.poll():
+            events = poller.poll(1000)
+            silent = time.monotonic() - self.last_beat
+            if silent > self.grace:
+                self.on_hub_lost(silent)
+            for sock, _ in events:
                 name = by_socket[sock]
                 if name == "pipe":
                     # read the bells first, then take the box: a message queued
@@ -168,6 +178,7 @@ class IOThread(threading.Thread):
         if name == "hub":
             self.on_hub(msg)
         elif name == "notify":
+            self.last_beat = time.monotonic()
             self.on_notify(msg)
         else:
             self.on_reply(msg)

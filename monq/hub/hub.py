@@ -174,8 +174,12 @@ class Hub:
                 raise
             for sock, _ in events:
                 handlers[sock]()
+            beat = self.heart.beat
             for uuid in self.heart.tick():
                 self._engine_gone(uuid.decode(errors="replace"), "heartbeat")
+            if self.heart.beat != beat:
+                # clients watch this to tell a live controller from a dead one
+                self._publish("hub_beat", {"beat": self.heart.beat})
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 try:

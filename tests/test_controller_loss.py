@@ -1,0 +1,34 @@
+"""A client never waits forever on a controller that is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import monq
+from monq.cluster import Cluster, ClusterConfig
+
+
+@pytest.mark.slow
+def test_waiting_tasks_fail_when_the_controller_dies(tmp_path: Path) -> None:
+    cluster = Cluster(ClusterConfig(n=1, home=tmp_path, heartbeat_period=0.2))
+    try:
+        cluster.start(timeout=60)
+        c = monq.Client(connection_file=cluster.connection_file)
+        try:
+            ar = c.load_balanced_view().apply_async(time.sleep, 60)
+            time.sleep(0.3)
+            os.kill(c.info.controller_pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(monq.NoClusterError, match="lost contact"):
+                ar.get(timeout=30)
+            assert time.monotonic() - t0 < 8  # grace is max(5 s, 5 heartbeats)
+            assert ar.metadata["status"] == "lost"
+        finally:
+            c.close()
+    finally:
+        cluster.stop()
