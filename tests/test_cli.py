@@ -284,3 +284,29 @@ def test_ci_script_runs_the_readme_test_command() -> None:
     assert "pip install -e '.[test]'" in ci and "pytest" in ci
     assert os.access(REPO / ".ci" / "run", os.X_OK)
     assert "pip install -e '.[test]' && pytest" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_hung_controller_is_a_quick_error_not_a_hang(monq_home: Path, tmp_path: Path) -> None:
+    proc, _ = _start_foreground(monq_home, tmp_path, n=1)
+    pids: list[int] = []
+    try:
+        pids = cluster_pids(monq_home)
+        ctl = load_connection_file(monq_home / "default" / "connection.json").controller_pid
+        os.kill(ctl, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = run_monq("status", timeout=30)
+            assert r.returncode == ExitCode.NO_CLUSTER, r.stderr
+            assert "no cluster answered" in r.stderr and "Traceback" not in r.stderr
+            assert time.monotonic() - t0 < 10
+        finally:
+            os.kill(ctl, signal.SIGCONT)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert alive(pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_cluster(monq_home, extra=pids)
