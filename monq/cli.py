@@ -36,14 +36,17 @@ from monq.cluster import (
     log_tail,
 )
 from monq.connection import (
+    DB_FILE,
     ConnectionInfo,
     find_connection_file,
     load_connection_file,
     monq_home,
     pid_alive,
+    profile_dir,
 )
 from monq.errors import MonqError, NoClusterError
 from monq.errors import TimeoutError as MonqTimeoutError
+from monq.records import TaskRecord, to_epoch
 
 if TYPE_CHECKING:
     from monq.client import Client
@@ -111,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--order", default="-submitted", metavar="KEY",
                    help="sort key, '-' for descending (default -submitted)")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.add_argument("--db", default=None, metavar="URL",
+                   help="read this history database directly (no cluster needed); by default "
+                        "the running cluster's Hub is asked, else the profile's history.db")
     return p
 
 
@@ -403,12 +409,24 @@ def cmd_history(args: argparse.Namespace, home: Path) -> int:
     def one_or_many(v: list[Any] | None) -> Any:
         return v[0] if v and len(v) == 1 else v
 
-    client, _, _ = _connect(args.profile, home)
-    with client:
-        records = client.history(status=one_or_many(args.status),
-                                 engine=one_or_many(args.engine), client=args.client,
-                                 since=args.since, until=args.until,
-                                 limit=args.limit or None, order=args.order)
+    filters: dict[str, Any] = dict(status=one_or_many(args.status),
+                                   engine=one_or_many(args.engine), client=args.client,
+                                   since=args.since, until=args.until,
+                                   limit=args.limit or None, order=args.order)
+    if args.db:
+        records = _history_from_db(args.db, filters)
+    else:
+        try:
+            client, _, _ = _connect(args.profile, home)
+        except NoClusterError:
+            # the history outlives the cluster: read the profile's database itself
+            db = profile_dir(args.profile, home) / DB_FILE
+            if not db.exists():
+                raise
+            records = _history_from_db(f"sqlite:///{db}", filters)
+        else:
+            with client:
+                records = client.history(**filters)
     if args.json:
         for r in records:
             d = dataclasses.asdict(r)
@@ -424,6 +442,16 @@ def cmd_history(args: argparse.Namespace, home: Path) -> int:
     _out(_table(["msg_id", "status", "engine", "func", "submitted", "duration"], rows,
                 right="engine duration"))
     return ExitCode.OK
+
+
+def _history_from_db(url: str, filters: dict[str, Any]) -> list[TaskRecord]:
+    """Post-mortem: the same query, straight from a history database."""
+    from monq.hub.store import TaskStore
+
+    f = dict(filters)
+    f["since"], f["until"] = to_epoch(f["since"]), to_epoch(f["until"])
+    with TaskStore(url) as store:
+        return [TaskRecord.from_row(r) for r in store.history(**f)]
 
 
 def _short(s: str, n: int) -> str:

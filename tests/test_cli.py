@@ -165,6 +165,16 @@ def test_daemon_start_status_history_stop(monq_home: Path) -> None:
         assert not conn.exists()
         r = run_monq("status", timeout=30)
         assert r.returncode == ExitCode.NO_CLUSTER
+
+        # the history outlives the cluster: read from the profile's database
+        r = run_monq("history", "--json", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert {json.loads(x)["msg_id"] for x in r.stdout.splitlines()} == set(recorded)
+        db = monq_home / "default" / "history.db"
+        r = run_monq("--home", str(monq_home / "elsewhere"), "history", "--status", "error",
+                     "--db", f"sqlite:///{db}", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert "divmod" in r.stdout and "pow" not in r.stdout
     finally:
         kill_cluster(monq_home, extra=engine_pids)
 
