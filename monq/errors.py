@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 
@@ -29,7 +30,7 @@ class SerializationError(MonqError):
     """An object could not be pickled or unpickled."""
 
 
-class TimeoutError(MonqError, TimeoutError):  # noqa: A001 - deliberately also a builtin TimeoutError
+class TimeoutError(MonqError, builtins.TimeoutError):  # noqa: A001 - also the builtin one
     """A wait ran out of time (the task may still finish later)."""
 
 

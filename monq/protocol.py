@@ -292,7 +292,8 @@ class Session:
             raise ProtocolError("malformed", f"bad buffer spec: {e}") from None
         signed = parts + [_frame_view(b) for b, r in zip(bufs, raw_flags) if not r]
         if not hmac.compare_digest(sig, self.sign(signed)):
-            raise ProtocolError("bad signature", header.get("msg_type", "?") if isinstance(header, dict) else "?")
+            what = header.get("msg_type", "?") if isinstance(header, dict) else "?"
+            raise ProtocolError("bad signature", str(what))
         for b, n in zip(bufs, sizes):
             if _nbytes(b) != n:
                 raise ProtocolError("malformed", "buffer size differs from the signed size")

@@ -160,7 +160,7 @@ def send_array(socket: zmq.Socket, array: np.ndarray, flags: int = 0, copy: bool
     # may fail once the first frame has gone out with SNDMORE
     data = array.reshape(-1).view(np.uint8)
     socket.send(md, flags | zmq.SNDMORE)
-    return socket.send(data, flags, copy=copy, track=track)
+    return socket.send(data, flags, copy=copy, track=track)  # type: ignore[call-overload]
 
 
 def recv_array(socket: zmq.Socket, flags: int = 0, copy: bool = False) -> np.ndarray:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
-from datetime import datetime, timezone
 from collections.abc import Callable, Generator, Iterator, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from monq import errors
@@ -173,5 +173,5 @@ class AsyncMapResult(AsyncResult):
             for c in self._children:
                 yield from c.result()
         else:
-            for c in cf.as_completed(self._children):
-                yield from c.result()
+            for done in cf.as_completed(self._children):
+                yield from done.result()

@@ -18,6 +18,7 @@ the Context (ending the heartbeat proxy); safe to call twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -178,7 +179,7 @@ class Engine:
             try:
                 events = poller.poll(200)
             except zmq.ZMQError as e:
-                if e.errno == zmq.EINTR:
+                if e.errno == errno.EINTR:
                     continue
                 raise
             for sock, _ in events:

@@ -22,8 +22,10 @@ Resource handling: the Hub owns its sockets and the store and closes them in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import socket as _socket
 import time
 from collections import Counter
@@ -167,9 +169,9 @@ class Hub:
                                     - time.monotonic()) * 1000)
             timeout = min(timeout, max(0.0, (self.heart.next_beat - time.monotonic()) * 1000))
             try:
-                events = poller.poll(timeout)
+                events = poller.poll(math.ceil(timeout))
             except zmq.ZMQError as e:
-                if e.errno == zmq.EINTR:
+                if e.errno == errno.EINTR:
                     continue
                 raise
             for sock, _ in events:
