@@ -39,6 +39,8 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import random
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,7 +62,23 @@ Buffer = Any  # bytes, memoryview, zmq.Frame or anything with the buffer protoco
 
 
 def new_id() -> str:
+    """A random 128-bit id in hex (a session's id; a seed for its message ids)."""
     return uuid.uuid4().hex
+
+
+class _Ids:
+    """Message ids: random 128-bit hex, from a generator seeded once from the OS.
+
+    ``uuid4`` asks the kernel for entropy on every call, which costs tens of
+    microseconds here on each of hundreds of thousands of messages; ids only
+    need to be unique, not secret.
+    """
+
+    def __init__(self) -> None:
+        self._rng = random.Random(os.urandom(32))
+
+    def __call__(self) -> str:
+        return "%032x" % self._rng.getrandbits(128)
 
 
 def _nbytes(buf: Buffer) -> int:
@@ -167,6 +185,7 @@ class Session:
             raise ValueError("a cluster key is required")
         self.key = key
         self.session_id = session_id or new_id()
+        self._new_msg_id = _Ids()
         self.replay = ReplayGuard(replay_window)
         self.rejected: collections.Counter[str] = collections.Counter()
         self._seq: collections.Counter[str] = collections.Counter()
@@ -186,7 +205,7 @@ class Session:
         """
         self._seq[channel] += 1
         return {
-            "msg_id": msg_id or new_id(),
+            "msg_id": msg_id or self._new_msg_id(),
             "msg_type": msg_type,
             "session": self.session_id,
             "channel": channel,

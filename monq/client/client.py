@@ -87,10 +87,10 @@ class Client:
 
     def close(self) -> None:
         """Stop the I/O thread, fail what still waits, free the sockets."""
-        if self._closed:
-            return
-        self._closed = True
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # under the lock: no send can start after this
             try:
                 self._pipe.send(IOThread.stop_frame())
             except zmq.ZMQError:
@@ -127,9 +127,9 @@ class Client:
               metadata: dict[str, Any] | None = None, buffers: Sequence[Any] = (),
               raw: Sequence[bool] | None = None, idents: Sequence[bytes] = (),
               register: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        if self._closed:
-            raise errors.MonqError("this client is closed")
         with self._lock:
+            if self._closed:
+                raise errors.MonqError("this client is closed")
             # numbering and sending under one lock: the channel's order is the send order
             hdr, frames = self.session.serialize(msg_type, channel, content,
                                                  metadata=metadata, buffers=buffers, raw=raw)

@@ -3,8 +3,9 @@
 An engine registers with the Hub and gets an integer id, then reads two
 channels: the load-balanced ``task`` channel and its own ``direct`` channel,
 both as a DEALER whose identity is the engine's uuid.  Tasks run one at a
-time in the main thread, with stdout and stderr captured.  Before it runs a
-task the engine tells the Hub (``task_started``), and its reply carries the
+time in the main thread, with stdout and stderr captured.  A task still
+running after a few milliseconds is reported to the Hub as started
+(``task_started``, see _StartNotifier); every reply carries the
 received/started/completed times.
 
 A heartbeat thread forwards the Hub's pings back to it inside
@@ -50,6 +51,8 @@ class RegistrationError(MonqError):
 @dataclass(frozen=True)
 class EngineConfig:
     registration_timeout: float = 30.0
+    #: a task still running after this long is reported to the Hub as running
+    started_notice_delay: float = 0.005
     output_cap: int = _OUTPUT_CAP
 
 
@@ -77,6 +80,52 @@ class _Capture(io.StringIO):
         return v + (f"\n[... {self.dropped} characters dropped]" if self.dropped else "")
 
 
+class _StartNotifier(threading.Thread):
+    """Tells the Hub which task is running, for tasks that run long enough to matter.
+
+    A notice per task would be a third message per task through the Hub and
+    more than half of a short task's cost on the engine; a task that ends
+    within ``delay`` seconds is reported by its reply alone (which carries the
+    started time).  So the engine only records the current task, and this
+    thread, looking every ``delay`` seconds, reports one still running.  It
+    owns its own socket to the Hub.
+    """
+
+    def __init__(self, ctx: zmq.Context, url: str, session: Session, engine: Engine,
+                 delay: float) -> None:
+        super().__init__(name="started-notifier", daemon=True)
+        self.ctx = ctx
+        self.url = url
+        self.session = session
+        self.engine = engine
+        self.delay = delay
+        #: (msg_id, started) of the task running now, set by the engine's main thread
+        self.current: tuple[str, float] | None = None
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        try:
+            sock.linger = 0
+            sock.connect(self.url)
+            told: str | None = None
+            while not self._stop_event.wait(self.delay):
+                cur = self.current
+                if cur is None or cur[0] == told or time.time() - cur[1] < self.delay:
+                    continue
+                told = cur[0]
+                self.session.send(sock, "task_started", "started", {
+                    "msg_id": cur[0], "engine": self.engine.id,
+                    "engine_uuid": self.engine.uuid, "started": cur[1]})
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sock.close(linger=0)
+
+
 class Engine:
     """One engine process's worker.  ``Engine(info).run()`` until :meth:`stop`."""
 
@@ -91,6 +140,7 @@ class Engine:
         self._stop = False
         self._closed = False
         self._heart: threading.Thread | None = None
+        self._notifier: _StartNotifier | None = None
         ident = self.uuid.encode()
         self.hub = self.ctx.socket(zmq.DEALER)
         self.task = self.ctx.socket(zmq.DEALER)
@@ -125,6 +175,10 @@ class Engine:
         self.direct.connect(self.info.url("direct_engine"))
         self._heart = threading.Thread(target=self._heartbeat, name="heart", daemon=True)
         self._heart.start()
+        self._notifier = _StartNotifier(self.ctx, self.info.url("hub"),
+                                        Session(self.info.key, self.session.session_id), self,
+                                        self.config.started_notice_delay)
+        self._notifier.start()
         log.info("engine %d registered (uuid %s)", self.id, self.uuid)
         return self.id
 
@@ -163,6 +217,10 @@ class Engine:
         for s in (self.task, self.direct):
             s.close(linger=0)
         self.hub.close()
+        if self._notifier is not None:
+            # it owns a socket: it must be gone before the Context can end
+            self._notifier.stop()
+            self._notifier.join(timeout=2)
         self.ctx.term()
         if self._heart is not None:
             self._heart.join(timeout=2)
@@ -208,9 +266,9 @@ class Engine:
     def handle_apply(self, sock: zmq.Socket, channel: str, msg: Message) -> None:
         received = time.time()
         started = time.time()
-        self.session.send(self.hub, "task_started", "hub", {
-            "msg_id": msg.msg_id, "engine": self.id, "engine_uuid": self.uuid,
-            "started": started})
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.current = (msg.msg_id, started)
         out, err = _Capture(self.config.output_cap), _Capture(self.config.output_cap)
         content: dict[str, Any]
         result: Any = None
@@ -224,6 +282,8 @@ class Engine:
                     raise
                 content = _error_content(e)
         completed = time.time()
+        if notifier is not None:
+            notifier.current = None
         buffers: list[Any] = []
         raw: list[bool] = []
         if content["status"] == "ok":
