@@ -198,3 +198,13 @@ def test_purge_results(client: monq.Client) -> None:
     assert client.purge_results(msg_ids=[ars[0].msg_id]) == 1
     assert client.db_query({"msg_id": ars[0].msg_id}) == []
     assert len(client.db_query({"msg_id": {"$in": [a.msg_id for a in ars[1:]]}})) == 2
+
+
+def test_hub_memory_is_bounded_by_tasks_in_flight(client: monq.Client) -> None:
+    """Once tasks finish and are written, the Hub keeps nothing of them in memory."""
+    v = client.load_balanced_view()
+    ars = [v.apply_async(lambda: None) for _ in range(2000)]
+    assert client.cluster_status()["in_flight"] > 0 or all(a.done() for a in ars)
+    for a in ars:
+        a.get(60)
+    assert client.cluster_status()["in_flight"] == 0
