@@ -184,13 +184,7 @@ class Hub:
                 self._publish("hub_beat", {"beat": self.heart.beat})
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
-                try:
-                    self.flush()
-                except Exception:
-                    # a database error must not end the Hub; the batch is logged and dropped
-                    log.exception("could not write %d task records", len(self._dirty))
-                    self.rejected["store error"] += len(self._dirty)
-                    self._dirty.clear()
+                self._safe_flush()
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
                limit: int = 1000) -> None:
@@ -209,7 +203,16 @@ class Hub:
     def _drain_monitor(self) -> None:
         self._drain(self.monitor, self._on_monitor, limit=5000)
         if len(self._dirty) >= self.config.flush_rows:
+            self._safe_flush()
+
+    def _safe_flush(self) -> None:
+        try:
             self.flush()
+        except Exception:
+            # a database error must not end the Hub: the batch is logged, counted and dropped
+            log.exception("could not write %d task records", len(self._dirty))
+            self.rejected["store error"] += len(self._dirty)
+            self._dirty.clear()
 
     def _drain_router(self) -> None:
         self._drain(self.router, self._on_router)
@@ -413,7 +416,7 @@ class Hub:
             return
         # see every copy the relays have made, and write it, before answering
         self._drain(self.monitor, self._on_monitor, limit=1_000_000)
-        self.flush()
+        self._safe_flush()
         buffers: list[Any] = []
         raw: list[bool] = []
         try:
