@@ -78,7 +78,7 @@ class _Ids:
         self._rng = random.Random(os.urandom(32))
 
     def __call__(self) -> str:
-        return "%032x" % self._rng.getrandbits(128)
+        return f"{self._rng.getrandbits(128):032x}"
 
 
 def _nbytes(buf: Buffer) -> int:

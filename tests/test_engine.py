@@ -95,3 +95,40 @@ def test_huge_output_is_capped(client: monq.Client) -> None:
     ar.get(20)
     assert len(ar.stdout) < (1 << 20) + 100
     assert "characters dropped" in ar.stdout
+
+
+@pytest.mark.slow
+def test_stopping_a_cluster_aborts_running_tasks_at_once(tmp_path: Path) -> None:
+    """A stop never waits for a long task: it is interrupted and answered as aborted."""
+    cluster = Cluster(ClusterConfig(n=2, home=tmp_path / "stop"))
+    try:
+        cluster.start(timeout=60)
+        c = monq.Client(connection_file=cluster.connection_file)
+        try:
+            v = c.load_balanced_view()
+
+            def spin() -> None:
+                while True:
+                    pass
+
+            long = [v.apply_async(time.sleep, 600), v.apply_async(spin)]
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            cluster.stop(timeout=20)
+            assert time.monotonic() - t0 < 5
+            for ar in long:
+                with pytest.raises(monq.RemoteError) as info:
+                    ar.get(timeout=10)
+                assert info.value.ename == "Stopping"
+                assert ar.metadata["status"] == "aborted"
+        finally:
+            c.close()
+        # and the history says so: the Hub wrote its last batch before it stopped
+        from monq.hub.store import TaskStore
+
+        with TaskStore(cluster.config.db_url or
+                       f"sqlite:///{cluster.config.profile_dir / 'history.db'}") as store:
+            rows = store.db_query({"msg_id": {"$in": [a.msg_id for a in long]}})
+        assert [r["status"] for r in rows] == ["aborted", "aborted"]
+    finally:
+        cluster.stop()

@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 _OUTPUT_CAP = 1 << 20
 
 
+class Stopping(BaseException):
+    """Raised inside a running task when the engine is told to stop (SIGTERM, SIGINT).
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in
+    the task does not swallow it.  The task is answered as ``aborted``.
+    """
+
+
 class RegistrationError(MonqError):
     """The Hub did not accept this engine."""
 
@@ -139,6 +147,8 @@ class Engine:
         self.ctx.linger = 0
         self._stop = False
         self._closed = False
+        #: True while a task's own code runs (read by the signal handler)
+        self.busy = False
         self._heart: threading.Thread | None = None
         self._notifier: _StartNotifier | None = None
         ident = self.uuid.encode()
@@ -275,11 +285,16 @@ class Engine:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 f, args, kwargs = unpack_apply(msg.buffers)
-                result = f(*args, **kwargs)
+                self.busy = True
+                try:
+                    result = f(*args, **kwargs)
+                finally:
+                    self.busy = False
                 content = {"status": "ok"}
+            except Stopping as e:
+                content = _error_content(e)
+                content["status"] = "aborted"
             except BaseException as e:  # noqa: BLE001 - everything a task raises goes home
-                if isinstance(e, KeyboardInterrupt) and self._stop:
-                    raise
                 content = _error_content(e)
         completed = time.time()
         if notifier is not None:
@@ -326,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(info)
 
     def on_signal(signum: int, frame: Any) -> None:
+        # stop now, whatever the state: a running task is interrupted and answered
+        # as aborted, so a stop never waits for a long task (nor orphans one)
         engine.stop()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if engine.busy:
+            raise Stopping(f"the engine was stopped (signal {signum}) while the task ran")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -338,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationError as e:
         log.error("%s", e)
         return 3
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopping):
         pass
     finally:
         engine.close()
