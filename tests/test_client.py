@@ -209,3 +209,15 @@ def test_closed_client_fails_pending_and_refuses(cluster: object) -> None:
         ar.get(5)
     with pytest.raises(monq.MonqError, match="closed"):
         c.load_balanced_view().apply_async(time.sleep, 0)
+
+
+def test_executor(client: monq.Client) -> None:
+    with client.executor() as ex:
+        assert isinstance(ex, cf.Executor)
+        futs = [ex.submit(pow, 2, i) for i in range(10)]
+        assert [f.result(timeout=10) for f in futs] == [2**i for i in range(10)]
+        assert list(ex.map(abs, [-1, -2, 3], timeout=10)) == [1, 2, 3]
+    with pytest.raises(RuntimeError):
+        ex.submit(abs, 1)
+    one = client.executor(targets=client.ids[-1])
+    assert one.submit(os.getpid).result(10) == client[client.ids[-1]].apply_sync(os.getpid)

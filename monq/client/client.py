@@ -20,9 +20,10 @@ from typing import Any
 import zmq
 
 from monq import errors
+from monq.client.executor import MonqExecutor
 from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
-from monq.client.view import DirectView, LoadBalancedView
+from monq.client.view import DirectView, LoadBalancedView, View
 from monq.connection import find_connection_file, load_connection_file
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
@@ -302,6 +303,12 @@ class Client:
                     label: str | None = None) -> DirectView:
         """A view on chosen engines (all of them when ``targets`` is None)."""
         return DirectView(self, self.ids if targets is None else targets, block, label)
+
+    def executor(self, targets: int | list[int] | None = None) -> MonqExecutor:
+        """A concurrent.futures.Executor: load-balanced, or on ``targets``."""
+        view: View = (self.load_balanced_view() if targets is None
+                      else DirectView(self, targets))
+        return MonqExecutor(view)
 
     def __getitem__(self, key: int | slice | list[int]) -> DirectView:
         ids = self.ids
