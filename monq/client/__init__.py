@@ -5,4 +5,6 @@ from monq.client.executor import MonqExecutor
 from monq.client.results import AsyncMapResult, AsyncResult
 from monq.client.view import DirectView, LoadBalancedView
 
-__all__ = ["AsyncMapResult", "AsyncResult", "Client", "DirectView", "LoadBalancedView", "MonqExecutor"]
+__all__ = [
+    "AsyncMapResult", "AsyncResult", "Client", "DirectView", "LoadBalancedView", "MonqExecutor",
+]
