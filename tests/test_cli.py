@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -268,23 +269,43 @@ def _readme_blocks(lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def _tour_steps() -> list[tuple[str, str]]:
+    """The README's tour, in order: ("python", source) and ("shell", one monq command line)."""
+    text = (REPO / "README.md").read_text()
+    tour = text[text.index("## A short tour"):text.index("## The `monq` command")]
+    steps: list[tuple[str, str]] = []
+    for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", tour, flags=re.S | re.M):
+        if lang == "python":
+            steps.append(("python", body))
+        else:
+            steps += [("shell", line) for line in body.splitlines() if line.startswith("monq ")]
+    return steps
+
+
 @pytest.mark.slow
 def test_readme_tour_runs_as_written(monq_home: Path, tmp_path: Path) -> None:
-    blocks = _readme_blocks("python")
-    assert blocks, "README.md has no ```python block"
-    script = tmp_path / "tour.py"
-    script.write_text("\n".join(blocks))
-    assert "monq start --daemon -n 2" in (REPO / "README.md").read_text()
+    """Every command and the Python block of the tour, exactly as README.md has them."""
+    steps = _tour_steps()
+    kinds = [k for k, _ in steps]
+    assert kinds[0] == "shell" and steps[0][1].startswith("monq start --daemon")
+    assert "python" in kinds and steps[-1] == ("shell", "monq stop")
+    outputs: list[str] = []
     try:
-        r = run_monq("start", "--daemon", "-n", "2", timeout=START_TIMEOUT + 30)
-        assert r.returncode == 0, r.stdout + r.stderr
-        r2 = subprocess.run([sys.executable, str(script)], env=monq_env(), capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
-        assert r2.returncode == 0, r2.stdout + r2.stderr
-        r = run_monq("history", "--status", "error", timeout=30)
-        assert r.returncode == 0 and "error" in r.stdout
+        for kind, what in steps:
+            if kind == "python":
+                script = tmp_path / "tour.py"
+                script.write_text(what)
+                r = subprocess.run([sys.executable, str(script)], env=monq_env(),
+                                   capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            else:
+                r = run_monq(*shlex.split(what)[1:], timeout=START_TIMEOUT + 30)
+            assert r.returncode == 0, f"{what}\n{r.stdout}{r.stderr}"
+            outputs.append(r.stdout)
+        text = "\n".join(outputs)
+        assert "1024" in text and "ZeroDivisionError" in text
+        assert "fails" in text  # the failed task appears in `monq history --status error`
+        assert not (monq_home / "default" / "connection.json").exists()  # `monq stop` ran
     finally:
-        run_monq("stop", timeout=60)
         kill_cluster(monq_home)
 
 
