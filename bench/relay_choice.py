@@ -140,8 +140,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
-    res = {layout: run(layout, a.n, a.size) for layout in ("thread", "process")}
+    runs: dict[str, list[dict[str, float]]] = {"thread": [], "process": []}
+    for _ in range(a.repeat):  # alternate, so both layouts see the same noise
+        for layout in runs:
+            runs[layout].append(run(layout, a.n, a.size))
+    res = {layout: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for layout, rs in runs.items()}
+    print(f"medians of {a.repeat} alternating runs")
     for layout, r in res.items():
         print(f"{layout:8s} median {r['median_us']:7.0f} us  p99 {r['p99_us']:7.0f} us  "
               f"burst {r['msgs_per_s']:8.0f} msg/s  monitor copies {r['copies_seen']}")
