@@ -98,7 +98,11 @@ class Client:
                 pass
         self._io.join(timeout=5)
         self._pipe.close(linger=0)
-        self._ctx.term()
+        if self._io.is_alive():
+            # its sockets are still open, so terminating the Context would hang: leak it
+            log.warning("the client's I/O thread did not stop within 5 s")
+        else:
+            self._ctx.term()
         err = errors.MonqError("the client was closed before the task finished")
         for fut in list(self._tasks.values()):
             if not fut.done():
