@@ -4,7 +4,12 @@ Why one process with the relays as threads: the relays' loop is C with the
 GIL released, so it does not compete with the Hub's Python; and the monitor
 copies travel over ``inproc://``, which passes message references instead of
 bytes (a separate relay process would copy every payload once more through a
-socket).  The controller binds everything, then writes the connection file
+socket).  Measured with bench/relay_choice.py on a 2-core machine (medians of
+three alternating runs, 64-byte messages): one hop takes 293 us as a thread
+with an inproc monitor and 354 us as a process with a tcp monitor, p99 565
+against 1,567 us, bursts at the same rate (19k vs 18k messages/s).
+
+The controller binds everything, then writes the connection file
 (mode 0600) that clients and engines read.
 
 Shutdown order, on SIGTERM or SIGINT: the Hub loop ends and flushes its last
