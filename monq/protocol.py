@@ -27,7 +27,7 @@ Message types (``msg_type``), by channel:
 - hub (client -> hub): ``connect_request``, ``engines_request``,
   ``queue_request``, ``history_request``, ``db_request``,
   ``hub_history_request``, ``result_request``, ``purge_request``,
-  ``status_request``; each answered by the matching ``*_reply`` whose
+  ``status_request``, ``shutdown_request``; each answered by the matching ``*_reply`` whose
   content has ``status`` ``ok`` or ``error`` (with ``ename``/``evalue``).
 - notify (hub -> clients, PUB): ``engine_registered``, ``engine_unregistered``.
 """

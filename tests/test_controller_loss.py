@@ -32,3 +32,23 @@ def test_waiting_tasks_fail_when_the_controller_dies(tmp_path: Path) -> None:
             c.close()
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_client_shutdown_stops_the_whole_cluster(monq_home: Path) -> None:
+    from conftest import alive, cluster_pids, kill_cluster, run_monq, wait_until
+
+    pids: list[int] = []
+    try:
+        r = run_monq("start", "--daemon", "-n", "2", timeout=90)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pids = cluster_pids(monq_home)  # supervisor, controller, 2 engines
+        assert len(pids) == 4 and alive(pids) == pids
+        c = monq.Client()
+        c.shutdown(wait=15)
+        wait_until(lambda: not alive(pids), 20, f"pids {alive(pids)} to exit")
+        with pytest.raises(monq.MonqError):
+            c.load_balanced_view().apply_async(abs, 1)
+        assert not (monq_home / "default" / "connection.json").exists()
+    finally:
+        kill_cluster(monq_home, extra=pids)

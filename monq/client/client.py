@@ -24,7 +24,7 @@ from monq.client.executor import MonqExecutor
 from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
-from monq.connection import find_connection_file, load_connection_file
+from monq.connection import find_connection_file, load_connection_file, pid_alive
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
 from monq.serialize import deserialize, func_name, pack_apply
@@ -452,6 +452,18 @@ class Client:
         if everything:
             content["everything"] = True
         return int(self._query("purge_request", content)["purged"])
+
+    def shutdown(self, wait: float = 10.0) -> None:
+        """Stop the whole cluster (engines, then the controller) and close this client.
+
+        Waits up to ``wait`` seconds for a local controller to exit.
+        """
+        self._query("shutdown_request", {})
+        pid = self.info.controller_pid
+        self.close()
+        deadline = time.monotonic() + wait
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"<monq.Client {self.connection_file} engines={sorted(self._engines)}>"

@@ -34,6 +34,7 @@ from monq.connection import (
     ConnectionInfo,
     default_db_url,
     new_key,
+    pid_alive,
     write_connection_file,
 )
 from monq.hub.hub import MONITOR_URL, Hub, HubConfig
@@ -64,6 +65,15 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     ctx.linger = 0
     store = TaskStore(db_url, payload_cap=config.payload_cap)
     hub = Hub(ctx, Session(key), store, config, db_url)
+
+    def shutdown() -> None:
+        # a supervisor stops the engines first, then us; alone, we just stop
+        if supervisor_pid and pid_alive(supervisor_pid):
+            os.kill(supervisor_pid, signal.SIGTERM)
+        else:
+            hub.stop()
+
+    hub.on_shutdown = shutdown
     relays: list[Relay] = []
     info: ConnectionInfo | None = None
     try:

@@ -84,12 +84,15 @@ class Hub:
     """The controller's bookkeeper.  Create, :meth:`bind`, then :meth:`run`."""
 
     def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
-                 config: HubConfig, db_url: str = "") -> None:
+                 config: HubConfig, db_url: str = "",
+                 on_shutdown: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.session = session
         self.store = store
         self.config = config
         self.db_url = db_url
+        #: what a client's shutdown_request does (the controller stops the whole cluster)
+        self.on_shutdown = on_shutdown or self.stop
         self.ports: dict[str, int] = {}
         self.rejected: Counter[str] = Counter()
         self._stop = False
@@ -549,6 +552,11 @@ class Hub:
             raise HubError(f"unknown purge filter(s): {', '.join(sorted(bad))}")
         return {"purged": self.store.purge(**c)}
 
+    def _q_shutdown(self, msg: Message) -> dict[str, Any]:
+        log.info("shutdown requested by client %s", msg.header.get("session"))
+        self.on_shutdown()
+        return {}
+
     _queries: dict[str, Callable[[Hub, Message], Any]] = {
         "connect_request": _q_connect,
         "engines_request": _q_engines,
@@ -559,6 +567,7 @@ class Hub:
         "hub_history_request": _q_hub_history,
         "result_request": _q_result,
         "purge_request": _q_purge,
+        "shutdown_request": _q_shutdown,
     }
 
 
