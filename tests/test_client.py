@@ -221,3 +221,15 @@ def test_executor(client: monq.Client) -> None:
         ex.submit(abs, 1)
     one = client.executor(targets=client.ids[-1])
     assert one.submit(os.getpid).result(10) == client[client.ids[-1]].apply_sync(os.getpid)
+
+
+def test_scatter_gather(client: monq.Client) -> None:
+    dv = client[:]
+    dv.scatter("part", list(range(11))).get(10)
+    parts = dv.pull("part").get(10)
+    assert [len(p) for p in parts] == [6, 5]
+    assert dv.gather("part").get(10) == list(range(11))
+    a = np.arange(10.0)
+    dv.scatter("arr", a).get(10)
+    dv.execute("arr2 = arr * 2").get(10)
+    np.testing.assert_array_equal(dv.gather("arr2").get(10), a * 2)

@@ -153,8 +153,38 @@ class DirectView(View):
         """Read global names from every target."""
         return self.apply_async(_pull, names)
 
+    def scatter(self, name: str, seq: Sequence[Any]) -> AsyncResult:
+        """Split ``seq`` into one contiguous part per target and set it as ``name`` there."""
+        n = len(self._target_list)
+        size, extra = divmod(len(seq), n)
+        children: list[Any] = []
+        start = 0
+        for i, t in enumerate(self._target_list):
+            end = start + size + (1 if i < extra else 0)
+            part = seq[start:end]
+            children.append(self.client._send_apply("direct", _push, ({name: part},), {},
+                                                    engine=t, label=self.label))
+            start = end
+        return AsyncResult(children, single=False)
+
+    def gather(self, name: str) -> AsyncResult:
+        """Read ``name`` from every target and join the parts (lists, or numpy arrays)."""
+        children = self._submit(_pull, (name,), {})
+        return AsyncResult(children, single=False, reduce=_join)
+
     def __repr__(self) -> str:
         return f"<DirectView {self.targets!r}>"
+
+
+def _join(parts: list[Any]) -> Any:
+    if parts and all(type(p).__module__ == "numpy" and hasattr(p, "ndim") for p in parts):
+        import numpy as np
+
+        return np.concatenate(parts)
+    out: list[Any] = []
+    for p in parts:
+        out.extend(p)
+    return out
 
 
 def _execute(code: str) -> None:
