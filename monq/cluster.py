@@ -258,13 +258,17 @@ class Cluster:
         cfg.log_dir.mkdir(exist_ok=True, mode=0o700)
         self._lock_profile()
         try:
-            self.info = self._start_controller(deadline)
-            if on_controller is not None:
-                on_controller(self.info)
+            ctl = self._spawn_controller()
+            # engines start at once, beside the controller: their start-up (imports) overlaps
+            # its own, and each waits for the connection file that names this controller
             for i in range(cfg.n_engines):
                 self.engines.append(self._spawn(
                     f"engine-{i}", ["monq.engine", "--connection-file", str(self.connection_file),
+                                    "--controller-pid", str(ctl.proc.pid),
                                     "--log-level", cfg.log_level]))
+            self.info = self._wait_for_controller(ctl, deadline)
+            if on_controller is not None:
+                on_controller(self.info)
             self._wait_for_engines(deadline, on_engine)
         except BaseException:
             self.stop()
@@ -317,14 +321,17 @@ class Cluster:
         log.debug("started %s: pid %d", name, proc.pid)
         return _Child(name, proc, log_path, offset)
 
-    def _start_controller(self, deadline: float) -> ConnectionInfo:
+    def _spawn_controller(self) -> _Child:
         cfg = self.config
         args = ["monq.hub", "--profile-dir", str(cfg.profile_dir), "--profile", cfg.profile,
                 "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
                 "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
         if cfg.db_url:
             args += ["--db", cfg.db_url]
-        self.controller = ctl = self._spawn("controller", args)
+        self.controller = self._spawn("controller", args)
+        return self.controller
+
+    def _wait_for_controller(self, ctl: _Child, deadline: float) -> ConnectionInfo:
         # the controller writes the file (atomically) once every socket is bound; a file
         # naming another pid is a leftover of an earlier run
         while True:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import logging
 import os
 import socket as _socket
@@ -30,11 +31,12 @@ import time
 import traceback
 import uuid as _uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from monq.connection import ConnectionInfo
+from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import Message, Session
 from monq.serialize import serialize, unpack_apply
@@ -325,19 +327,44 @@ def _error_content(e: BaseException, skip_frames: bool = True) -> dict[str, Any]
             "traceback": "".join(lines)}
 
 
+def _wait_for_connection_file(path: Path, controller_pid: int, timeout: float
+                              ) -> ConnectionInfo:
+    """Read the connection file; with a controller pid, wait until that controller wrote it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = ConnectionInfo.from_json(json.loads(path.read_text()))
+            if not controller_pid or info.controller_pid == controller_pid:
+                return info
+        except (OSError, ValueError, KeyError, TypeError):
+            if not controller_pid:
+                raise RegistrationError(f"cannot read the connection file {path}") from None
+        if controller_pid and not pid_alive(controller_pid):
+            raise RegistrationError(f"controller pid {controller_pid} exited before it was ready")
+        if time.monotonic() > deadline:
+            raise RegistrationError(f"no connection file from controller pid {controller_pid} "
+                                    f"at {path} within {timeout}s")
+        time.sleep(0.02)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import signal
-    from pathlib import Path
 
     p = argparse.ArgumentParser(prog="python -m monq.engine", description="a monq engine")
     p.add_argument("--connection-file", required=True, type=Path)
+    p.add_argument("--controller-pid", type=int, default=0,
+                   help="wait for a connection file written by this controller")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
-    info = ConnectionInfo.from_json(json.loads(a.connection_file.read_text()))
+    try:
+        info = _wait_for_connection_file(a.connection_file, a.controller_pid,
+                                         EngineConfig().registration_timeout)
+    except RegistrationError as e:
+        log.error("%s", e)
+        return 3
     engine = Engine(info)
 
     def on_signal(signum: int, frame: Any) -> None:
