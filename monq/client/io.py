@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from monq.connection import ConnectionInfo
+from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
 from monq.protocol import DELIM, Message, Session
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 #: first frame of a pipe message: which socket it goes to
 CHANNELS = {b"task": "task_client", b"direct": "direct_client", b"hub": "hub"}
 _STOP = b"stop"
+_LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
 
 
 class Outbox:
@@ -89,6 +90,10 @@ class IOThread(threading.Thread):
         self.on_hub_lost = on_hub_lost
         # the Hub beats on the notify channel; silence longer than this means it is gone
         self.grace = max(5.0, 5 * info.heartbeat_period)
+        # a controller on this machine whose process is alive may just be busy (a long
+        # query): give it much longer before giving up on it
+        self.local_grace = 12 * self.grace
+        self.local_pid = info.controller_pid if info.ip in _LOCAL else 0
         self.last_beat = time.monotonic()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -136,10 +141,18 @@ class IOThread(threading.Thread):
         for s in sockets.values():
             poller.register(s, zmq.POLLIN)
         by_socket = {s: name for name, s in sockets.items()}
+        last_loop = time.monotonic()
         while True:
             events = poller.poll(1000)
-            silent = time.monotonic() - self.last_beat
-            if silent > self.grace:
+            now = time.monotonic()
+            if now - last_loop > 3.0:
+                # this thread itself did not run (the process was suspended or starved):
+                # the silence says nothing about the controller
+                self.last_beat = now
+            last_loop = now
+            silent = now - self.last_beat
+            if silent > self.grace and not (silent < self.local_grace and self.local_pid
+                                            and pid_alive(self.local_pid)):
                 self.on_hub_lost(silent)
             for sock, _ in events:
                 name = by_socket[sock]
