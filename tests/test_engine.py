@@ -132,3 +132,31 @@ def test_stopping_a_cluster_aborts_running_tasks_at_once(tmp_path: Path) -> None
         assert [r["status"] for r in rows] == ["aborted", "aborted"]
     finally:
         cluster.stop()
+
+
+@pytest.mark.slow
+def test_stop_ends_frozen_and_stubborn_engines(tmp_path: Path) -> None:
+    """No orphans, whatever state the engines are in: frozen (SIGSTOP), or ignoring SIGTERM."""
+    from monq.connection import pid_alive
+
+    cluster = Cluster(ClusterConfig(n=2, home=tmp_path / "frozen"))
+    try:
+        cluster.start(timeout=60)
+        pids = list(cluster.pids.values())
+        with monq.Client(connection_file=cluster.connection_file) as c:
+            frozen, stubborn = c.ids
+            frozen_pid = c[frozen].apply_sync(os.getpid)
+
+            def ignore_sigterm() -> None:
+                import signal
+
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+            c[stubborn].apply_sync(ignore_sigterm)
+        os.kill(frozen_pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        cluster.stop(timeout=2.0)
+        assert time.monotonic() - t0 < 10
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        cluster.stop()
