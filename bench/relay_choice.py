@@ -19,20 +19,8 @@ import threading
 import time
 
 import zmq
+from bare_relay import _relay, echo  # the same echo engine and relay thread as the floor
 from zmq.devices import monitored_queue
-
-
-def echo_engine(port: int) -> None:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    while True:
-        m = s.recv_multipart(copy=False)
-        if m[-1].bytes == b"stop":
-            break
-        s.send_multipart(m, copy=False)
-    s.close(0)
-    ctx.term()
 
 
 def relay_process(ports: mp.Queue, mon_url: str) -> None:
@@ -77,7 +65,7 @@ def run(layout: str, n: int, size: int) -> dict[str, float]:
         mon.recv()
         fport = front.bind_to_random_port("tcp://127.0.0.1")
         bport = back.bind_to_random_port("tcp://127.0.0.1")
-        t = threading.Thread(target=lambda: _mq(front, back, mon), daemon=True)
+        t = threading.Thread(target=_relay, args=(front, back, mon), daemon=True)
         t.start()
     else:
         mport = sub.bind_to_random_port("tcp://127.0.0.1")
@@ -90,7 +78,7 @@ def run(layout: str, n: int, size: int) -> dict[str, float]:
     stop = threading.Event()
     hub = threading.Thread(target=hub_loop, args=(sub, counter, stop))
     hub.start()
-    ep = mp.Process(target=echo_engine, args=(bport,))
+    ep = mp.Process(target=echo, args=(bport,))
     ep.start()
     procs.append(ep)
     client = ctx.socket(zmq.DEALER)
@@ -127,13 +115,6 @@ def run(layout: str, n: int, size: int) -> dict[str, float]:
         p.join(5)
     ctx.destroy(0)
     return out
-
-
-def _mq(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket) -> None:
-    try:
-        monitored_queue(front, back, mon, b"in", b"out")
-    except zmq.ZMQError:
-        pass
 
 
 def main() -> None:
