@@ -145,7 +145,8 @@ class Client:
 
     def _send_apply(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any], engine: int | None = None,
-                    label: str | None = None) -> TaskFuture:
+                    label: str | None = None, retries: int = 0,
+                    timeout: float | None = None) -> TaskFuture:
         buffers, raw = pack_apply(f, args, kwargs)
         idents: list[bytes] = []
         if channel == "direct":
@@ -154,15 +155,42 @@ class Client:
         md: dict[str, Any] = {"func": func_name(f)}
         if label is not None:
             md["label"] = str(label)
+        if timeout is not None:
+            md["timeout"] = float(timeout)
+        if retries:
+            md["retries"] = int(retries)
         holder: list[TaskFuture] = []
 
         def register(hdr: dict[str, Any]) -> None:
             fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
+            if channel == "task":
+                fut.request = (md, buffers, raw)
+                fut.retries_left = int(retries)
             self._tasks[hdr["msg_id"]] = fut
             holder.append(fut)
 
         self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
         return holder[0]
+
+    def _resend(self, fut: TaskFuture, why: str) -> bool:
+        """Send a load-balanced task again, under the same msg_id; False if it cannot be."""
+        if fut.request is None or fut.done():
+            return False
+        md, buffers, raw = fut.request
+        md = {**md, "retries_done": int(md.get("retries_done", 0)) + 1}
+        fut.request = (md, buffers, raw)
+        with self._lock:
+            if self._closed:
+                return False
+            hdr = self.session.header("apply_request", "task", msg_id=fut.msg_id)
+            _, frames = self.session.serialize("apply_request", "task", {}, metadata=md,
+                                               buffers=buffers, raw=raw, header=hdr)
+            self._tasks[fut.msg_id] = fut
+            fut.metadata["status"] = "pending"
+            fut.metadata["retries"] = md["retries_done"]
+            self._outbox.put(b"task", frames, self._pipe)
+        log.info("task %s sent again: %s", fut.msg_id, why)
+        return True
 
     def _engine_uuid(self, engine: int) -> str:
         uuid = self._engines.get(engine)
@@ -183,7 +211,12 @@ class Client:
         fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
                                                     "stderr")})
         fut.metadata.update({k: _dt(md.get(k)) for k in ("started", "completed", "received")})
-        fut.metadata["status"] = msg.content.get("status", "error")
+        status = fut.metadata["status"] = msg.content.get("status", "error")
+        if status == "timeout" and fut.retries_left > 0:
+            fut.retries_left -= 1
+            if self._resend(fut, "it overran its timeout"):
+                return
+        fut.request = None
         self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],
@@ -193,6 +226,11 @@ class Client:
                 fut.set_result(deserialize(buffers))
             except errors.SerializationError as e:
                 fut.set_exception(e)
+        elif content.get("status") == "timeout":
+            fut.set_exception(errors.TaskTimeout(
+                f"task {fut.msg_id} {content.get('evalue') or 'overran its timeout'}",
+                engine if isinstance(engine, int) else None, fut.msg_id,
+                str(content.get("traceback") or "")))
         else:
             fut.set_exception(_remote_error(content, engine, fut.msg_id))
 
@@ -208,13 +246,37 @@ class Client:
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
         elif msg.msg_type == "task_lost":
-            for msg_id in c.get("msg_ids", []):
-                fut = self._tasks.pop(msg_id, None)
-                if fut is not None and not fut.done():
-                    fut.metadata["status"] = "lost"
-                    fut.set_exception(errors.EngineDied(
-                        f"task {msg_id} was lost: {c.get('reason', 'engine died')}",
-                        c.get("engine")))
+            self._on_lost(c)
+
+    def _on_lost(self, c: dict[str, Any]) -> None:
+        """The Hub says tasks will not be answered: send them again, or fail them.
+
+        A load-balanced task that never started is always sent again (it has had
+        no effect yet); one that started, or overran its timeout, only while its
+        view's ``retries`` last.  Direct tasks belong to their engine: they fail.
+        """
+        reason = str(c.get("reason", "engine died"))
+        status = str(c.get("status", "lost"))
+        for msg_id in c.get("msg_ids", []):
+            fut = self._tasks.pop(msg_id, None)
+            if fut is None or fut.done():
+                continue
+            if fut.request is not None:
+                if not c.get("started", True):
+                    if self._resend(fut, reason):
+                        continue
+                elif fut.retries_left > 0:
+                    fut.retries_left -= 1
+                    if self._resend(fut, reason):
+                        continue
+            fut.request = None
+            fut.metadata["status"] = status
+            if status == "timeout":
+                fut.set_exception(errors.TaskTimeout(f"task {msg_id}: {reason}",
+                                                     c.get("engine"), msg_id))
+            else:
+                fut.set_exception(errors.EngineDied(f"task {msg_id} was lost: {reason}",
+                                                    c.get("engine")))
 
     def _on_hub_lost(self, silent: float) -> None:
         """The controller has been silent too long: fail everything that waits on it."""
@@ -298,15 +360,23 @@ class Client:
                     f"{len(ids)} of {n} engines registered after {timeout}s")
             time.sleep(0.05)
 
-    def load_balanced_view(self, block: bool = False, label: str | None = None
+    def load_balanced_view(self, block: bool = False, label: str | None = None,
+                           retries: int = 0, timeout: float | None = None
                            ) -> LoadBalancedView:
-        """A view whose tasks go to whichever engine is free next."""
-        return LoadBalancedView(self, block=block, label=label)
+        """A view whose tasks go to whichever engine is free next.
+
+        ``retries``: how many more times a task runs when its engine dies under it
+        or it overruns ``timeout`` (seconds; None: no limit).  A task whose engine
+        died before it started is always sent again, retries or not.
+        """
+        return LoadBalancedView(self, block=block, label=label, retries=retries,
+                                timeout=timeout)
 
     def direct_view(self, targets: int | list[int] | None = None, block: bool = False,
-                    label: str | None = None) -> DirectView:
+                    label: str | None = None, timeout: float | None = None) -> DirectView:
         """A view on chosen engines (all of them when ``targets`` is None)."""
-        return DirectView(self, self.ids if targets is None else targets, block, label)
+        return DirectView(self, self.ids if targets is None else targets, block, label,
+                          timeout=timeout)
 
     def executor(self, targets: int | list[int] | None = None) -> MonqExecutor:
         """A concurrent.futures.Executor: load-balanced, or on ``targets``."""
@@ -412,6 +482,10 @@ class Client:
         elif status == "lost":
             fut.set_exception(errors.EngineDied(rec.get("evalue") or "engine died",
                                                 rec.get("engine")))
+        elif status == "timeout":
+            fut.set_exception(errors.TaskTimeout(f"task {fut.msg_id}: {rec.get('evalue')}",
+                                                 rec.get("engine"), fut.msg_id,
+                                                 rec.get("traceback") or ""))
         else:
             fut.set_exception(_remote_error(rec, rec.get("engine"), fut.msg_id))
 

@@ -21,6 +21,7 @@ file is removed if it is still ours.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -45,21 +46,30 @@ from monq.schedulers import Relay
 log = logging.getLogger(__name__)
 
 
-def _reuse_key(path: Path) -> bytes:
-    """Keep the key of a previous controller of this profile, so its engines can rejoin."""
-    try:
-        import json
+def _previous(path: Path) -> tuple[bytes, dict[str, int]]:
+    """The key and ports of a previous controller of this profile.
 
-        return bytes.fromhex(json.loads(path.read_text())["key"])
+    Keeping both lets the engines and clients of a controller that crashed
+    reconnect to its successor by themselves (zmq reconnects; the key still
+    signs).
+    """
+    try:
+        d = json.loads(path.read_text())
+        key = bytes.fromhex(d["key"])
     except (OSError, ValueError, KeyError, TypeError):
-        return new_key()
+        return new_key(), {}
+    try:
+        ports = {str(k): int(v) for k, v in d.get("ports", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        ports = {}
+    return key, ports
 
 
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
           supervisor_pid: int = 0) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
-    key = _reuse_key(conn_path)
+    key, old_ports = _previous(conn_path)
     db_url = db_url or default_db_url(profile_dir)
     ctx = zmq.Context()
     ctx.linger = 0
@@ -77,12 +87,15 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     relays: list[Relay] = []
     info: ConnectionInfo | None = None
     try:
-        ports = hub.bind()
+        ports = hub.bind(old_ports)
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
-            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL)
+            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL,
+                          (old_ports.get(f"{name}_client", 0), old_ports.get(f"{name}_engine", 0)),
+                          heartbeat=config.heartbeat_period)
             client_port, engine_port = relay.start_and_wait(hub.monitor)
             ports[f"{name}_client"], ports[f"{name}_engine"] = client_port, engine_port
             relays.append(relay)
+        hub.connect_probe(f"tcp://{_connect_ip(config.ip)}:{ports['task_client']}")
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
                               heartbeat_period=config.heartbeat_period)
@@ -102,10 +115,12 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     return 0
 
 
+def _connect_ip(ip: str) -> str:
+    return "127.0.0.1" if ip in ("0.0.0.0", "*", "") else ip
+
+
 def _still_ours(path: Path) -> bool:
     try:
-        import json
-
         return int(json.loads(path.read_text()).get("controller_pid", 0)) == os.getpid()
     except (OSError, ValueError):
         return False

@@ -40,7 +40,8 @@ class Relay(threading.Thread):
     """One monitored relay; ``ports`` is ``(client_port, engine_port)`` once started."""
 
     def __init__(self, ctx: zmq.Context, name: str, engine_side: int, ip: str,
-                 monitor_url: str) -> None:
+                 monitor_url: str, ports: tuple[int, int] = (0, 0),
+                 heartbeat: float = 0.0) -> None:
         super().__init__(name=f"relay-{name}", daemon=True)
         if engine_side not in (zmq.DEALER, zmq.ROUTER):
             raise ValueError("engine side must be DEALER or ROUTER")
@@ -50,6 +51,13 @@ class Relay(threading.Thread):
         self.ip = ip
         self.monitor_url = monitor_url
         self._ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+        #: ports to bind if free (a restarted controller keeps its predecessor's, so
+        #: engines and clients reconnect by themselves); 0 or taken: a random one
+        self.want = ports
+        #: ZMTP heartbeat interval on the engine side (0: off): a frozen or cut-off
+        #: engine's connection is closed after 3 silent intervals, so the DEALER stops
+        #: handing it tasks
+        self.heartbeat = heartbeat
         self.ports: tuple[int, int] = (0, 0)
 
     def start_and_wait(self, monitor: zmq.Socket, timeout: float = 10.0) -> tuple[int, int]:
@@ -90,8 +98,12 @@ class Relay(threading.Thread):
                 s.rcvhwm = 0
             mon.linger = 0
             mon.sndhwm = 0
+            if self.heartbeat > 0:
+                ms = max(1, int(self.heartbeat * 1000))
+                back.heartbeat_ivl = ms
+                back.heartbeat_timeout = 3 * ms
             addr = f"tcp://{self.ip}"
-            ports = (front.bind_to_random_port(addr), back.bind_to_random_port(addr))
+            ports = (bind_port(front, addr, self.want[0]), bind_port(back, addr, self.want[1]))
             mon.connect(self.monitor_url)
             # wait for the Hub's subscription: after this no copy can be dropped
             if not mon.poll(10_000):
@@ -114,3 +126,15 @@ class Relay(threading.Thread):
         finally:
             for s in sockets:
                 s.close(linger=0)
+
+
+def bind_port(sock: zmq.Socket, addr: str, port: int = 0) -> int:
+    """Bind ``port`` if given and free, else a random port; return the port bound."""
+    if port:
+        try:
+            sock.bind(f"{addr}:{port}")
+            return port
+        except zmq.ZMQError as e:
+            log.warning("port %d is taken (%s): binding another; clients and engines of the "
+                        "previous controller must be restarted", port, e)
+    return sock.bind_to_random_port(addr)
