@@ -59,6 +59,9 @@ class Client:
         self._queries: dict[str, Any] = {}
         self._engines: dict[int, str] = {}
         self._closed = False
+        self._listeners: list[Callable[[str, int, str], None]] = []
+        #: the session of the controller's Hub; another one means it restarted
+        self._hub_session: str | None = None
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
@@ -83,6 +86,7 @@ class Client:
             self.close()
             raise
         self._set_engines(reply["engines"])
+        self._hub_session = reply.get("hub_session")
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -243,10 +247,69 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
+            self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
+            self._tell("unregistered", int(c["id"]), str(c.get("reason", "")))
         elif msg.msg_type == "task_lost":
             self._on_lost(c)
+        elif msg.msg_type == "hub_beat":
+            hub = c.get("hub")
+            if isinstance(hub, str) and self._hub_session is not None and \
+                    hub != self._hub_session:
+                self._hub_session = hub
+                log.warning("the controller restarted: reconciling this client's tasks")
+                threading.Thread(target=self._reconcile, name="monq-reconcile",
+                                 daemon=True).start()
+
+    def on_engines(self, callback: Callable[[str, int, str], None]) -> None:
+        """Call ``callback(event, engine_id, reason)`` when an engine comes or goes.
+
+        ``event`` is ``"registered"`` or ``"unregistered"``; ``reason`` says why
+        an engine went (``stopped``, ``missed heartbeats``, ``its process exited
+        ...``).  Callbacks run in the client's I/O thread: keep them short.
+        """
+        self._listeners.append(callback)
+
+    def _tell(self, event: str, engine: int, reason: str) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, engine, reason)
+            except Exception:
+                log.exception("an engine listener failed")
+
+    def _reconcile(self) -> None:
+        """After a controller restart: settle every task still waiting here.
+
+        The new Hub knows what the old one recorded.  A task it has finished is
+        fetched from the history; one it holds as unfinished will be answered
+        or reported lost; one it never heard of was lost with the old
+        controller before being recorded, and is treated as never started.
+        """
+        try:
+            self._refresh_engines()
+            ids = [m for m, f in list(self._tasks.items()) if not f.done()]
+            if not ids:
+                return
+            known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
+        except errors.MonqError as e:
+            log.warning("could not reconcile tasks with the restarted controller: %s", e)
+            return
+        unknown = []
+        for msg_id in ids:
+            status = known.get(msg_id)
+            if status is None:
+                unknown.append(msg_id)
+            elif status not in ("pending", "running"):
+                fut = self._tasks.pop(msg_id, None)
+                if fut is not None and not fut.done():
+                    try:
+                        self._fetch_result(fut)
+                    except errors.MonqError as e:
+                        fut.set_exception(e)
+        if unknown:
+            self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
+                           "reason": "the controller restarted before recording it"})
 
     def _on_lost(self, c: dict[str, Any]) -> None:
         """The Hub says tasks will not be answered: send them again, or fail them.

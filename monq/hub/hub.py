@@ -242,6 +242,10 @@ class Hub:
             for sock, _ in events:
                 handlers[sock]()
             beat = self.heart.beat
+            if time.monotonic() >= self.heart.next_beat:
+                # pongs that came while this loop was busy count: a slow Hub must not
+                # take its own delay for dead engines
+                self._drain_pong()
             for uuid in self.heart.tick():
                 self._engine_gone(uuid.decode(errors="replace"), "missed heartbeats",
                                   kill=True)
@@ -754,6 +758,21 @@ class Hub:
             raise HubError("db_query needs a dict query")
         return {"records": self.store.db_query(query, msg.content.get("keys"))}
 
+    def _q_tasks_status(self, msg: Message) -> dict[str, Any]:
+        ids = msg.content.get("msg_ids")
+        if not isinstance(ids, list):
+            raise HubError("tasks_status_request needs a list of msg_ids")
+        out: dict[str, str | None] = {}
+        for msg_id in ids[:100_000]:
+            msg_id = str(msg_id)
+            st = self._inflight.get(msg_id)
+            if st is not None:
+                out[msg_id] = st.status
+            else:
+                row = self.store.get_task(msg_id)
+                out[msg_id] = row.get("status") if row else None
+        return {"statuses": out}
+
     def _q_hub_history(self, msg: Message) -> dict[str, Any]:
         return {"msg_ids": self.store.hub_history()}
 
@@ -797,6 +816,7 @@ class Hub:
         "history_request": _q_history,
         "db_request": _q_db,
         "hub_history_request": _q_hub_history,
+        "tasks_status_request": _q_tasks_status,
         "result_request": _q_result,
         "purge_request": _q_purge,
         "shutdown_request": _q_shutdown,
