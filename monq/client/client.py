@@ -562,8 +562,9 @@ class Client:
                     fut.set_exception(e)
 
     def queue_status(self) -> dict[Any, Any]:
-        """Per engine: ``queue`` (direct tasks waiting), ``tasks`` (running), ``completed``;
-        and ``unassigned``: load-balanced tasks not yet started."""
+        """Per engine: ``queue`` (tasks waiting there: addressed to it, or load-balanced
+        ones it has read), ``tasks`` (running), ``completed``; and ``unassigned``:
+        load-balanced tasks no engine has read yet."""
         q = self._query("queue_request", {})["queue"]
         return {(int(k) if k.isdigit() else k): v for k, v in q.items()}
 

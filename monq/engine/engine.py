@@ -243,8 +243,27 @@ class Engine:
         return {"uuid": self.uuid, "hostname": _socket.gethostname(), "pid": os.getpid(),
                 "id": self.id, "holding": holding}
 
+    def _connect_direct(self, timeout: float) -> None:
+        """Join the direct relay and wait until it knows this engine's identity.
+
+        The direct relay's ROUTER drops a message for an identity it has not
+        seen: were the Hub to announce this engine first, a client's first
+        direct task could vanish there.
+        """
+        mon = self.direct.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            self.direct.connect(self.info.url("direct_engine"))
+            if mon.poll(int(timeout * 1000)):
+                mon.recv_multipart()
+            else:
+                log.warning("no handshake with the direct relay within %.0fs", timeout)
+        finally:
+            self.direct.disable_monitor()
+            mon.close(linger=0)
+
     def register(self) -> int:
         """Register with the Hub; returns the engine id given by the Hub."""
+        self._connect_direct(self.config.registration_timeout)
         link_session = Session(self.info.key, self.session.session_id)
         hdr = link_session.send(self.link, "registration_request", "link",
                                 self.registration_content())
@@ -267,7 +286,6 @@ class Engine:
         # the task channel is joined only once the Hub knows this engine: no load-balanced
         # task can reach an engine the Hub does not count (see monq.hub.tracker)
         self.task.connect(self.info.url("task_engine"))
-        self.direct.connect(self.info.url("direct_engine"))
         self._heart = threading.Thread(target=self._heartbeat, name="heart", daemon=True)
         self._heart.start()
         self._link = _Link(self, self.link, link_session, self.config.started_notice_delay)

@@ -426,9 +426,11 @@ class Hub:
                           timeout=_positive(md.get("timeout")))
         old = self._inflight.get(msg.msg_id)
         if old is not None:
-            # a new try of a task still in flight here (its record exists already)
+            # a new try of a task still in flight here
             state.inserted = old.inserted
             self._timed.pop(msg.msg_id, None)
+        elif md.get("retries_done"):
+            state.inserted = True  # a new try of a task already recorded: update its row
         self._inflight[msg.msg_id] = state
         if channel == "task":
             state.seq = self.tracker.sent(msg.msg_id)
@@ -437,7 +439,7 @@ class Hub:
                     func=_short(md.get("func"), 300), engine=engine_id,
                     engine_uuid=target_uuid, request=blob, request_bytes=size,
                     retries=int(md.get("retries_done", 0) or 0))
-        if channel == "direct" and engine is None:
+        if channel == "direct" and (engine is None or engine.status != "alive"):
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg.msg_id, f"no engine with uuid {target_uuid}", None)
 
@@ -721,7 +723,7 @@ class Hub:
             key = str(st.engine) if st.engine is not None else None
             if key is None or key not in q:
                 unassigned += 1
-            elif st.queue == "direct" and st.status == "pending":
+            elif st.status == "pending":  # addressed to it, or read by it and waiting
                 q[key]["queue"] += 1
             else:
                 q[key]["tasks"] += 1
