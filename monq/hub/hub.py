@@ -484,6 +484,10 @@ class Hub:
         self._on_read(uuid, msg_id, state)
         if state is None or state.status in TERMINAL:
             return  # the reply already said everything, or we never saw the request
+        eng = self._engines.get(uuid)
+        if eng is not None and eng.status in ("dead", "stopped"):
+            self._finish_lost(msg_id, "its engine died while running it", state.engine)
+            return
         state.status = "running"
         state.engine = msg.content.get("engine")
         state.started = _epoch(msg.content.get("started"))
@@ -508,6 +512,11 @@ class Hub:
             self._on_read(uuid, msg_id, state)
             if state is not None and state.status == "pending":
                 state.engine = eng.id
+                if eng.status in ("dead", "stopped"):
+                    # a receipt sent just before the engine died, read after its death
+                    # was handled: what it names never started
+                    self._finish_lost(msg_id, f"engine {eng.id} died ({eng.status}) before "
+                                      "starting it", eng.id, started=False)
 
     def _on_read(self, uuid: str, msg_id: str, state: _InFlight | None) -> None:
         if state is None:
