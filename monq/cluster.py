@@ -348,6 +348,8 @@ class Cluster:
                 "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
         if cfg.db_url:
             args += ["--db", cfg.db_url]
+        if cfg.restart:
+            args.append("--restarted")
         self.controller = self._spawn("controller", args)
         return self.controller
 

@@ -61,6 +61,8 @@ class ConnectionInfo:
     db_url: str = ""
     profile: str = "default"
     heartbeat_period: float = 1.0
+    #: the supervisor restarts this controller if it dies (clients wait for it)
+    restarted: bool = False
 
     def url(self, name: str) -> str:
         ip = "127.0.0.1" if self.ip in ("0.0.0.0", "*", "") else self.ip

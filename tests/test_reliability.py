@@ -286,7 +286,7 @@ def test_busy_engines_are_never_declared_dead(tmp_path: Path) -> None:
         ids = c.wait_for_engines(2)
         c.on_engines(lambda ev, eid, why: events.append((ev, eid, why)))
         a = c[ids[0]].apply_async(spin, 4.0)
-        b = c[ids[1]].apply_async(numpy_call, 1400)
+        b = c[ids[1]].apply_async(numpy_call, 1000)
         assert a.get(timeout=60) > 0
         took = b.get(timeout=120)
         print(f"\nbusy: 4 s pure-Python loop and a {took:.1f} s numpy call, "
@@ -367,7 +367,7 @@ def test_timeout_with_retries_runs_again_elsewhere(tmp_path: Path) -> None:
         ar = v.apply_async(slow_once, str(marker))
         assert isinstance(ar.get(timeout=30), int)
         rec = c.db_query({"msg_id": ar.msg_id}, keys=["status", "retries"])[0]
-        assert rec == {"status": "ok", "retries": 1}
+        assert (rec["status"], rec["retries"]) == ("ok", 1)
 
 
 # --- 5. controller crash ------------------------------------------------------------------------
@@ -436,8 +436,10 @@ def test_in_flight_tasks_of_a_crashed_controller_end_without_retries(tmp_path: P
         got = outcomes(inflight)
         print(f"\ncontroller SIGKILL without retries: {dict(got)}")
         assert got["pending"] == 0 and set(got) <= {"ok", "EngineDied"}, got
-        db = db_statuses(c, [f.msg_id for f in inflight])
-        assert set(db) <= TERMINAL | {"missing"}, db
+        # the Hub settles the records the crash left unfinished within its recovery grace
+        db = wait_until(lambda: (lambda d: d if set(d) <= TERMINAL | {"missing"} else None)(
+            db_statuses(c, [f.msg_id for f in inflight])), 15, "no unfinished record")
+        print(f"hub records: {dict(db)}")
 
 
 # --- 9. clients come and go ----------------------------------------------------------------------

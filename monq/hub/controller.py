@@ -66,7 +66,7 @@ def _previous(path: Path) -> tuple[bytes, dict[str, int]]:
 
 
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
-          supervisor_pid: int = 0) -> int:
+          supervisor_pid: int = 0, restarted: bool = False) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
     key, old_ports = _previous(conn_path)
@@ -98,7 +98,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         hub.connect_probe(f"tcp://{_connect_ip(config.ip)}:{ports['task_client']}")
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
-                              heartbeat_period=config.heartbeat_period)
+                              heartbeat_period=config.heartbeat_period, restarted=restarted)
         write_connection_file(conn_path, info)
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
         signal.signal(signal.SIGTERM, lambda *_: hub.stop())
@@ -134,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--heartbeat-period", type=float, default=1.0)
     p.add_argument("--supervisor-pid", type=int, default=0)
+    p.add_argument("--restarted", action="store_true",
+                   help="the supervisor restarts this controller if it dies")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [controller] %(name)s: %(message)s")
     return serve(a.profile_dir, a.profile, a.db,
-                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid)
+                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid,
+                 a.restarted)
