@@ -1,0 +1,421 @@
+"""Every read the dashboard makes of the history database, in one place.
+
+The dashboard reads the database directly (SQLite in WAL mode lets a reader
+sit beside the Hub's writer), never through the Hub's socket, so a dashboard
+can neither slow the Hub down nor need a cluster at all (post-mortem mode).
+
+The filter names of :class:`TaskQuery` are the names of the history query
+API (status, engine, client, label, msg_id, since, until, min_duration,
+max_duration, search, order, limit, cursor), so the HTTP API keeps its names
+when this module switches to that richer API: only this file changes.  Until
+then, the filters are built here from :mod:`monq.hub.query`'s clauses and the
+store's tables, run on the store's SQLAlchemy engine with LIMIT in the
+database, so a page costs the same with ten tasks or ten million.
+
+Resource handling: :class:`HistoryReader` owns its :class:`TaskStore` and
+closes it in :meth:`HistoryReader.close` (safe to call twice).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Integer, and_, cast, func, literal, or_, select, true
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql import ColumnElement
+
+from monq.errors import HubError
+from monq.hub import query as q
+from monq.hub.store import FINISHED, STATUSES, TaskStore, tasks
+from monq.records import to_epoch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HistoryReader", "QueryError", "TaskPage", "TaskQuery", "parse_task_query",
+           "read_only_url"]
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+#: what a task list may be sorted by (prefix "-" for descending)
+SORT_KEYS = ("submitted", "started", "completed", "received", "msg_id", "duration", "status",
+             "engine", "label", "func", "client")
+#: the longest error value a task list carries (the task view has it whole)
+_EVALUE_CHARS = 300
+#: full-text search looks in these columns
+_SEARCH_COLUMNS = ("msg_id", "label", "func", "ename", "evalue", "traceback", "stdout", "stderr")
+_DURATION = (tasks.c.completed - tasks.c.started).label("duration")
+_LIST_COLUMNS = [
+    tasks.c.msg_id, tasks.c.status, tasks.c.client, tasks.c.engine, tasks.c.queue,
+    tasks.c.label, tasks.c.func, tasks.c.submitted, tasks.c.started, tasks.c.completed,
+    tasks.c.received, tasks.c.ename, func.substr(tasks.c.evalue, 1, _EVALUE_CHARS).label("evalue"),
+    tasks.c.retries, _DURATION,
+]
+_TASK_COLUMNS = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS] + [_DURATION]
+
+
+class QueryError(ValueError):
+    """A filter the dashboard cannot read (the HTTP API answers 400 with the message)."""
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """Which tasks a list shows, in what order, and which page of them."""
+
+    status: tuple[str, ...] = ()
+    engine: tuple[int, ...] = ()
+    client: str | None = None
+    #: exact label, or a glob pattern when it holds * or ?
+    label: str | None = None
+    #: a prefix of the msg_id
+    msg_id: str | None = None
+    #: bounds on the submission time, epoch seconds; since inclusive, until exclusive
+    since: float | None = None
+    until: float | None = None
+    #: bounds on the run time (completed - started), seconds, both inclusive
+    min_duration: float | None = None
+    max_duration: float | None = None
+    #: case-insensitive substring of msg_id, label, func, error, traceback, stdout or stderr
+    search: str | None = None
+    order: str = "-submitted"
+    limit: int = DEFAULT_LIMIT
+    #: opaque position after which the page starts (from a previous page's next_cursor)
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of a task list; ``next_cursor`` is None on the last page."""
+
+    tasks: list[dict[str, Any]]
+    total: int
+    next_cursor: str | None = None
+    query: TaskQuery = field(default_factory=TaskQuery)
+
+
+def _many(params: Mapping[str, Any], name: str) -> list[str]:
+    """A list filter given repeated (?status=a&status=b) or comma-separated (?status=a,b)."""
+    getlist = getattr(params, "getlist", None)
+    raw = getlist(name) if getlist is not None else [params[name]] if name in params else []
+    out: list[str] = []
+    for v in raw:
+        out += [p.strip() for p in str(v).split(",") if p.strip()]
+    return out
+
+
+def _text(params: Mapping[str, Any], name: str, max_len: int = 500) -> str | None:
+    v = params.get(name)
+    if v is None or not str(v).strip():
+        return None
+    s = str(v).strip()
+    if len(s) > max_len:
+        raise QueryError(f"{name} is longer than {max_len} characters")
+    return s
+
+
+def _number(params: Mapping[str, Any], name: str) -> float | None:
+    v = _text(params, name, 50)
+    if v is None:
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        raise QueryError(f"{name} must be a number of seconds, not {v!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise QueryError(f"{name} must be a non-negative number of seconds, not {v!r}")
+    return x
+
+
+def _time(params: Mapping[str, Any], name: str) -> float | None:
+    v = _text(params, name, 100)
+    if v is None:
+        return None
+    try:
+        return to_epoch(float(v) if _is_float(v) else v)
+    except ValueError as e:
+        raise QueryError(f"{name}: {e}") from None
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_task_query(params: Mapping[str, Any]) -> TaskQuery:
+    """A :class:`TaskQuery` from HTTP query parameters; :class:`QueryError` if one is bad.
+
+    Times (since, until) take epoch seconds, ISO 8601 or phrases like
+    ``10 minutes ago``; durations take seconds.
+    """
+    known = {"status", "engine", "client", "label", "msg_id", "since", "until", "min_duration",
+             "max_duration", "search", "order", "limit", "cursor"}
+    unknown = sorted(set(params.keys()) - known)
+    if unknown:
+        raise QueryError(f"unknown filter(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    status = _many(params, "status")
+    bad = [s for s in status if s not in STATUSES]
+    if bad:
+        raise QueryError(f"unknown status {bad[0]!r}; one of {', '.join(STATUSES)}")
+    engines: list[int] = []
+    for e in _many(params, "engine"):
+        try:
+            engines.append(int(e))
+        except ValueError:
+            raise QueryError(f"engine must be an integer id, not {e!r}") from None
+    order = _text(params, "order", 20) or "-submitted"
+    if order.lstrip("-") not in SORT_KEYS:
+        raise QueryError(f"cannot order by {order!r}; use one of {', '.join(SORT_KEYS)} "
+                         "(prefix '-' for descending)")
+    limit_s = _text(params, "limit", 10)
+    try:
+        limit = DEFAULT_LIMIT if limit_s is None else int(limit_s)
+    except ValueError:
+        raise QueryError(f"limit must be an integer, not {limit_s!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
+    query = TaskQuery(
+        status=tuple(dict.fromkeys(status)), engine=tuple(dict.fromkeys(engines)),
+        client=_text(params, "client", 100), label=_text(params, "label", 200),
+        msg_id=_text(params, "msg_id", 64), since=_time(params, "since"),
+        until=_time(params, "until"), min_duration=_number(params, "min_duration"),
+        max_duration=_number(params, "max_duration"), search=_text(params, "search", 200),
+        order=order, limit=limit, cursor=_text(params, "cursor", 500),
+    )
+    if query.cursor is not None:
+        _decode_cursor(query.cursor, query.order)  # fail now, with a 400, if it is garbage
+    return query
+
+
+# -- cursors --------------------------------------------------------------------------
+#
+# Keyset pagination: a cursor is the sort value and msg_id of a page's last row, so the
+# next page starts right after it however many tasks arrive meanwhile (an offset would
+# shift under a live cluster and show rows twice).  Rows whose sort value is NULL (a
+# pending task has no started time) come last in both directions.
+
+
+def _encode_cursor(order: str, value: Any, msg_id: str) -> str:
+    raw = json.dumps([order, value, msg_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, order: str) -> tuple[Any, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        c_order, value, msg_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error):
+        raise QueryError("cursor is not one this dashboard made") from None
+    if c_order != order:
+        raise QueryError("cursor belongs to another sort order; start from the first page")
+    if not isinstance(msg_id, str) or not (value is None or isinstance(value, (str, int, float))):
+        raise QueryError("cursor is not one this dashboard made")
+    return value, msg_id
+
+
+def _sort_expr(key: str) -> Any:
+    return _DURATION.element if key == "duration" else tasks.c[key]
+
+
+def _after(expr: Any, desc: bool, value: Any, msg_id: str) -> ColumnElement[bool]:
+    """Rows after (value, msg_id) in the order (expr IS NULL, expr, msg_id), asc or desc."""
+    tie = tasks.c.msg_id < msg_id if desc else tasks.c.msg_id > msg_id
+    if value is None:
+        return and_(expr.is_(None), tie)
+    beyond = expr < value if desc else expr > value
+    return or_(expr.is_(None), beyond, and_(expr == value, tie))
+
+
+def _order_by(expr: Any, desc: bool) -> list[Any]:
+    # "expr IS NULL" first: NULLs last in both directions, the same on every database
+    nulls = expr.is_(None)
+    if desc:
+        return [nulls.asc(), expr.desc(), tasks.c.msg_id.desc()]
+    return [nulls.asc(), expr.asc(), tasks.c.msg_id.asc()]
+
+
+# -- the WHERE clause -------------------------------------------------------------------
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _where(query: TaskQuery, dialect: str) -> ColumnElement[bool]:
+    try:
+        conds: list[ColumnElement[bool]] = [q.history_clause(
+            tasks, status=list(query.status) or None, engine=list(query.engine) or None,
+            client=query.client, since=query.since, until=query.until, what="dashboard")]
+        spec: dict[str, Any] = {}
+        if query.label is not None:
+            has_glob = any(ch in query.label for ch in "*?")
+            spec["label"] = {"$glob": query.label} if has_glob else query.label
+        conds.append(q.db_query_clause(tasks, spec, dialect))
+    except HubError as e:
+        raise QueryError(str(e)) from None
+    if query.msg_id is not None:
+        # a prefix: LIKE with the user's text escaped (GLOB would read [ and * in it)
+        conds.append(tasks.c.msg_id.like(_like_escape(query.msg_id) + "%", escape="\\"))
+    dur = _DURATION.element
+    if query.min_duration is not None:
+        conds.append(dur >= query.min_duration)
+    if query.max_duration is not None:
+        conds.append(dur <= query.max_duration)
+    if query.search is not None:
+        pattern = "%" + _like_escape(query.search.lower()) + "%"
+        conds.append(or_(*(func.lower(tasks.c[c]).like(pattern, escape="\\")
+                           for c in _SEARCH_COLUMNS)))
+    return and_(true(), *conds)
+
+
+# -- the reader ---------------------------------------------------------------------------
+
+
+def read_only_url(url: str) -> str:
+    """The URL of the same database opened read-only, where the driver allows it.
+
+    A SQLite file opens with ``mode=ro``: the dashboard cannot write to a
+    history, and a mistyped path fails instead of creating an empty database.
+    Other databases are returned as they are (grant the dashboard a read-only
+    role there).
+    """
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.query.get("uri"):
+        return url
+    db = u.database
+    if not db or db == ":memory:":
+        return url
+    path = Path(db).expanduser().resolve()
+    if not path.is_file():
+        raise QueryError(f"no database file at {path}")
+    return f"sqlite:///file:{urllib.parse.quote(str(path))}?mode=ro&uri=true"
+
+
+class HistoryReader:
+    """Read-only access to a history database: task pages, one task, counts, throughput.
+
+    Thread-safe: the web server calls it from a pool of threads, and each
+    call takes its own pooled connection.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = True) -> None:
+        self.url = url
+        try:
+            self._store = TaskStore(read_only_url(url) if read_only else url)
+        except (HubError, SQLAlchemyError) as e:
+            raise QueryError(f"cannot open the history database {url}: "
+                             f"{str(e).splitlines()[0]}") from e
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._store.close()
+
+    def __enter__(self) -> HistoryReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, stmt: Any) -> list[dict[str, Any]]:
+        try:
+            with self._store.engine.connect() as conn:
+                return [dict(r) for r in conn.execute(stmt).mappings()]
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+    def _scalar(self, stmt: Any) -> Any:
+        try:
+            with self._store.engine.connect() as conn:
+                return conn.execute(stmt).scalar()
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+    def tasks(self, query: TaskQuery) -> TaskPage:
+        """One page of the tasks that match ``query`` (no payloads, error values shortened)."""
+        where = _where(query, self._store.dialect)
+        desc = query.order.startswith("-")
+        key = query.order.lstrip("-")
+        expr = _sort_expr(key)
+        stmt = select(*_LIST_COLUMNS).where(where)
+        if query.cursor is not None:
+            value, msg_id = _decode_cursor(query.cursor, query.order)
+            stmt = stmt.where(_after(expr, desc, value, msg_id))
+        stmt = stmt.order_by(*_order_by(expr, desc)).limit(query.limit + 1)
+        rows = self._rows(stmt)
+        total = int(self._scalar(select(func.count()).select_from(tasks).where(where)) or 0)
+        next_cursor = None
+        if len(rows) > query.limit:
+            rows = rows[: query.limit]
+            last = rows[-1]
+            next_cursor = _encode_cursor(query.order, last[key], last["msg_id"])
+        return TaskPage(rows, total, next_cursor, query)
+
+    def task(self, msg_id: str) -> dict[str, Any] | None:
+        """Everything recorded about one task but its payloads (their sizes are kept)."""
+        rows = self._rows(select(*_TASK_COLUMNS).where(tasks.c.msg_id == msg_id))
+        return rows[0] if rows else None
+
+    def engines(self) -> list[dict[str, Any]]:
+        """Every engine the database knows, with its task counts by status."""
+        counts = self._store.counts().get("engine", {})
+        out = []
+        for e in self._store.engines():
+            done = counts.get(e["id"], {})
+            out.append({**e, "counts": done})
+        return out
+
+    def status_counts(self) -> dict[str, int]:
+        """How many tasks are in each status."""
+        return dict(self._store.counts().get("status", {}))
+
+    def last_completed(self) -> float | None:
+        """When the latest task finished (post-mortem charts end there), or None."""
+        found = self._scalar(select(func.max(tasks.c.completed)))
+        return None if found is None else float(found)
+
+    def throughput(self, end: float, window: float, bucket: float) -> list[dict[str, Any]]:
+        """Tasks finished per bucket of ``bucket`` seconds in [end - window, end).
+
+        One point per bucket, oldest first, empty buckets included:
+        ``{"t": bucket start, "ok": n, "failed": n}`` (failed: any other end).
+        """
+        if bucket <= 0 or window <= 0 or window / bucket > 2000:
+            raise QueryError("throughput: window / bucket must give 1 to 2000 buckets")
+        first = math.floor((end - window) / bucket)
+        last = math.floor(end / bucket)
+        # CAST truncates; completed times are positive, so that is floor()
+        b = cast(tasks.c.completed / literal(bucket), Integer).label("b")
+        ok = (tasks.c.status == "ok").label("ok")
+        stmt = (select(b, ok, func.count().label("n"))
+                .where(tasks.c.completed >= first * bucket, tasks.c.completed < (last + 1) * bucket,
+                       tasks.c.status.in_(FINISHED), tasks.c.status != "resubmitted")
+                .group_by(b, ok))
+        points = {i: {"t": i * bucket, "ok": 0, "failed": 0} for i in range(first, last + 1)}
+        for r in self._rows(stmt):
+            p = points.get(int(r["b"]))
+            if p is not None:
+                p["ok" if r["ok"] else "failed"] += int(r["n"])
+        return [points[i] for i in sorted(points)]
+
+
+def group_statuses(counts: Mapping[str, int], names: Sequence[str] = STATUSES) -> dict[str, int]:
+    """Counts for every known status, zeros included, in the lifecycle's order."""
+    return {s: int(counts.get(s, 0)) for s in names}
