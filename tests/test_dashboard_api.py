@@ -17,7 +17,7 @@ pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
 with warnings.catch_warnings():
     # newer Starlette would rather have httpx2 behind its TestClient; httpx still works
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*httpx2")
     from starlette.testclient import TestClient
 
 from monq.dashboard.app import STATIC, DashboardConfig, create_app  # noqa: E402
