@@ -139,8 +139,11 @@ def test_token_in_the_url_becomes_a_strict_httponly_cookie(reader: HistoryReader
 
 
 def test_only_get_is_served(http: TestClient, db: str) -> None:
-    before = sqlite3.connect(db.removeprefix("sqlite:///")).execute(
-        "select count(*), total(completed) from tasks").fetchone()
+    con = sqlite3.connect(db.removeprefix("sqlite:///"))
+    try:
+        before = con.execute("select count(*), total(completed) from tasks").fetchone()
+    finally:
+        con.close()
     for path in ("/", "/api/overview", "/api/tasks", "/api/tasks/x", "/api/throughput",
                  "/static/app.js"):
         for method in ("POST", "PUT", "PATCH", "DELETE"):

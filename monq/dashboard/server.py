@@ -49,6 +49,9 @@ class DashboardOptions:
 
 
 def _display_url(db_url: str) -> str:
+    """A SQLite database as its path; any other URL without its password."""
+    if db_url.startswith("sqlite:///"):
+        return db_url[len("sqlite:///"):]
     with contextlib.suppress(Exception):
         from sqlalchemy.engine import make_url
 
@@ -116,7 +119,9 @@ def run(opts: DashboardOptions, out: Callable[[str], None] = print) -> int:
     try:
         if mode == "live":
             watch = ClusterWatch(conn_file, db_url)
-        config = DashboardConfig(token=token, mode=mode, profile=opts.profile,
+        # a database named by --db belongs to no profile the page could name
+        config = DashboardConfig(token=token, mode=mode,
+                                 profile="" if opts.db is not None else opts.profile,
                                  db=_display_url(db_url))
         app = create_app(config, reader, watch)
         sock = _bind(opts.ip, opts.port)

@@ -7,6 +7,7 @@
 
 (function () {
   const FAILED = ["error", "timeout", "lost", "aborted"];
+  const STATUSES = ["pending", "running", "ok", "error", "timeout", "aborted", "lost", "resubmitted"];
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (sel) => document.querySelector(sel);
 
@@ -149,6 +150,7 @@
     }
     state.overview = ov;
     state.live = ov.live;
+    $("#auto-toggle").hidden = ov.mode === "post-mortem";  // a finished history stays put
     if (ov.mode === "post-mortem") {
       setMode("post-mortem", "post-mortem");
     } else if (ov.live) {
@@ -156,7 +158,7 @@
     } else {
       setMode("unreachable", "no cluster answering");
     }
-    $("#where").textContent = `profile ${ov.profile} · ${ov.db}`;
+    $("#where").textContent = ov.profile ? `profile ${ov.profile} · ${ov.db}` : ov.db;
     $("#where").title = ov.db;
     if (ov.mode !== "post-mortem" && !ov.live && ov.cluster_error) {
       showBanner(`No live cluster: ${ov.cluster_error}. Showing what the database recorded.`);
@@ -165,6 +167,7 @@
     }
     renderCards(ov);
     renderEngines(ov);
+    renderStatuses(ov);
     $("#updated").textContent = `updated ${fmtTime(ov.now)}`;
   }
 
@@ -181,10 +184,11 @@
       ? `alive · ${fmtInt(ov.engines.length)} ever registered`
       : "recorded in the database";
     $("#n-running").textContent = fmtInt(ov.queue.running);
+    $("#n-running").nextElementSibling.textContent = ov.live ? "tasks on engines" : "recorded as running";
     $("#n-queue").textContent = fmtInt(ov.queue.unassigned + ov.queue.queued);
     $("#n-queue-sub").textContent = ov.queue.queued
       ? `${fmtInt(ov.queue.unassigned)} unassigned · ${fmtInt(ov.queue.queued)} queued on engines`
-      : "waiting for an engine";
+      : ov.live ? "waiting for an engine" : "recorded as pending";
     $("#n-ok").textContent = fmtInt(ov.counts.ok);
     const failed = FAILED.reduce((n, s) => n + (ov.counts[s] || 0), 0);
     $("#n-failed").textContent = fmtInt(failed);
@@ -194,8 +198,15 @@
 
   function renderEngines(ov) {
     const body = $("#engines tbody");
-    const maxLoad = Math.max(1, ...ov.engines.map((e) => e.running + e.queued));
-    const rows = ov.engines.map((e) => {
+    const departed = ov.engines.filter((e) => e.status !== "alive").length;
+    // a long-lived profile collects many departed engines: live, they hide unless asked for
+    const toggle = $("#departed-toggle");
+    toggle.hidden = !ov.live || departed === 0;
+    $("#departed-text").textContent = `show ${departed} departed`;
+    const shown = ov.live && !$("#departed").checked
+      ? ov.engines.filter((e) => e.status === "alive") : ov.engines;
+    const maxLoad = Math.max(1, ...shown.map((e) => e.running + e.queued));
+    const rows = shown.map((e) => {
       const gone = e.status !== "alive";
       const load = el("div", { class: "load" });
       const bar = el("div", { class: "bar", title: `${e.running} running, ${e.queued} queued` });
@@ -229,6 +240,23 @@
       : "as the database last recorded them";
   }
 
+  function renderStatuses(ov) {
+    const total = STATUSES.reduce((n, s) => n + (ov.counts[s] || 0), 0);
+    const bar = $("#status-bar");
+    bar.replaceChildren(...STATUSES.filter((s) => ov.counts[s]).map((s) => {
+      const seg = el("div", { class: `st-${s}`, title: `${fmtInt(ov.counts[s])} ${s}` });
+      seg.style.width = `${(100 * ov.counts[s]) / total}%`;
+      return seg;
+    }));
+    $("#status-legend").replaceChildren(...STATUSES.filter((s) => ov.counts[s]).map((s) => {
+      const b = el("button", { type: "button", title: `show the ${s} tasks` },
+        el("span", { class: `dot st-${s}` }), s, el("b", { text: fmtInt(ov.counts[s]) }));
+      b.addEventListener("click", () => setFilter("status", s));
+      return b;
+    }));
+    if (!total) $("#status-legend").append(el("span", { text: "no tasks recorded yet" }));
+  }
+
   // -- throughput chart -------------------------------------------------------------
 
   async function loadChart() {
@@ -241,11 +269,12 @@
     renderChart(data);
   }
 
+  // the top of the y axis: four gridlines, each a whole 1, 2 or 5 times a power of ten
   function niceMax(v) {
-    if (v <= 4) return 4;
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-    return 10 * p;
+    const raw = Math.max(1, v / 4);
+    const p = Math.pow(10, Math.floor(Math.log10(raw)));
+    for (const m of [1, 2, 5, 10]) if (m * p >= raw) return 4 * m * p;
+    return 40 * p;
   }
 
   function renderChart(data) {
@@ -265,7 +294,7 @@
       const y = m.t + ih - (ih * i) / 4;
       root.append(svg("line", { class: "grid", x1: m.l, x2: W - m.r, y1: y, y2: y }));
       root.append(svg("text", { class: "axis", x: m.l - 6, y: y + 4, "text-anchor": "end" },
-                      Number.isInteger(v) ? v : v.toFixed(1)));
+                      fmtInt(v)));
     }
     const bw = iw / Math.max(1, pts.length);
     const gap = bw > 4 ? 1 : 0;
@@ -303,9 +332,11 @@
     box.replaceChildren(root);
     const rate = total / data.window;
     const unit = data.bucket === 1 ? "per second" : `per ${fmtDuration(data.bucket).replace(".00", "")}`;
-    $("#chart-note").textContent = `tasks finished ${unit}` + (data.live ? "" : " · up to the last one recorded");
+    const span = $("#window").selectedOptions[0].textContent;
+    $("#chart-note").textContent = `tasks finished ${unit}` + (data.live ? "" : ", to the last one");
     $("#n-rate").textContent = rate >= 10 ? rate.toFixed(0) : rate.toFixed(2);
-    $("#n-rate-sub").textContent = `tasks/s over ${$("#window").selectedOptions[0].textContent}`;
+    $("#n-rate-sub").textContent = data.live ? `tasks/s over the ${span}`
+      : `tasks/s, ${span.replace("last ", "final ")}`;
   }
 
   // -- tasks -------------------------------------------------------------------------
@@ -338,7 +369,9 @@
         el("td", { class: "lbl", title: t.label || "", text: t.label || "–" }),
         el("td", { class: "func mono", title: t.func || "", text: t.func || "–" }),
         el("td", { title: isoTime(t.submitted), text: fmtTime(t.submitted) }),
-        el("td", { class: "num", text: fmtDuration(t.duration) }),
+        t.duration === null && t.status === "running" && t.started !== null
+          ? el("td", { class: "num muted", title: "still running", text: `${fmtDuration(Date.now() / 1000 - t.started)}…` })
+          : el("td", { class: "num", text: fmtDuration(t.duration) }),
         el("td", { class: "err", title: err, text: err }));
       tr.addEventListener("click", () => openTask(t.msg_id));
       return tr;
@@ -518,6 +551,7 @@
     $("#limit").addEventListener("change", () => { state.limit = Number($("#limit").value); restartPaging(); });
     $("#window").addEventListener("change", loadChart);
     $("#auto").addEventListener("change", schedule);
+    $("#departed").addEventListener("change", () => state.overview && renderEngines(state.overview));
     $("#tv-close").addEventListener("click", closeTask);
     $("#scrim").addEventListener("click", closeTask);
     document.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && state.openTask) closeTask(); });
