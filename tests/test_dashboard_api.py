@@ -133,9 +133,11 @@ def test_token_in_the_url_becomes_a_strict_httponly_cookie(reader: HistoryReader
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert c.get("/static/app.js").status_code == 200
         assert c.get("/api/overview").status_code == 200
-        # the API takes ?token= as it is (scripts), without a redirect
+        # the API takes ?token= as it is (scripts), without a redirect, and no filter
         c.cookies.clear()
         assert c.get("/api/overview", params={"token": TOKEN}).status_code == 200
+        r = c.get("/api/tasks", params={"token": TOKEN, "status": "error", "limit": 2})
+        assert r.status_code == 200 and len(r.json()["tasks"]) == 2
 
 
 def test_only_get_is_served(http: TestClient, db: str) -> None:
@@ -336,3 +338,11 @@ def test_throughput_ends_at_the_last_task_post_mortem(http: TestClient) -> None:
     assert sum(p["ok"] for p in whole["points"]) == statuses.count("ok") == 41
     assert sum(p["failed"] for p in whole["points"]) == statuses.count("error") == 11
     assert http.get("/api/throughput", params={"window": 7}).status_code == 400
+
+
+def test_no_websocket_gets_in(http: TestClient) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect):
+        with http.websocket_connect("/", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+            ws.receive_text()

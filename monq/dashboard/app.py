@@ -17,11 +17,14 @@ them (see :mod:`monq.dashboard.server`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import MultiDict
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -39,6 +42,8 @@ __all__ = ["DashboardConfig", "create_app"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: throughput windows the page offers: window seconds -> bucket seconds (about 60 bars)
+#: seconds an overview (engines, counts: a few queries and a Hub round trip) is reused
+OVERVIEW_TTL = 1.0
 WINDOWS = {60: 1, 300: 5, 900: 15, 3600: 60, 6 * 3600: 360, 86400: 1440}
 
 
@@ -65,17 +70,30 @@ def create_app(config: DashboardConfig, reader: HistoryReader,
     def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    cache: list[tuple[float, dict[str, Any]]] = []
+    cache_lock = threading.Lock()
+
     def api_overview(request: Request) -> Response:
-        try:
-            body = overview(reader, watch)
-        except HubError as e:
-            return _error(500, str(e))
+        # every open tab polls this; within OVERVIEW_TTL they share one answer
+        with cache_lock:
+            now = time.monotonic()
+            if cache and now - cache[0][0] < OVERVIEW_TTL:
+                body = dict(cache[0][1])
+            else:
+                try:
+                    body = overview(reader, watch)
+                except HubError as e:
+                    return _error(500, str(e))
+                cache[:] = [(now, body)]
+                body = dict(body)
         body.update(mode=config.mode, profile=config.profile, db=config.db)
         return JSONResponse(body)
 
     def api_tasks(request: Request) -> Response:
         try:
-            query = parse_task_query(request.query_params)
+            # ?token= may ride along on a script's call; it is no filter
+            query = parse_task_query(MultiDict(
+                [(k, v) for k, v in request.query_params.multi_items() if k != "token"]))
             page = reader.tasks(query)
         except QueryError as e:
             return _error(400, str(e))

@@ -73,8 +73,11 @@ class TokenMiddleware:
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websockets here: refuse before the app sees one
+            await send({"type": "websocket.close", "code": 1008})
             return
 
         async def send_secure(message: Message) -> None:

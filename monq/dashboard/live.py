@@ -82,9 +82,15 @@ class ClusterWatch:
                 except MonqError as e:
                     self._fail(now, e)
                     return None
+                except Exception as e:  # a page must outlive whatever a cluster does
+                    log.warning("cannot connect to the cluster", exc_info=True)
+                    self._fail(now, e)
+                    return None
             try:
                 st = dict(self._client.cluster_status())
-            except MonqError as e:
+            except Exception as e:
+                if not isinstance(e, MonqError):
+                    log.warning("cluster_status failed", exc_info=True)
                 self._drop_client()
                 self._fail(now, e)
                 return None
