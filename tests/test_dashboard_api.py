@@ -346,3 +346,18 @@ def test_no_websocket_gets_in(http: TestClient) -> None:
     with pytest.raises(WebSocketDisconnect):
         with http.websocket_connect("/", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
             ws.receive_text()
+
+
+def test_counts_are_reused_for_a_while_on_a_long_history(db: str) -> None:
+    now = [0.0]
+    r = HistoryReader(db, min_count_age=2.0, clock=lambda: now[0])
+    try:
+        assert r.status_counts()["ok"] == 41
+        with TaskStore(db) as store:
+            store.write([{"msg_id": "late", "status": "ok", "submitted": T0 + 99}], [])
+        now[0] = 1.0
+        assert r.status_counts()["ok"] == 41  # still the first count
+        now[0] = 2.5
+        assert r.status_counts()["ok"] == 42
+    finally:
+        r.close()

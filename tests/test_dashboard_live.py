@@ -223,3 +223,34 @@ def test_dashboard_command_without_cluster_or_history(run_monq: Any, monq_home: 
     assert r.returncode == ExitCode.ERROR
     assert "no database file" in r.stderr
     assert not missing.exists()
+
+
+def test_watch_asks_a_slow_hub_less_often(tmp_path: Path) -> None:
+    """A Hub that took 0.5 s to answer is asked again only after backoff * 0.5 s."""
+    now = [0.0]
+    calls: list[float] = []
+
+    class SlowClient:
+        def cluster_status(self) -> dict[str, Any]:
+            calls.append(now[0])
+            now[0] += 0.5
+            return {"engines": [], "counts": {}, "queue": {}}
+
+        def close(self) -> None:
+            pass
+
+    class Watch(ClusterWatch):
+        def _connect(self) -> Any:
+            return SlowClient()
+
+    watch = Watch(tmp_path / "c.json", "sqlite://", max_age=1.0, backoff=20.0,
+                  clock=lambda: now[0])
+    try:
+        assert watch.status() is not None and calls == [0.0]
+        now[0] = 9.0
+        assert watch.status() is not None and calls == [0.0]  # reused: 10 s not yet up
+        now[0] = 10.5
+        watch.status()
+        assert calls == [0.0, 10.5]
+    finally:
+        watch.close()

@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import threading
+import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,11 +241,12 @@ def _after(expr: Any, desc: bool, value: Any, msg_id: str) -> ColumnElement[bool
 
 
 def _order_by(expr: Any, desc: bool) -> list[Any]:
-    # "expr IS NULL" first: NULLs last in both directions, the same on every database
-    nulls = expr.is_(None)
+    # NULLS LAST in both directions, said outright (databases differ in their default);
+    # SQLite still walks the column's index for it, so a page of the newest costs a
+    # few rows however long the history (an "expr IS NULL" sort key would sort it all)
     if desc:
-        return [nulls.asc(), expr.desc(), tasks.c.msg_id.desc()]
-    return [nulls.asc(), expr.asc(), tasks.c.msg_id.asc()]
+        return [expr.desc().nulls_last(), tasks.c.msg_id.desc()]
+    return [expr.asc().nulls_last(), tasks.c.msg_id.asc()]
 
 
 # -- the WHERE clause -------------------------------------------------------------------
@@ -267,16 +269,20 @@ def _where(query: TaskQuery, dialect: str) -> ColumnElement[bool]:
     except HubError as e:
         raise QueryError(str(e)) from None
     if query.msg_id is not None:
-        # a prefix: LIKE with the user's text escaped (GLOB would read [ and * in it)
-        conds.append(tasks.c.msg_id.like(_like_escape(query.msg_id) + "%", escape="\\"))
+        # a prefix: LIKE says what matches, the range lets the primary key's index find it
+        prefix = query.msg_id
+        conds += [tasks.c.msg_id.like(_like_escape(prefix) + "%", escape="\\"),
+                  tasks.c.msg_id >= prefix, tasks.c.msg_id < prefix + "\U0010ffff"]
     dur = _DURATION.element
     if query.min_duration is not None:
         conds.append(dur >= query.min_duration)
     if query.max_duration is not None:
         conds.append(dur <= query.max_duration)
     if query.search is not None:
-        pattern = "%" + _like_escape(query.search.lower()) + "%"
-        conds.append(or_(*(func.lower(tasks.c[c]).like(pattern, escape="\\")
+        pattern = "%" + _like_escape(query.search) + "%"
+        # SQLite's LIKE ignores ASCII case by itself; elsewhere ILIKE (lower() on both sides)
+        match = "like" if dialect == "sqlite" else "ilike"
+        conds.append(or_(*(getattr(tasks.c[c], match)(pattern, escape="\\")
                            for c in _SEARCH_COLUMNS)))
     return and_(true(), *conds)
 
@@ -309,10 +315,22 @@ class HistoryReader:
 
     Thread-safe: the web server calls it from a pool of threads, and each
     call takes its own pooled connection.
+
+    Counting every task by status and engine reads the whole history, so a
+    count is reused for ``count_backoff`` times as long as it took (at least
+    ``min_count_age`` seconds): on a long history the page's tallies lag a
+    little rather than keep a core busy.
     """
 
-    def __init__(self, url: str, *, read_only: bool = True) -> None:
+    def __init__(self, url: str, *, read_only: bool = True, min_count_age: float = 2.0,
+                 count_backoff: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url
+        self.min_count_age = min_count_age
+        self.count_backoff = count_backoff
+        self._clock = clock
+        self._counts: tuple[float, dict[str, Any]] | None = None
+        self._counts_lock = threading.Lock()
         try:
             self._store = TaskStore(read_only_url(url) if read_only else url)
         except (HubError, SQLAlchemyError) as e:
@@ -373,9 +391,20 @@ class HistoryReader:
         rows = self._rows(select(*_TASK_COLUMNS).where(tasks.c.msg_id == msg_id))
         return rows[0] if rows else None
 
+    def counts(self) -> dict[str, Any]:
+        """``{"status": {status: n}, "engine": {id: {status: n}}}``, recent enough (see above)."""
+        with self._counts_lock:
+            now = self._clock()
+            if self._counts is not None and now < self._counts[0]:
+                return self._counts[1]
+            found = self._store.counts()
+            took = self._clock() - now
+            self._counts = (now + max(self.min_count_age, self.count_backoff * took), found)
+            return found
+
     def engines(self) -> list[dict[str, Any]]:
         """Every engine the database knows, with its task counts by status."""
-        counts = self._store.counts().get("engine", {})
+        counts = self.counts().get("engine", {})
         out = []
         for e in self._store.engines():
             done = counts.get(e["id"], {})
@@ -384,7 +413,7 @@ class HistoryReader:
 
     def status_counts(self) -> dict[str, int]:
         """How many tasks are in each status."""
-        return dict(self._store.counts().get("status", {}))
+        return dict(self.counts().get("status", {}))
 
     def last_completed(self) -> float | None:
         """When the latest task finished (post-mortem charts end there), or None."""

@@ -36,16 +36,20 @@ class ClusterWatch:
     """A Client of the profile's cluster, opened when one runs and reopened after a restart.
 
     Calls come from the web server's thread pool; one lock makes them take
-    turns on the Client, and a status younger than ``max_age`` seconds is
-    served from memory, so ten open tabs cost the Hub what one does.
+    turns on the Client, and a status is reused for ``backoff`` times as long
+    as the Hub took to answer (at least ``max_age`` seconds), so ten open tabs
+    cost the Hub what one does, and a Hub slowed by a long history (its
+    status counts every task) spends at most about 1/``backoff`` of its time
+    answering the dashboard.
     """
 
-    def __init__(self, connection_file: Path, db_url: str, *, max_age: float = 0.5,
-                 retry: float = 3.0, timeout: float = 3.0,
+    def __init__(self, connection_file: Path, db_url: str, *, max_age: float = 1.0,
+                 backoff: float = 20.0, retry: float = 3.0, timeout: float = 3.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.connection_file = connection_file
         self.db_url = db_url
         self.max_age = max_age
+        self.backoff = backoff
         self.retry = retry
         self.timeout = timeout
         self.error: str | None = None
@@ -72,7 +76,7 @@ class ClusterWatch:
             if self._closed:
                 return None
             now = self._clock()
-            if self._cached is not None and now - self._cached[0] < self.max_age:
+            if self._cached is not None and now < self._cached[0]:
                 return self._cached[1]
             if self._client is None:
                 if now < self._next_try:
@@ -88,6 +92,7 @@ class ClusterWatch:
                     return None
             try:
                 st = dict(self._client.cluster_status())
+                took = self._clock() - now
             except Exception as e:
                 if not isinstance(e, MonqError):
                     log.warning("cluster_status failed", exc_info=True)
@@ -95,7 +100,7 @@ class ClusterWatch:
                 self._fail(now, e)
                 return None
             self.error = None
-            self._cached = (now, st)
+            self._cached = (now + max(self.max_age, self.backoff * took), st)
             return st
 
     def _fail(self, now: float, e: Exception) -> None:
