@@ -5,7 +5,7 @@ Endpoints (all GET; any other method is answered 405):
 ``/``                        the page (``static/index.html``)
 ``/static/...``              its script, style sheet and icon, served from the package
 ``/api/overview``            mode, engines with state and load, queue depth, task counts
-``/api/tasks``               a page of tasks; filters as in ``history()`` (see data.py)
+``/api/tasks``               a page of tasks; filters as in ``history()`` (see filters.py)
 ``/api/tasks/{msg_id}``      one task: timings, error, traceback, stdout, stderr
 ``/api/throughput``          tasks finished per bucket over a recent window
 
@@ -32,7 +32,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monq.dashboard.auth import TokenMiddleware
-from monq.dashboard.data import HistoryReader, QueryError, parse_task_query
+from monq.dashboard.data import HistoryReader
+from monq.dashboard.filters import QueryError, parse_task_query
 from monq.dashboard.live import ClusterWatch, overview
 from monq.errors import HubError
 

@@ -4,13 +4,12 @@ The dashboard reads the database directly (SQLite in WAL mode lets a reader
 sit beside the Hub's writer), never through the Hub's socket, so a dashboard
 can neither slow the Hub down nor need a cluster at all (post-mortem mode).
 
-The filter names of :class:`TaskQuery` are the names of the history query
-API (status, engine, client, label, msg_id, since, until, min_duration,
-max_duration, search, order, limit, cursor), so the HTTP API keeps its names
-when this module switches to that richer API: only this file changes.  Until
-then, the filters are built here from :mod:`monq.hub.query`'s clauses and the
-store's tables, run on the store's SQLAlchemy engine with LIMIT in the
-database, so a page costs the same with ten tasks or ten million.
+It answers a :class:`~monq.dashboard.filters.TaskQuery`, whose filters are
+named as in the history query API, so switching to that richer API (full-text
+search, its own cursors) changes only this file.  Until then, the filters are
+built here from :mod:`monq.hub.query`'s clauses and the store's tables, run
+on the store's SQLAlchemy engine with LIMIT in the database, so a page costs
+the same with ten tasks or ten million.
 
 Resource handling: :class:`HistoryReader` owns its :class:`TaskStore` and
 closes it in :meth:`HistoryReader.close` (safe to call twice).
@@ -36,21 +35,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import ColumnElement
 
+from monq.dashboard.filters import QueryError, TaskQuery
 from monq.errors import HubError
 from monq.hub import query as q
 from monq.hub.store import FINISHED, STATUSES, TaskStore, tasks
-from monq.records import to_epoch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HistoryReader", "QueryError", "TaskPage", "TaskQuery", "parse_task_query",
-           "read_only_url"]
+__all__ = ["HistoryReader", "TaskPage", "group_statuses", "read_only_url"]
 
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 500
-#: what a task list may be sorted by (prefix "-" for descending)
-SORT_KEYS = ("submitted", "started", "completed", "received", "msg_id", "duration", "status",
-             "engine", "label", "func", "client")
 #: the longest error value a task list carries (the task view has it whole)
 _EVALUE_CHARS = 300
 #: full-text search looks in these columns
@@ -65,35 +58,6 @@ _LIST_COLUMNS = [
 _TASK_COLUMNS = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS] + [_DURATION]
 
 
-class QueryError(ValueError):
-    """A filter the dashboard cannot read (the HTTP API answers 400 with the message)."""
-
-
-@dataclass(frozen=True)
-class TaskQuery:
-    """Which tasks a list shows, in what order, and which page of them."""
-
-    status: tuple[str, ...] = ()
-    engine: tuple[int, ...] = ()
-    client: str | None = None
-    #: exact label, or a glob pattern when it holds * or ?
-    label: str | None = None
-    #: a prefix of the msg_id
-    msg_id: str | None = None
-    #: bounds on the submission time, epoch seconds; since inclusive, until exclusive
-    since: float | None = None
-    until: float | None = None
-    #: bounds on the run time (completed - started), seconds, both inclusive
-    min_duration: float | None = None
-    max_duration: float | None = None
-    #: case-insensitive substring of msg_id, label, func, error, traceback, stdout or stderr
-    search: str | None = None
-    order: str = "-submitted"
-    limit: int = DEFAULT_LIMIT
-    #: opaque position after which the page starts (from a previous page's next_cursor)
-    cursor: str | None = None
-
-
 @dataclass(frozen=True)
 class TaskPage:
     """One page of a task list; ``next_cursor`` is None on the last page."""
@@ -102,103 +66,6 @@ class TaskPage:
     total: int
     next_cursor: str | None = None
     query: TaskQuery = field(default_factory=TaskQuery)
-
-
-def _many(params: Mapping[str, Any], name: str) -> list[str]:
-    """A list filter given repeated (?status=a&status=b) or comma-separated (?status=a,b)."""
-    getlist = getattr(params, "getlist", None)
-    raw = getlist(name) if getlist is not None else [params[name]] if name in params else []
-    out: list[str] = []
-    for v in raw:
-        out += [p.strip() for p in str(v).split(",") if p.strip()]
-    return out
-
-
-def _text(params: Mapping[str, Any], name: str, max_len: int = 500) -> str | None:
-    v = params.get(name)
-    if v is None or not str(v).strip():
-        return None
-    s = str(v).strip()
-    if len(s) > max_len:
-        raise QueryError(f"{name} is longer than {max_len} characters")
-    return s
-
-
-def _number(params: Mapping[str, Any], name: str) -> float | None:
-    v = _text(params, name, 50)
-    if v is None:
-        return None
-    try:
-        x = float(v)
-    except ValueError:
-        raise QueryError(f"{name} must be a number of seconds, not {v!r}") from None
-    if not math.isfinite(x) or x < 0:
-        raise QueryError(f"{name} must be a non-negative number of seconds, not {v!r}")
-    return x
-
-
-def _time(params: Mapping[str, Any], name: str) -> float | None:
-    v = _text(params, name, 100)
-    if v is None:
-        return None
-    try:
-        return to_epoch(float(v) if _is_float(v) else v)
-    except ValueError as e:
-        raise QueryError(f"{name}: {e}") from None
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_task_query(params: Mapping[str, Any]) -> TaskQuery:
-    """A :class:`TaskQuery` from HTTP query parameters; :class:`QueryError` if one is bad.
-
-    Times (since, until) take epoch seconds, ISO 8601 or phrases like
-    ``10 minutes ago``; durations take seconds.
-    """
-    known = {"status", "engine", "client", "label", "msg_id", "since", "until", "min_duration",
-             "max_duration", "search", "order", "limit", "cursor"}
-    unknown = sorted(set(params.keys()) - known)
-    if unknown:
-        raise QueryError(f"unknown filter(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
-    status = _many(params, "status")
-    bad = [s for s in status if s not in STATUSES]
-    if bad:
-        raise QueryError(f"unknown status {bad[0]!r}; one of {', '.join(STATUSES)}")
-    engines: list[int] = []
-    for e in _many(params, "engine"):
-        try:
-            engines.append(int(e))
-        except ValueError:
-            raise QueryError(f"engine must be an integer id, not {e!r}") from None
-    order = _text(params, "order", 20) or "-submitted"
-    if order.lstrip("-") not in SORT_KEYS:
-        raise QueryError(f"cannot order by {order!r}; use one of {', '.join(SORT_KEYS)} "
-                         "(prefix '-' for descending)")
-    limit_s = _text(params, "limit", 10)
-    try:
-        limit = DEFAULT_LIMIT if limit_s is None else int(limit_s)
-    except ValueError:
-        raise QueryError(f"limit must be an integer, not {limit_s!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}, not {limit}")
-    query = TaskQuery(
-        status=tuple(dict.fromkeys(status)), engine=tuple(dict.fromkeys(engines)),
-        client=_text(params, "client", 100), label=_text(params, "label", 200),
-        msg_id=_text(params, "msg_id", 64), since=_time(params, "since"),
-        until=_time(params, "until"), min_duration=_number(params, "min_duration"),
-        max_duration=_number(params, "max_duration"), search=_text(params, "search", 200),
-        order=order, limit=limit, cursor=_text(params, "cursor", 500),
-    )
-    if query.cursor is not None:
-        _decode_cursor(query.cursor, query.order)  # fail now, with a 400, if it is garbage
-    return query
 
 
 # -- cursors --------------------------------------------------------------------------

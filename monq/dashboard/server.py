@@ -91,7 +91,8 @@ def run(opts: DashboardOptions, out: Callable[[str], None] = print) -> int:
 
     from monq.dashboard.app import DashboardConfig, create_app
     from monq.dashboard.auth import random_token, token_for_key
-    from monq.dashboard.data import HistoryReader, QueryError
+    from monq.dashboard.data import HistoryReader
+    from monq.dashboard.filters import QueryError
     from monq.dashboard.live import ClusterWatch
 
     conn_file = find_connection_file(opts.profile, home=opts.home)

@@ -362,7 +362,8 @@
   function renderTasks(page) {
     const rows = page.tasks.map((t) => {
       const err = t.ename ? `${t.ename}: ${t.evalue || ""}` : "";
-      const tr = el("tr", { "data-msg-id": t.msg_id, class: t.msg_id === state.openTask ? "selected" : null },
+      const tr = el("tr", { "data-msg-id": t.msg_id, tabindex: 0,
+                            class: t.msg_id === state.openTask ? "selected" : null },
         el("td", { class: "msgid", title: t.msg_id, text: t.msg_id.slice(0, 12) }),
         el("td", {}, badge(t.status)),
         el("td", { class: "num", text: t.engine === null ? "–" : t.engine }),
@@ -374,6 +375,7 @@
           : el("td", { class: "num", text: fmtDuration(t.duration) }),
         el("td", { class: "err", title: err, text: err }));
       tr.addEventListener("click", () => openTask(t.msg_id));
+      tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") openTask(t.msg_id); });
       return tr;
     });
     $("#tasks tbody").replaceChildren(...rows);
@@ -539,15 +541,19 @@
     for (const card of document.querySelectorAll(".card[data-filter-status]")) {
       card.addEventListener("click", () => setFilter("status", card.dataset.filterStatus));
     }
+    // a new page starts at the table's head, wherever the last one was left
+    const toTable = () => {
+      if ($("#tasks-title").getBoundingClientRect().top < 0) $("#tasks-title").scrollIntoView();
+    };
     $("#next").addEventListener("click", () => {
       if (!state.nextCursor) return;
       state.cursors.push(state.nextCursor);
-      loadTasks();
+      loadTasks().then(toTable);
     });
     $("#prev").addEventListener("click", () => {
-      if (state.cursors.length > 1) { state.cursors.pop(); loadTasks(); }
+      if (state.cursors.length > 1) { state.cursors.pop(); loadTasks().then(toTable); }
     });
-    $("#first").addEventListener("click", () => { state.cursors = [null]; loadTasks(); });
+    $("#first").addEventListener("click", () => { state.cursors = [null]; loadTasks().then(toTable); });
     $("#limit").addEventListener("change", () => { state.limit = Number($("#limit").value); restartPaging(); });
     $("#window").addEventListener("change", loadChart);
     $("#auto").addEventListener("change", schedule);
