@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps calling home, and this
 # closed network refuses it; a fresh profile per launch comes from Playwright.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 WAIT_MS = 15_000
@@ -226,7 +227,7 @@ def test_open_a_failed_task_and_read_its_traceback(tab: Page, live_url: str,
 
 
 def test_post_mortem_on_a_database_file(browser: Any, tmp_path: Path) -> None:
-    """Record a history with a cluster of our own, stop it, then open the file alone."""
+    """Record a history with a cluster of our own and watch it stop; then open the file alone."""
     expect = _expect()
     home = tmp_path / "pm-home"
     label = "post-mortem-run"
@@ -237,6 +238,24 @@ def test_post_mortem_on_a_database_file(browser: Any, tmp_path: Path) -> None:
             _run_tasks(c, label, ok=5, failing=2)
         db_url = info.db_url
         wait_until(lambda: _recorded(db_url, label, 7), 10, "the Hub to record the tasks")
+        # a live dashboard outlives its cluster: it says so and keeps showing the history
+        with dashboard_process("--profile", "pm", home=home) as (_, url):
+            tab = Page(browser, url.split("/?")[0])
+            try:
+                page = tab.page
+                page.goto(url)
+                expect(page.locator("#mode")).to_have_text("live")
+                expect(page.locator("#engines tbody tr .badge")).to_have_text("idle")
+                cluster.stop()
+                expect(page.locator("#mode")).to_have_text("no cluster answering",
+                                                           timeout=30_000)
+                expect(page.locator("#banner")).to_contain_text("The cluster is not answering")
+                expect(page.locator("#engines tbody tr .badge")).to_have_text("stopped")
+                expect(page.locator("#tasks tbody tr")).to_have_count(7)
+                tab.shot("dashboard-cluster-gone.png")
+                tab.check_clean()
+            finally:
+                tab.close()
     finally:
         cluster.stop()
     assert not cluster.connection_file.exists()  # no cluster, no key: just the file

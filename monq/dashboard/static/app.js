@@ -161,8 +161,9 @@
     $("#where").textContent = ov.profile ? `profile ${ov.profile} · ${ov.db}` : ov.db;
     $("#where").title = ov.db;
     if (ov.mode !== "post-mortem" && !ov.live && ov.cluster_error) {
-      showBanner(`No live cluster: ${ov.cluster_error}. Showing what the database recorded.`);
-    } else if ($("#banner").textContent.startsWith("No live cluster")) {
+      showBanner(`The cluster is not answering (${ov.cluster_error}). Showing what the ` +
+                 "database recorded; the page reconnects when the cluster is back.");
+    } else if ($("#banner").textContent.startsWith("The cluster is not answering")) {
       showBanner(null);
     }
     renderCards(ov);
