@@ -132,6 +132,10 @@ def run(opts: DashboardOptions, out: Callable[[str], None] = print) -> int:
                     else "post-mortem, no cluster")
             out(f"monq dashboard ({what}) of {config.db}")
             out(f"open {_page_url(opts.ip, port, token)}")
+            if opts.ip not in ("127.0.0.1", "::1", "localhost"):
+                out(f"note: listening on {opts.ip}, not only this machine: whoever can reach "
+                    "it and has the token can read the whole history (use SSH forwarding "
+                    "or a VPN across networks; the page is plain HTTP)")
             out("Ctrl-C stops it")
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                    access_log=False, server_header=False))
