@@ -403,8 +403,12 @@
     loadTasks();
   }
 
-  function applyForm() {
-    state.filters = formFilters();
+  // from a field's change (when the user leaves it): only a real change reloads;
+  // from Apply, Enter or Reset: always
+  function applyForm(onlyIfChanged) {
+    const next = formFilters();
+    if (onlyIfChanged && JSON.stringify(next) === JSON.stringify(state.filters)) return;
+    state.filters = next;
     restartPaging();
   }
 
@@ -522,10 +526,10 @@
     let debounce = null;
     const form = $("#filters");
     form.addEventListener("submit", (ev) => { ev.preventDefault(); applyForm(); });
-    form.addEventListener("change", (ev) => { if (ev.target.tagName === "SELECT") applyForm(); });
+    form.addEventListener("change", (ev) => { if (ev.target.name) applyForm(true); });
     form.elements.search.addEventListener("input", () => {
       clearTimeout(debounce);
-      debounce = setTimeout(applyForm, 350);
+      debounce = setTimeout(() => applyForm(true), 350);
     });
     $("#reset").addEventListener("click", () => {
       for (const input of form.elements) if (input.name) input.value = "";
