@@ -97,6 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=20.0, metavar="S",
                    help="seconds to wait after SIGTERM before killing (default 20)")
 
+    s = sub.add_parser("dashboard", help="serve a web page of the cluster and its history "
+                       "(foreground until Ctrl-C)")
+    profile(s)
+    s.add_argument("--db", default=None, metavar="URL",
+                   help="post-mortem: show this history database (no cluster needed)")
+    s.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8465,
+                   help="port (default 8465; 0: any free port, printed)")
+
     s = sub.add_parser("status", help="engines, queue depths and task counts")
     profile(s)
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -459,6 +468,36 @@ def _short(s: str, n: int) -> str:
 
 
 COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "history": cmd_history}
+
+
+def cmd_dashboard(args: argparse.Namespace, home: Path) -> int:
+    try:
+        # the extra, checked before anything starts
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from monq.dashboard import DashboardOptions, run
+    except ImportError as e:
+        _err(f"the dashboard needs its extra ({e.name} is missing): "
+             "pip install 'monq[dashboard]'")
+        return ExitCode.ERROR
+    opts = DashboardOptions(profile=args.profile, home=home, db=args.db, ip=args.ip,
+                            port=args.port)
+    # SIGTERM stops the server gracefully, as Ctrl-C does (uvicorn re-raises it after)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run(opts, out=_out)
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    except OSError as e:
+        _err(f"cannot serve on {args.ip}:{args.port}: {e.strerror or e} "
+             "(--port 0 picks a free port)")
+        return ExitCode.ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+COMMANDS["dashboard"] = cmd_dashboard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
