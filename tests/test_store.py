@@ -307,7 +307,9 @@ def test_history_uses_an_index_at_100k_rows(store: TaskStore) -> None:
         plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
     assert "USING INDEX" in plan and "status" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # the index also gives the order
-    assert t2 - t0 < 10
+    # the write is the slow part: schema 2 keeps 11 indexes (one per history
+    # filter) against 6; bench/history_queries.py reports the write rate
+    assert t2 - t0 < 30
 
 
 # -- db_query ---------------------------------------------------------------------
