@@ -73,6 +73,10 @@ class ClusterConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     log_level: str = "INFO"
+    #: history retention, as `monq start` takes them: "7d", 1000000, "500MB" (None: no limit)
+    retain: str | None = None
+    max_tasks: int | None = None
+    max_bytes: str | None = None
 
     @property
     def n_engines(self) -> int:
@@ -328,6 +332,10 @@ class Cluster:
                 "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
         if cfg.db_url:
             args += ["--db", cfg.db_url]
+        for flag, value in (("--retain", cfg.retain), ("--max-tasks", cfg.max_tasks),
+                            ("--max-bytes", cfg.max_bytes)):
+            if value is not None:
+                args += [flag, str(value)]
         self.controller = self._spawn("controller", args)
         return self.controller
 

@@ -37,7 +37,9 @@ import zmq
 
 from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
+from monq.hub.filters import split_filters
 from monq.hub.heart import HeartMonitor
+from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.protocol import DELIM, Message, Session
 
@@ -59,6 +61,8 @@ class HubConfig:
     flush_interval: float = 0.005
     flush_rows: int = 2000
     payload_cap: int = 1 << 20
+    #: history limits (--retain, --max-tasks, --max-bytes), applied in bounded steps
+    retention: RetentionPolicy = RetentionPolicy()
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Hub:
         self._by_id: dict[int, _Engine] = {}
         self._next_id = store.max_engine_id() + 1
         self._closed = False
+        self.retention = Retention(store, config.retention)
         for row in store.engines():
             if row.get("status") == "alive":
                 # the previous controller ended without saying; they re-register if alive
@@ -188,6 +193,15 @@ class Hub:
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 self._safe_flush()
+            self._retain()
+
+    def _retain(self) -> None:
+        """One bounded retention step when due (see monq.hub.retention); never ends the loop."""
+        try:
+            self.retention.tick()
+        except Exception:
+            log.exception("retention step failed")
+            self.retention.next_run = time.monotonic() + self.config.retention.interval
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
                limit: int = 1000) -> None:
@@ -508,13 +522,40 @@ class Hub:
             "hostname": _socket.gethostname(),
         }
 
+    # history queries: one filter vocabulary (monq.hub.filters), checked by the store
+
     def _q_history(self, msg: Message) -> dict[str, Any]:
-        c = msg.content
-        allowed = {"status", "engine", "client", "since", "until", "limit", "order"}
-        bad = set(c) - allowed
-        if bad:
-            raise HubError(f"unknown history filter(s): {', '.join(sorted(bad))}")
-        return {"records": self.store.history(**c)}
+        filters, opts = split_filters(msg.content)
+        _only(opts, {"limit", "order", "cursor"}, "history")
+        records, cursor = self.store.history_page(limit=opts.get("limit"),
+                                                  order=opts.get("order", "-submitted"),
+                                                  cursor=opts.get("cursor"), **filters)
+        return {"records": records, "next_cursor": cursor}
+
+    def _q_stats(self, msg: Message) -> dict[str, Any]:
+        filters, opts = split_filters(msg.content)
+        what = opts.pop("what", None)
+        if what == "count":
+            _only(opts, set(), "count")
+            return {"count": self.store.count(**filters)}
+        if what == "groups":
+            _only(opts, {"by"}, "task_stats")
+            groups = self.store.task_stats(opts.get("by", "status"), **filters)
+            return {"groups": [list(g) for g in groups]}
+        if what == "percentiles":
+            _only(opts, {"by", "percentiles"}, "duration_percentiles")
+            return {"groups": self.store.duration_percentiles(
+                opts.get("by"), opts.get("percentiles", (50, 90, 99)), **filters)}
+        if what == "span":
+            _only(opts, set(), "stats")
+            return {"span": self.store.time_span(**filters)}
+        raise HubError(f"stats: what must be count, groups, percentiles or span, not {what!r}")
+
+    def _q_task(self, msg: Message) -> dict[str, Any]:
+        msg_id = msg.content.get("msg_id")
+        if not isinstance(msg_id, str) or not msg_id:
+            raise HubError("task_request needs a msg_id (or a unique prefix of one)")
+        return {"record": self.store.find_task(msg_id)}
 
     def _q_db(self, msg: Message) -> dict[str, Any]:
         query = msg.content.get("query")
@@ -545,12 +586,9 @@ class Hub:
         return {"record": row, "done": True, "has_result": True}, frames, raw
 
     def _q_purge(self, msg: Message) -> dict[str, Any]:
-        c = msg.content
-        allowed = {"msg_ids", "engine", "status", "before", "everything"}
-        bad = set(c) - allowed
-        if bad:
-            raise HubError(f"unknown purge filter(s): {', '.join(sorted(bad))}")
-        return {"purged": self.store.purge(**c)}
+        filters, opts = split_filters(msg.content)
+        _only(opts, {"msg_ids", "before", "everything", "payloads_only"}, "purge")
+        return {"purged": self.store.purge(**opts, **filters)}
 
     def _q_shutdown(self, msg: Message) -> dict[str, Any]:
         log.info("shutdown requested by client %s", msg.header.get("session"))
@@ -563,6 +601,8 @@ class Hub:
         "queue_request": _q_queue,
         "status_request": _q_status,
         "history_request": _q_history,
+        "stats_request": _q_stats,
+        "task_request": _q_task,
         "db_request": _q_db,
         "hub_history_request": _q_hub_history,
         "result_request": _q_result,
@@ -575,6 +615,12 @@ Hub._queries["registration_request"] = lambda hub, msg: hub._register(msg)
 
 
 _TIME_FIELDS = ("submitted", "started", "completed", "received")
+
+
+def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
+    bad = set(opts) - allowed
+    if bad:
+        raise HubError(f"{what}: unknown option(s) or filter(s) {', '.join(sorted(bad))}")
 
 
 def _epoch(value: Any) -> float | None:
