@@ -19,6 +19,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     false,
+    func,
     literal_column,
     or_,
     select,
@@ -151,13 +152,19 @@ def keyset_stages(table: Table, order: str, value: Any, last: Any, dialect: str 
 
 
 def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
-                  fts: Table | None = None, rowid: ColumnClause[Any] | None = None
-                  ) -> ColumnElement[bool]:
+                  fts: Table | None = None, rowid: ColumnClause[Any] | None = None,
+                  selective: frozenset[str] = frozenset()) -> ColumnElement[bool]:
     """The WHERE clause of a :class:`TaskFilter`; every value a bound parameter.
 
     ``fts`` is the full-text table (SQLite FTS5, external content keyed by
-    the tasks' ``rowid``); without it ``search`` falls back to escaped LIKE
-    over the text columns, which gives the same answers for whole words.
+    the tasks' ``rowid``), which matches whole words (a trailing ``*``: a
+    prefix); without it ``search`` falls back to escaped LIKE over the text
+    columns, which matches each word anywhere (a superset: "15" is in "150").
+
+    ``selective`` names range-filtered columns (started, completed,
+    duration) known to match few rows: on SQLite their terms carry a
+    ``likelihood`` hint, so the planner seeks into their index rather than
+    walking the sort order's index past rows that do not match.
     """
     c = table.c
     conds: list[ColumnElement[bool]] = []
@@ -169,17 +176,22 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
     if f.msg_id is not None:
         # a range, not LIKE: the primary key's index answers it on every database
         conds.append(and_(c.msg_id >= f.msg_id, c.msg_id < f.msg_id + "\U0010ffff"))
+    def hint(name: str, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+        if name in selective and dialect == "sqlite":
+            return func.likelihood(cond, literal_column("0.001"))  # type: ignore[no-any-return]
+        return cond
+
     for tcol, lo, hi in ((c.submitted, f.since, f.until),
                          (c.started, f.started_since, f.started_until),
                          (c.completed, f.completed_since, f.completed_until)):
         if lo is not None:
-            conds.append(tcol >= lo)
+            conds.append(hint(tcol.name, tcol >= lo))
         if hi is not None:
-            conds.append(tcol < hi)
+            conds.append(hint(tcol.name, tcol < hi))
     if f.min_duration is not None:
-        conds.append(c.duration >= f.min_duration)
+        conds.append(hint("duration", c.duration >= f.min_duration))
     if f.max_duration is not None:
-        conds.append(c.duration <= f.max_duration)
+        conds.append(hint("duration", c.duration <= f.max_duration))
     if f.search is not None:
         conds.append(_search(table, f.search, fts, rowid))
     return and_(true(), *conds)
@@ -187,6 +199,23 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
 
 #: the text columns ``search`` looks in
 SEARCH_COLUMNS = ("stdout", "stderr", "traceback", "evalue")
+
+
+def range_probes(table: Table, f: TaskFilter) -> dict[str, ColumnElement[bool]]:
+    """The range filters on started, completed and duration, by column (to probe)."""
+    c = table.c
+    out: dict[str, ColumnElement[bool]] = {}
+    for name, lo, hi, strict in (("started", f.started_since, f.started_until, True),
+                                 ("completed", f.completed_since, f.completed_until, True),
+                                 ("duration", f.min_duration, f.max_duration, False)):
+        conds = []
+        if lo is not None:
+            conds.append(c[name] >= lo)
+        if hi is not None:
+            conds.append(c[name] < hi if strict else c[name] <= hi)
+        if conds:
+            out[name] = and_(*conds)
+    return out
 
 
 def search_terms(text: str) -> list[str]:
