@@ -67,7 +67,7 @@ def filters_from_args(args: argparse.Namespace) -> dict[str, Any]:
                  "completed_until"):
         v = getattr(args, name)
         if v is not None:
-            f[name] = to_epoch(v)
+            f[name] = cli_time(v)
     for name in ("min_duration", "max_duration"):
         v = getattr(args, name)
         if v is not None:
@@ -75,6 +75,14 @@ def filters_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.search:
         f["search"] = args.search
     return f
+
+
+def cli_time(text: str) -> float | None:
+    """A time from the command line: epoch seconds as digits, else what to_epoch reads."""
+    try:
+        return float(text)
+    except ValueError:
+        return to_epoch(text)
 
 
 # -- where the history comes from ---------------------------------------------------
@@ -328,13 +336,12 @@ def cmd_stats(args: argparse.Namespace, home: Path, table: Callable[..., str],
     if rate is not None:
         out(f"throughput: {rate:.2f} tasks/s over {fmt_dur(last - first)} "  # type: ignore[operator]
             f"({fmt_time(first)} to {fmt_time(last)})")
-    head = ["", "tasks", "min", "p50", "p90", "p99", "max", "mean"]
+    head = ["", "tasks", "min", "p50", "p90", "p99", "max"]
 
     def row(name: Any, g: dict[str, Any]) -> list[Any]:
-        return [name, g["n"], *(fmt_dur(g.get(k)) for k in ("min", "p50", "p90", "p99", "max",
-                                                            "mean"))]
+        return [name, g["n"], *(fmt_dur(g.get(k)) for k in ("min", "p50", "p90", "p99", "max"))]
 
-    right = "tasks min p50 p90 p99 max mean"
+    right = "tasks min p50 p90 p99 max"
     if overall:
         out("\nduration")
         out(table(head, [row("all", overall[0])], right=right))
@@ -352,7 +359,7 @@ def cmd_stats(args: argparse.Namespace, home: Path, table: Callable[..., str],
 def cmd_purge(args: argparse.Namespace, home: Path) -> int:
     kwargs: dict[str, Any] = filters_from_args(args)
     if args.before is not None:
-        kwargs["before"] = to_epoch(args.before)
+        kwargs["before"] = cli_time(args.before)
     if args.all:
         kwargs["everything"] = True
     if args.payloads_only:

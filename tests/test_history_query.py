@@ -464,6 +464,8 @@ def test_retention_max_bytes_evicts_payloads_oldest_first_then_records(tmp_path:
         kept = [x for x in s.history(order="completed") if x["payload_evicted"] is None]
         # the newest payloads stayed, the oldest went; no record was deleted
         assert [x["msg_id"] for x in kept][-1] == "m049" and s.total_tasks() == 51
+        # it stopped once under the limit: 36 evicted ((10100 - 3000) / 200), 14 + "live" kept
+        assert len(kept) == 15
         evicted = [x for x in s.history(order="completed") if x["payload_evicted"]]
         assert max(x["completed"] for x in evicted) < min(x["completed"] for x in kept
                                                           if x["completed"] is not None)

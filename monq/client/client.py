@@ -405,7 +405,7 @@ class Client:
                              **filters: Any) -> Any:
         """Duration (completed - started, seconds) percentiles of the matching tasks.
 
-        ``{"n": ..., "min": ..., "max": ..., "mean": ..., "p50": ..., "p90":
+        ``{"n": ..., "min": ..., "max": ..., "p50": ..., "p90":
         ..., "p99": ...}``; with ``by="engine"`` or ``by="label"``, one such
         dict per engine or label.
         """

@@ -37,7 +37,7 @@ import zmq
 
 from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
-from monq.hub.filters import split_filters
+from monq.hub.filters import FILTER_KEYS, split_filters
 from monq.hub.heart import HeartMonitor
 from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
@@ -620,7 +620,9 @@ _TIME_FIELDS = ("submitted", "started", "completed", "received")
 def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
     bad = set(opts) - allowed
     if bad:
-        raise HubError(f"{what}: unknown option(s) or filter(s) {', '.join(sorted(bad))}")
+        raise HubError(f"{what}: unknown filter(s) or option(s) {', '.join(sorted(bad))}; "
+                       f"filters: {', '.join(FILTER_KEYS)}; options: "
+                       f"{', '.join(sorted(allowed)) or 'none'}")
 
 
 def _epoch(value: Any) -> float | None:

@@ -87,9 +87,10 @@ class Retention:
         """One chunk of work: the first limit that is exceeded gets it."""
         p, s, res = self.policy, self.store, StepResult()
         if p.max_bytes is not None and s.stored_total() > p.max_bytes:
-            res.evicted = s.evict_oldest_payloads(p.chunk)
+            over = s.stored_total() - p.max_bytes
+            res.evicted = s.evict_oldest_payloads(p.chunk, free=over)
             if not res.evicted:  # no payload left: metadata goes, oldest first
-                res.deleted = s.delete_oldest(p.chunk)
+                res.deleted = s.delete_oldest(p.chunk, free=over)
             res.more = (res.evicted or res.deleted) > 0 and s.stored_total() > p.max_bytes
         elif p.retain is not None and (n := s.delete_oldest(
                 p.chunk, completed_before=self.clock() - p.retain)):

@@ -408,8 +408,8 @@ class TaskStore:
         """Duration percentiles (nearest rank) of the matching finished tasks.
 
         One dict per group (``by`` = "engine" or "label"; None: one group):
-        ``{"key": group, "n": tasks with a duration, "min", "max", "mean",
-        "p50": ..., ...}``.  Each percentile is one seek into the duration
+        ``{"key": group, "n": tasks with a duration, "min", "max", "p50": ...}``.
+        Each percentile (and min, max) is one seek into the duration
         index (``ORDER BY duration LIMIT 1 OFFSET k``, from whichever end is
         nearer), so nothing is sorted or fetched but the answers.  At most
         :data:`MAX_GROUPS` groups, the largest.
@@ -423,22 +423,24 @@ class TaskStore:
         where = and_(self.where(f), d.is_not(None))
         n = func.count(d)
         group = tasks.c[by] if by else None
-        head = [group] if group is not None else []
-        stmt = select(*head, n, func.min(d), func.max(d), func.avg(d)).where(where)
+        # counts only: with no other filter they read the (engine|label, duration)
+        # or duration index alone, never the table
         if group is not None:
-            stmt = stmt.group_by(group).order_by(n.desc()).limit(MAX_GROUPS)
+            stmt = (select(group, n).where(where).group_by(group).order_by(n.desc())
+                    .limit(MAX_GROUPS))
+        else:
+            stmt = select(literal_column("NULL"), n).where(where)
         out: list[dict[str, Any]] = []
         try:
             with self._engine.connect() as conn:
-                for row in conn.execute(stmt).all():
-                    key = row[0] if group is not None else None
-                    count, lo, hi, mean = row[-4:]
+                for key, count in conn.execute(stmt).all():
                     if not count:
                         continue
-                    rec: dict[str, Any] = {"key": key, "n": int(count), "min": lo, "max": hi,
-                                           "mean": mean}
                     gwhere = where if group is None else and_(
                         where, group.is_(None) if key is None else group == key)
+                    rec: dict[str, Any] = {"key": key, "n": int(count)}
+                    rec["min"] = _nth(conn, gwhere, d, int(count), 0)
+                    rec["max"] = _nth(conn, gwhere, d, int(count), 100)
                     for p in ps:
                         rec[_pname(p)] = _nth(conn, gwhere, d, int(count), p)
                     out.append(rec)
@@ -602,24 +604,33 @@ class TaskStore:
             self._stored_total = int(total or 0)
         return self._stored_total
 
-    def evict_oldest_payloads(self, n: int, now: float | None = None) -> int:
-        """Drop the payloads of the ``n`` oldest-completed finished tasks that have one."""
-        stmt = (select(tasks.c.msg_id).where(HAS_PAYLOAD, tasks.c.completed.is_not(None),
-                                             tasks.c.status.in_(FINISHED))
-                .order_by(tasks.c.completed.asc()).limit(n))
+    def evict_oldest_payloads(self, n: int, free: int | None = None,
+                              now: float | None = None) -> int:
+        """Drop the payloads of the oldest-completed finished tasks that have one.
+
+        At most ``n`` tasks, and no more than it takes to free ``free`` bytes.
+        """
+        c = tasks.c
+        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
+        stmt = (select(c.msg_id, size).where(HAS_PAYLOAD, c.completed.is_not(None),
+                                             c.status.in_(FINISHED))
+                .order_by(c.completed.asc()).limit(n))
         with self._engine.begin() as conn:
-            ids = list(conn.execute(stmt).scalars())
+            ids = _enough(conn.execute(stmt).all(), free)
             return self._evict(conn, ids, now) if ids else 0
 
-    def delete_oldest(self, n: int, completed_before: float | None = None) -> int:
-        """Delete the ``n`` oldest-completed finished tasks (completed before a time, if given)."""
+    def delete_oldest(self, n: int, completed_before: float | None = None,
+                      free: int | None = None) -> int:
+        """Delete the oldest-completed finished tasks: at most ``n``, completed before a
+        time if given, and no more than it takes to free ``free`` bytes."""
         c = tasks.c
-        stmt = select(c.msg_id).where(c.completed.is_not(None), c.status.in_(FINISHED))
+        stmt = select(c.msg_id, func.coalesce(c.stored_bytes, 0)).where(
+            c.completed.is_not(None), c.status.in_(FINISHED))
         if completed_before is not None:
             stmt = stmt.where(c.completed < completed_before)
         stmt = stmt.order_by(c.completed.asc()).limit(n)
         with self._engine.begin() as conn:
-            ids = list(conn.execute(stmt).scalars())
+            ids = _enough(conn.execute(stmt).all(), free)
             return self._delete(conn, ids) if ids else 0
 
     def total_tasks(self) -> int:
@@ -690,6 +701,19 @@ def _stored_size(row: dict[str, Any]) -> int:
         if s:
             n += len(s)
     return n
+
+
+def _enough(rows: Sequence[Any], free: int | None) -> list[str]:
+    """The msg_ids of the first (msg_id, size) rows whose sizes add up to ``free`` (all: None)."""
+    if free is None:
+        return [r[0] for r in rows]
+    out, total = [], 0
+    for msg_id, size in rows:
+        if total >= free:
+            break
+        out.append(msg_id)
+        total += int(size or 0)
+    return out
 
 
 def _check_percentiles(ps: Any) -> list[float]:
