@@ -563,3 +563,25 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path: Path) -> None:
         assert "ix_tasks_engine" not in names and "ix_tasks_engine_submitted" in names
     with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 2
         assert len(s.hub_history()) == 3
+
+
+def test_common_search_words_walk_the_order_index(store: TaskStore,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Words matching many tasks: the sort order drives (no sort of every match)."""
+    if not store.fts:
+        pytest.skip("FTS5 plans only")
+    rare = store.explain(store.history_statement(search="processed"))
+    expected = ids(store.history(search="processed", limit=10))
+    import monq.hub.store as store_module
+
+    monkeypatch.setattr(store_module, "_PROBE", 5)  # 60 matches are now "many"
+    common = store.explain(store.history_statement(search="processed"))
+    assert any("USING INTEGER PRIMARY KEY" in step for step in rare), rare
+    assert common[0] == "SCAN tasks USING INDEX ix_tasks_submitted", common
+    assert not any("TEMP B-TREE" in step for step in common), common
+    assert ids(store.history(search="processed", limit=10)) == expected
+
+
+def test_time_buckets_refuse_too_many(store: TaskStore) -> None:
+    with pytest.raises(HubError, match="buckets of 60 s is more than"):
+        store.task_stats("minute", since=0.0, until=1e9)

@@ -165,6 +165,9 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
     duration) known to match few rows: on SQLite their terms carry a
     ``likelihood`` hint, so the planner seeks into their index rather than
     walking the sort order's index past rows that do not match.
+    "search:common" in it means the words match many tasks: then the sort
+    order's index drives the query and each row is tested against the
+    matches (else the matches drive it, best when they are few).
     """
     c = table.c
     conds: list[ColumnElement[bool]] = []
@@ -193,7 +196,7 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
     if f.max_duration is not None:
         conds.append(hint("duration", c.duration <= f.max_duration))
     if f.search is not None:
-        conds.append(_search(table, f.search, fts, rowid))
+        conds.append(_search(table, f.search, fts, rowid, common="search:common" in selective))
     return and_(true(), *conds)
 
 
@@ -223,17 +226,20 @@ def search_terms(text: str) -> list[str]:
     return [w for w in text.split() if w.strip("*")]
 
 
-def _search(table: Table, text: str, fts: Table | None, rowid: ColumnClause[Any] | None
-            ) -> ColumnElement[bool]:
+def _search(table: Table, text: str, fts: Table | None, rowid: ColumnClause[Any] | None,
+            common: bool = False) -> ColumnElement[bool]:
     terms = search_terms(text)
     if not terms:
         raise HubError("history: search needs at least one word")
     if fts is not None and rowid is not None:
         # every word quoted: user text is never FTS5 query syntax (no column filters,
         # no NEAR, no syntax errors), a trailing * stays a prefix search
-        query = " ".join('"' + w.rstrip("*").replace('"', '""') + '"' +
-                         ("*" if w.endswith("*") else "") for w in terms)
-        match = fts.c.tasks_fts.op("MATCH", is_comparison=True)(bindparam("fts_q", query))
+        match = fts.c.tasks_fts.op("MATCH", is_comparison=True)(fts_query(text))
+        if common:
+            # many matches: `rowid + 0` keeps SQLite from fetching every match and
+            # sorting them; it walks the order's index and tests each row against
+            # the (materialised) matches until the page is full
+            return (rowid + 0).in_(select(fts.c.rowid).where(match))
         return rowid.in_(select(fts.c.rowid).where(match))
     conds = []
     for w in terms:
@@ -241,6 +247,20 @@ def _search(table: Table, text: str, fts: Table | None, rowid: ColumnClause[Any]
         conds.append(or_(*[table.c[name].like(pattern, escape="\\")
                            for name in SEARCH_COLUMNS]))
     return and_(*conds)
+
+
+def fts_query(text: str) -> Any:
+    """The bound FTS5 query for a search: every word quoted (a trailing * kept as a prefix).
+
+    User text never becomes FTS5 query syntax: no column filters, no NEAR,
+    no syntax errors.
+    """
+    terms = search_terms(text)
+    if not terms:
+        raise HubError("history: search needs at least one word")
+    query = " ".join('"' + w.rstrip("*").replace('"', '""') + '"' +
+                     ("*" if w.endswith("*") else "") for w in terms)
+    return bindparam("fts_q", query)
 
 
 def like_escape(text: str) -> str:

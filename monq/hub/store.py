@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
+    Float,
     and_,
     bindparam,
-    cast,
     create_engine,
     event,
     func,
+    literal,
     literal_column,
     select,
     text,
@@ -73,6 +73,8 @@ _CHUNK = 500
 GROUP_BY = ("status", "engine", "label", "client", "queue", "minute", "hour")
 #: a range filter matching at most this many rows is read through its own index
 _PROBE = 20_000
+#: most time buckets a task_stats query counts
+_MAX_BUCKETS = 100_000
 #: most groups a percentile query answers (the biggest ones)
 MAX_GROUPS = 100
 
@@ -313,6 +315,13 @@ class TaskStore:
                 select(tasks.c[name]).where(cond).limit(_PROBE + 1).subquery())
             if int(self._scalar(probe) or 0) <= _PROBE:
                 out.add(name)
+        if f.search is not None and self.fts:
+            match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
+                q.fts_query(f.search))
+            probe = select(func.count()).select_from(
+                select(fts_table.c.rowid).where(match).limit(_PROBE + 1).subquery())
+            if int(self._scalar(probe) or 0) > _PROBE:
+                out.add("search:common")
         return frozenset(out)
 
     def history(self, *, limit: int | None = None, order: str = "-submitted",
@@ -373,7 +382,9 @@ class TaskStore:
     def count(self, **filters: Any) -> int:
         """How many tasks match, counted in SQL."""
         f = TaskFilter.from_dict(filters, "count")
-        stmt = select(func.count()).select_from(tasks).where(self.where(f))
+        stmt = select(func.count()).select_from(tasks)
+        if not f.is_empty():  # without WHERE, SQLite counts a b-tree without reading rows
+            stmt = stmt.where(self.where(f))
         return int(self._scalar(stmt) or 0)
 
     def task_stats(self, by: str = "status", **filters: Any) -> list[tuple[Any, int]]:
@@ -389,16 +400,47 @@ class TaskStore:
         f = TaskFilter.from_dict(filters, "task_stats")
         n = func.count().label("n")
         if by in ("minute", "hour"):
-            size = 60 if by == "minute" else 3600
-            key = (cast(tasks.c.submitted / size, Integer) * size).label("k")
-            stmt = (select(key, n).where(self.where(f), tasks.c.submitted.is_not(None))
-                    .group_by(key).order_by(key))
+            return self._time_buckets(f, 60 if by == "minute" else 3600)
         else:
             col = tasks.c[by]
             stmt = select(col, n).where(self.where(f)).group_by(col).order_by(n.desc(), col)
         try:
             with self._engine.connect() as conn:
                 return [(k, int(c)) for k, c in conn.execute(stmt)]
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+    def _time_buckets(self, f: TaskFilter, size: int) -> list[tuple[Any, int]]:
+        """Counts per ``size``-second bucket of submission, oldest first (empty ones left out).
+
+        A recursive CTE walks the buckets and counts each with a range on an
+        index ending in ``submitted`` (the filter's own, or submitted's):
+        the rows are stepped through once and never sorted, which a GROUP BY
+        on ``submitted / 60`` would have to do.
+        """
+        c = tasks.c
+        where = self.where(f)
+        lo = f.since if f.since is not None else self._scalar(
+            select(c.submitted).where(where, c.submitted.is_not(None))
+            .order_by(c.submitted.asc()).limit(1))
+        hi = f.until if f.until is not None else self._scalar(
+            select(c.submitted).where(where, c.submitted.is_not(None))
+            .order_by(c.submitted.desc()).limit(1))
+        if lo is None or hi is None or hi < lo:
+            return []
+        start = math.floor(lo / size) * size
+        if (hi - start) / size > _MAX_BUCKETS:
+            raise HubError(f"task_stats: {int((hi - start) / size) + 1} buckets of {size} s is "
+                           f"more than {_MAX_BUCKETS}; narrow since/until or use a larger "
+                           "bucket")
+        b = select(literal(float(start), Float).label("t")).cte("buckets", recursive=True)
+        b = b.union_all(select(b.c.t + size).where(b.c.t + size <= hi))
+        n = (select(func.count()).select_from(tasks)
+             .where(where, c.submitted >= b.c.t, c.submitted < b.c.t + size)
+             .correlate(b).scalar_subquery())
+        try:
+            with self._engine.connect() as conn:
+                return [(int(t), int(k)) for t, k in conn.execute(select(b.c.t, n)) if k]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
 
@@ -428,6 +470,12 @@ class TaskStore:
         if group is not None:
             stmt = (select(group, n).where(where).group_by(group).order_by(n.desc())
                     .limit(MAX_GROUPS))
+        elif f.is_empty():
+            # every task: all rows (a b-tree count) minus those without a duration
+            # (unfinished ones: a short range at the start of the duration index)
+            nulls = select(func.count()).select_from(tasks).where(d.is_(None)).scalar_subquery()
+            stmt = select(literal_column("NULL"),
+                          select(func.count()).select_from(tasks).scalar_subquery() - nulls)
         else:
             stmt = select(literal_column("NULL"), n).where(where)
         out: list[dict[str, Any]] = []
