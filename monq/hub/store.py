@@ -14,6 +14,7 @@ or ``monq history`` in another process, do not block the writer) and a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -435,8 +436,15 @@ class TaskStore:
                            "bucket")
         b = select(literal(float(start), Float).label("t")).cte("buckets", recursive=True)
         b = b.union_all(select(b.c.t + size).where(b.c.t + size <= hi))
+        # since/until clip the first and last bucket instead of sitting beside the
+        # bucket's bounds, where the planner might take them for the index range
+        inner = self.where(dataclasses.replace(f, since=None, until=None))
+        bigger, smaller = (func.max, func.min) if self.dialect == "sqlite" else \
+            (func.greatest, func.least)
+        b_lo: Any = b.c.t if f.since is None else bigger(b.c.t, f.since)
+        b_hi: Any = b.c.t + size if f.until is None else smaller(b.c.t + size, f.until)
         n = (select(func.count()).select_from(tasks)
-             .where(where, c.submitted >= b.c.t, c.submitted < b.c.t + size)
+             .where(inner, c.submitted >= b_lo, c.submitted < b_hi)
              .correlate(b).scalar_subquery())
         try:
             with self._engine.connect() as conn:
