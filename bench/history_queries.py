@@ -56,7 +56,7 @@ def _row(rnd: random.Random, i: int, n: int) -> dict[str, Any]:
     status = ("error" if r < 0.03 else "timeout" if r < 0.035 else "aborted" if r < 0.037
               else "lost" if r < 0.038 else "ok")
     row: dict[str, Any] = {
-        "msg_id": "%032x" % rnd.getrandbits(128), "status": status,
+        "msg_id": f"{rnd.getrandbits(128):032x}", "status": status,
         "client": rnd.choice(CLIENTS), "engine": rnd.randrange(ENGINES),
         "queue": "task", "label": rnd.choice(LABELS), "func": "jobs.step",
         "submitted": submitted, "started": started, "completed": started + duration,
