@@ -273,10 +273,10 @@ def cmd_history(args: argparse.Namespace, home: Path, table: Callable[..., str],
     if not page:
         out("no tasks")
         return 0
-    rows = [[r.msg_id[:12], r.status, "-" if r.engine is None else r.engine,
-             _short(r.label or "-", 16), _short(r.func or "-", 32), fmt_time(r.submitted),
+    rows = [[r.msg_id[:8], r.status, "-" if r.engine is None else r.engine,
+             _short(r.func or r.label or "-", 40), fmt_time(r.submitted),
              fmt_dur(r.duration)] for r in page]
-    out(table(["msg_id", "status", "engine", "label", "func", "submitted", "duration"], rows,
+    out(table(["msg_id", "status", "engine", "func", "submitted", "duration"], rows,
               right="engine duration"))
     if cursor is not None:
         out(f"next page: --cursor {cursor}")

@@ -167,7 +167,8 @@ def test_cli_history_filters_formats_and_pages(client: monq.Client, cluster: Clu
     # a table page, then the next with the cursor it printed
     r = _cli(cluster, "history", "--label", label, "--order", "submitted", "--limit", "5")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(label[:15]) == 5
+    assert sum(1 for m in ids[:5] if m[:8] in r.stdout) == 5
+    assert not any(m[:8] in r.stdout for m in ids[5:])
     cursor = r.stdout.strip().splitlines()[-1].split("--cursor ")[1]
     r = _cli(cluster, "history", "--label", label, "--order", "submitted", "--limit", "5",
              "--cursor", cursor, "--json")
