@@ -469,9 +469,12 @@ class Client:
         status = rec.get("status")
         if status == "ok":
             if not content.get("has_result"):
+                why = ("evicted by the history's retention or a purge at "
+                       f"{_dt(rec['payload_evicted'])}" if rec.get("payload_evicted")
+                       else "above the Hub's payload cap")
                 fut.set_exception(errors.HubError(
                     f"the result of {fut.msg_id} was not kept ({rec.get('result_bytes')} "
-                    "bytes: above the Hub's payload cap)"))
+                    f"bytes: {why})"))
                 return
             try:
                 fut.set_result(deserialize(reply.buffers))

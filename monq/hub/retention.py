@@ -12,6 +12,10 @@ first (their sizes stay, and ``payload_evicted`` says when); only when no
 payload is left are whole records deleted, oldest first.  ``retain`` and
 ``max_tasks`` delete whole finished records, oldest completed first.
 Pending and running tasks are never touched.
+
+``--max-bytes`` compares a running total of the records' ``stored_bytes``:
+counted once (one SUM over the table, the first time the limit is checked)
+and then kept up to date by the store's own writes, evictions and deletes.
 """
 
 from __future__ import annotations
