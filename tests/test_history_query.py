@@ -585,3 +585,16 @@ def test_common_search_words_walk_the_order_index(store: TaskStore,
 def test_time_buckets_refuse_too_many(store: TaskStore) -> None:
     with pytest.raises(HubError, match="buckets of 60 s is more than"):
         store.task_stats("minute", since=0.0, until=1e9)
+
+
+def test_retention_acts_on_a_big_batch_before_its_interval(tmp_path: Path) -> None:
+    clock = [0.0]
+    with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as s:
+        r = Retention(s, RetentionPolicy(max_bytes=1000, interval=60.0),
+                      monotonic=lambda: clock[0])
+        assert r.tick() is not None  # the first look; within limits
+        assert r.tick() is None
+        s.write([{"msg_id": f"m{i}", "status": "ok", "completed": float(i),
+                  "result": b"x" * 100} for i in range(30)], [])
+        clock[0] += 0.05  # far before the 60 s interval
+        assert r.tick() is not None and s.stored_total() <= 1000

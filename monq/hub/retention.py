@@ -78,18 +78,33 @@ class Retention:
         self.next_run = 0.0  # at once: a restarted Hub catches up
         self.evicted = 0
         self.deleted = 0
+        self._last = -1.0
 
     def tick(self) -> StepResult | None:
         """Run one step if it is due; None if it was not."""
-        if not self.policy.active or self.monotonic() < self.next_run:
+        if not self.policy.active:
+            return None
+        now = self.monotonic()
+        if now < self.next_run and not self._over_bytes():
             return None
         res = self.step()
         self.next_run = self.monotonic() + (0.02 if res.more else self.policy.interval)
         return res
 
+    def _over_bytes(self) -> bool:
+        """A big batch pushed the records over --max-bytes: act now, not at the next interval.
+
+        In-memory only (the store's running total), so it costs nothing per loop;
+        paced like any step so that a burst is trimmed between messages.
+        """
+        total = self.store.stored_total_if_known()
+        return (self.policy.max_bytes is not None and total is not None
+                and total > self.policy.max_bytes and self.monotonic() >= self._last + 0.02)
+
     def step(self) -> StepResult:
         """One chunk of work: the first limit that is exceeded gets it."""
         p, s, res = self.policy, self.store, StepResult()
+        self._last = self.monotonic()
         if p.max_bytes is not None and s.stored_total() > p.max_bytes:
             over = s.stored_total() - p.max_bytes
             res.evicted = s.evict_oldest_payloads(p.chunk, free=over)

@@ -513,6 +513,10 @@ class TaskStore(TaskStats):
             self._stored_total -= int(freed or 0)
         return len(ids)
 
+    def stored_total_if_known(self) -> int | None:
+        """The running total of :meth:`stored_total` if it was counted yet (free), else None."""
+        return self._stored_total
+
     def stored_total(self) -> int:
         """Bytes the records keep (payloads and captured text); counted once, then tracked."""
         if self._stored_total is None:
