@@ -38,7 +38,9 @@ from monq.connection import (
     pid_alive,
     write_connection_file,
 )
+from monq.hub.filters import parse_duration, parse_size
 from monq.hub.hub import MONITOR_URL, Hub, HubConfig
+from monq.hub.retention import RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.protocol import Session
 from monq.schedulers import Relay
@@ -137,9 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restarted", action="store_true",
                    help="the supervisor restarts this controller if it dies")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--retain", default=None, type=parse_duration, metavar="DURATION",
+                   help="delete finished tasks completed longer ago (7d, 12h, 30m)")
+    p.add_argument("--max-tasks", default=None, type=int, metavar="N",
+                   help="keep at most N tasks (the oldest finished ones go)")
+    p.add_argument("--max-bytes", default=None, type=parse_size, metavar="SIZE",
+                   help="keep stored payloads and output under SIZE (500MB); payloads go first")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [controller] %(name)s: %(message)s")
+    retention = RetentionPolicy(retain=a.retain, max_tasks=a.max_tasks, max_bytes=a.max_bytes)
     return serve(a.profile_dir, a.profile, a.db,
-                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid,
-                 a.restarted)
+                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period, retention=retention),
+                 a.supervisor_pid, a.restarted)
