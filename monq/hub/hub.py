@@ -123,6 +123,9 @@ class Hub:
         self.on_shutdown = on_shutdown or self.stop
         self.ports: dict[str, int] = {}
         self.rejected: Counter[str] = Counter()
+        #: verified messages handled, by source and type ("out.task apply_reply", "hub
+        #: tasks_received", ...): what each task costs the Hub (monq status --json)
+        self.received: Counter[str] = Counter()
         self._stop = False
         self._sockets: list[zmq.Socket] = []
         self._inflight: dict[str, _InFlight] = {}
@@ -406,6 +409,7 @@ class Hub:
         msg = self._verify(frames[1:])
         if msg is None:
             return
+        self.received[f"{prefix.decode(errors='replace')} {msg.msg_type}"] += 1
         if direction == "in" and msg.msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
@@ -662,6 +666,7 @@ class Hub:
             self._maybe_auth_error(frames, e)
             return
         t = msg.msg_type
+        self.received[f"hub {t}"] += 1
         if t in ("task_started", "tasks_received"):
             # the monitor copy of what they name has been sent before they were: read it
             self._drain(self.monitor, self._on_monitor, limit=1_000_000)
@@ -764,6 +769,7 @@ class Hub:
             "counts": counts.get("status", {}),
             "queue": self._queue_status(),
             "rejected": dict(rejected),
+            "received": dict(self.received),
             "in_flight": len(self._inflight),
             "db_url": _hide_password(self.db_url),
             "hostname": _socket.gethostname(),
