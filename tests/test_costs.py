@@ -46,7 +46,8 @@ def test_a_burst_costs_few_receipts(client: monq.Client) -> None:
     assert d["in.task apply_request"] == 4000 and d["out.task apply_reply"] == 4000
     # engines report what they read but have not answered in batches (every 5 ms)
     assert d["hub tasks_received"] <= 4000 // 10, d
-    assert d["hub task_started"] == 0, d  # no task ran long enough to be announced
+    # a task is announced only if it runs 5 ms or more: on a loaded machine a few do
+    assert d["hub task_started"] <= 4000 // 100, d
 
 
 def test_a_batch_of_2000_records_is_a_few_statements(tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 #: first frame of a pipe message: which socket it goes to
 CHANNELS = {b"task": "task_client", b"direct": "direct_client", b"hub": "hub"}
 _STOP = b"stop"
+#: how long a closing client waits for the tasks it submitted to leave (a client that
+#: exits right after submitting has them run and recorded)
+CLOSE_LINGER_MS = 5000
 _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
 
 
@@ -135,7 +138,7 @@ class IOThread(threading.Thread):
             log.exception("client I/O thread failed")
         finally:
             for s in sockets.values():
-                s.close(linger=0)
+                s.close()
 
     def _loop(self, sockets: dict[str, zmq.Socket]) -> None:
         pipe = sockets["pipe"]
@@ -160,15 +163,20 @@ class IOThread(threading.Thread):
                 if name == "pipe":
                     # read the bells first, then take the box: a message queued
                     # after take() rings again, so none is left behind
+                    stop = False
                     while True:
                         try:
                             bell = pipe.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        if bell == _STOP:
-                            return
+                        stop = stop or bell == _STOP
                     for channel, out in self.outbox.take():
                         sockets[CHANNELS[channel]].send_multipart(out, copy=False)
+                    if stop:
+                        # what was submitted before close() still goes out (see run())
+                        for name in ("task_client", "direct_client"):
+                            sockets[name].linger = CLOSE_LINGER_MS
+                        return
                     continue
                 for _ in range(1000):
                     try:

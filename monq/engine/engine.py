@@ -151,6 +151,7 @@ class _Link(threading.Thread):
     def run(self) -> None:
         eng = self.engine
         told: str | None = None
+        reported: str | None = None
         ms = max(1, int(self.delay * 1000))
         try:
             while not self._stop_event.is_set():
@@ -166,6 +167,11 @@ class _Link(threading.Thread):
                         eng.read_available()
                     finally:
                         eng.lock.release()
+                if eng.receipts and cur is not None and cur[0] not in (told, reported):
+                    # the running task was read before what these receipts name: say so
+                    # first, or the Hub could take it for one this engine never read
+                    eng.receipts.appendleft(cur[0])
+                    reported = cur[0]
                 self._report_receipts()
         except zmq.ContextTerminated:
             pass

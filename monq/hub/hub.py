@@ -452,8 +452,10 @@ class Hub:
         self._inflight[msg.msg_id] = state
         if channel == "task":
             state.seq = self.tracker.sent(msg.msg_id)
+        if not state.inserted and old is None:
+            self._touch(msg.msg_id, submitted=h.get("date"))  # a new try keeps the first
         self._touch(msg.msg_id, client=h.get("session"), queue=channel, status="pending",
-                    submitted=h.get("date"), label=_short(md.get("label"), 200),
+                    label=_short(md.get("label"), 200),
                     func=_short(md.get("func"), 300), engine=engine_id,
                     engine_uuid=target_uuid, request=blob, request_bytes=size,
                     retries=int(md.get("retries_done", 0) or 0))
