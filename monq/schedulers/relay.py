@@ -5,8 +5,14 @@ the client-facing ROUTER, the engine-facing DEALER (load-balanced ``task``
 channel) or ROUTER (``direct`` channel, where the two routing identities are
 swapped so a client addresses an engine by its uuid), and the monitor socket
 that copies every message, prefixed with ``in.<name>`` or ``out.<name>``, to
-the Hub.  The loop itself is pyzmq's ``monitored_queue``, which runs in C
-with the GIL released.
+the Hub.  The load-balanced loop is pyzmq's ``monitored_queue``, which runs
+in C with the GIL released.  The direct (ROUTER->ROUTER) loop is monq's own
+:func:`~monq.schedulers.routerqueue.router_router_queue`: the C loop swaps
+identities without checking frame counts, so one stray single-frame message
+would stall the channel and cost the next real message (see that module).
+It drops and counts (in ``rejected``) messages too short to route.  Measured
+with bench/direct_relay.py (2 cores, echo engine, 6 small frames, medians of
+5 alternating runs): see ``DIRECT_RELAY_COST`` below.
 
 The monitor socket is an XPUB connected to the Hub's SUB over ``inproc://``
 (same process, so a copy costs a reference count, not bytes).  An XPUB rather
@@ -25,9 +31,13 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import zmq
 from zmq.devices import monitored_queue
+
+from monq.schedulers.routerqueue import router_router_queue
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +50,11 @@ class Relay(threading.Thread):
     """One monitored relay; ``ports`` is ``(client_port, engine_port)`` once started."""
 
     def __init__(self, ctx: zmq.Context, name: str, engine_side: int, ip: str,
-                 monitor_url: str) -> None:
+                 monitor_url: str, rejected: Counter[str] | None = None,
+                 socket_setup: Callable[[zmq.Socket], None] | None = None) -> None:
+        """``rejected`` counts what the relay drops (the Hub's counter: only this
+        thread writes its keys); ``socket_setup`` is applied to both bound
+        sockets before they bind (CurveZMQ server options, see monq.security)."""
         super().__init__(name=f"relay-{name}", daemon=True)
         if engine_side not in (zmq.DEALER, zmq.ROUTER):
             raise ValueError("engine side must be DEALER or ROUTER")
@@ -49,6 +63,8 @@ class Relay(threading.Thread):
         self.engine_side = engine_side
         self.ip = ip
         self.monitor_url = monitor_url
+        self.rejected: Counter[str] = rejected if rejected is not None else Counter()
+        self.socket_setup = socket_setup
         self._ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
         self.ports: tuple[int, int] = (0, 0)
 
@@ -88,6 +104,8 @@ class Relay(threading.Thread):
                 # never drop a task at the relay: queue instead of dropping
                 s.sndhwm = 0
                 s.rcvhwm = 0
+                if self.socket_setup is not None:
+                    self.socket_setup(s)
             mon.linger = 0
             mon.sndhwm = 0
             addr = f"tcp://{self.ip}"
@@ -104,9 +122,13 @@ class Relay(threading.Thread):
             return
         self._ready.put(ports)
         log.info("relay %s: clients on %d, engines on %d", self.channel, *ports)
+        in_prefix, out_prefix = f"in.{self.channel}".encode(), f"out.{self.channel}".encode()
         try:
-            monitored_queue(front, back, mon, f"in.{self.channel}".encode(),
-                            f"out.{self.channel}".encode())
+            if self.engine_side == zmq.ROUTER:
+                router_router_queue(front, back, mon, in_prefix, out_prefix, self.rejected,
+                                    f"{self.channel} relay: too few frames")
+            else:
+                monitored_queue(front, back, mon, in_prefix, out_prefix)
         except zmq.ContextTerminated:
             pass
         except zmq.ZMQError as e:
