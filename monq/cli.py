@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: sqlite in the profile directory)")
     s.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--heartbeat-period", type=float, default=1.0, metavar="S")
+    s.add_argument("--curve", action="store_true",
+                   help="encrypt and authenticate every channel with CurveZMQ (keys in the "
+                        "connection file); needed whenever --ip is not a loopback address")
     s.add_argument("--daemon", action="store_true",
                    help="run in the background; return once every engine has registered")
     s.add_argument("--timeout", type=float, default=60.0, metavar="S",
@@ -217,7 +220,7 @@ def _jsonable(obj: Any) -> Any:
 def cmd_start(args: argparse.Namespace, home: Path) -> int:
     cfg = ClusterConfig(profile=args.profile, home=home, n=args.n, db_url=args.db, ip=args.ip,
                         heartbeat_period=args.heartbeat_period,
-                        log_level=args.log_level or "INFO")
+                        log_level=args.log_level or "INFO", curve=args.curve)
     if cfg.n_engines < 0:
         _err("-n must be at least 0")
         return ExitCode.USAGE
@@ -263,6 +266,8 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
            "--heartbeat-period", str(cfg.heartbeat_period), "--timeout", str(args.timeout)]
     if cfg.db_url:
         cmd += ["--db", cfg.db_url]
+    if cfg.curve:
+        cmd.append("--curve")
     log_path = cfg.log_dir / "cluster.log"
     with open(log_path, "ab") as logf:
         offset = logf.tell()

@@ -73,6 +73,8 @@ class ClusterConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     log_level: str = "INFO"
+    #: CurveZMQ on every channel: encrypted, and only holders of the keys can connect
+    curve: bool = False
 
     @property
     def n_engines(self) -> int:
@@ -328,6 +330,8 @@ class Cluster:
                 "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
         if cfg.db_url:
             args += ["--db", cfg.db_url]
+        if cfg.curve:
+            args.append("--curve")
         self.controller = self._spawn("controller", args)
         return self.controller
 

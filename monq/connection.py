@@ -61,6 +61,8 @@ class ConnectionInfo:
     db_url: str = ""
     profile: str = "default"
     heartbeat_period: float = 1.0
+    #: CurveZMQ keypairs (Z85 text, see monq.security), or None when Curve is off
+    curve: dict[str, str] | None = None
 
     def url(self, name: str) -> str:
         ip = "127.0.0.1" if self.ip in ("0.0.0.0", "*", "") else self.ip

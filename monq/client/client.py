@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from monq import errors
+from monq import errors, security
 from monq.client.executor import MonqExecutor
 from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
@@ -76,6 +76,9 @@ class Client:
             reply = self._query("connect_request", {}, timeout=timeout, connecting=True)
         except errors.TimeoutError:
             self.close()
+            refusal = security.handshake_refusal(self.info)
+            if refusal is not None:
+                raise errors.AuthenticationError(refusal) from None
             raise errors.NoClusterError(
                 f"no cluster answered at {self.info.url('hub')} within {timeout}s "
                 f"(connection file {path})") from None

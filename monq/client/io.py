@@ -25,6 +25,7 @@ import zmq
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
 from monq.protocol import DELIM, Message, Session
+from monq.security import client_socket_setup
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,12 @@ class IOThread(threading.Thread):
                 s.identity = ident
                 s.sndhwm = 0  # queue rather than block or drop when submitting in bursts
                 s.rcvhwm = 0
+                client_socket_setup(s, self.info)
                 s.connect(self.info.url(name))
                 sockets[name] = s
             sub = self.ctx.socket(zmq.SUB)
             sub.subscribe(b"notify")
+            client_socket_setup(sub, self.info)
             sub.connect(self.info.url("notify"))
             sockets["notify"] = sub
             for s in sockets.values():

@@ -39,6 +39,7 @@ import zmq
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import Message, Session
+from monq.security import client_socket_setup
 from monq.serialize import serialize, unpack_apply
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class _StartNotifier(threading.Thread):
         sock = self.ctx.socket(zmq.DEALER)
         try:
             sock.linger = 0
+            client_socket_setup(sock, self.engine.info)
             sock.connect(self.url)
             told: str | None = None
             while not self._stop_event.wait(self.delay):
@@ -159,6 +161,8 @@ class Engine:
         self.direct = self.ctx.socket(zmq.DEALER)
         for s in (self.task, self.direct):
             s.identity = ident
+        for s in (self.hub, self.task, self.direct):
+            client_socket_setup(s, info)
         self.hub.connect(info.url("hub"))
 
     # -- lifecycle ----------------------------------------------------------------
@@ -202,6 +206,8 @@ class Engine:
             sub.linger = back.linger = 0
             back.identity = self.uuid.encode()
             sub.subscribe(b"")
+            client_socket_setup(sub, self.info)
+            client_socket_setup(back, self.info)
             sub.connect(self.info.url("hb_ping"))
             back.connect(self.info.url("hb_pong"))
             zmq.proxy(sub, back)

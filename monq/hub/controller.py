@@ -41,6 +41,7 @@ from monq.hub.hub import MONITOR_URL, Hub, HubConfig
 from monq.hub.store import TaskStore
 from monq.protocol import Session
 from monq.schedulers import Relay
+from monq.security import CurveKeys, server_socket_setup, start_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,30 @@ def _reuse_key(path: Path) -> bytes:
         return new_key()
 
 
+def _reuse_curve(path: Path) -> CurveKeys:
+    """Keep the Curve keys of a previous controller of this profile (as the key); else new."""
+    try:
+        import json
+
+        return CurveKeys.from_json(json.loads(path.read_text())["curve"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return CurveKeys.new()
+
+
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
-          supervisor_pid: int = 0) -> int:
+          supervisor_pid: int = 0, curve: bool = False) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
     key = _reuse_key(conn_path)
+    keys = _reuse_curve(conn_path) if curve else None
     db_url = db_url or default_db_url(profile_dir)
     ctx = zmq.Context()
     ctx.linger = 0
+    # the ZAP handler first: a Curve socket bound before it would admit any client key
+    auth = start_authenticator(ctx, keys)
     store = TaskStore(db_url, payload_cap=config.payload_cap)
     hub = Hub(ctx, Session(key), store, config, db_url)
+    hub.socket_setup = lambda sock, max_msg: server_socket_setup(sock, keys, max_msg)
 
     def shutdown() -> None:
         # a supervisor stops the engines first, then us; alone, we just stop
@@ -79,13 +94,15 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     try:
         ports = hub.bind()
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
-            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL)
+            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL, rejected=hub.rejected,
+                          socket_setup=lambda sock: server_socket_setup(sock, keys))
             client_port, engine_port = relay.start_and_wait(hub.monitor)
             ports[f"{name}_client"], ports[f"{name}_engine"] = client_port, engine_port
             relays.append(relay)
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
-                              heartbeat_period=config.heartbeat_period)
+                              heartbeat_period=config.heartbeat_period,
+                              curve=keys.to_json() if keys else None)
         write_connection_file(conn_path, info)
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
         signal.signal(signal.SIGTERM, lambda *_: hub.stop())
@@ -93,6 +110,8 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         hub.run()
     finally:
         hub.close()
+        if auth is not None:
+            auth.stop()
         ctx.term()  # ends the relay loops with ETERM; they close their sockets
         for r in relays:
             r.join(timeout=5)
@@ -119,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--heartbeat-period", type=float, default=1.0)
     p.add_argument("--supervisor-pid", type=int, default=0)
+    p.add_argument("--curve", action="store_true",
+                   help="CurveZMQ on every channel (keys kept in the connection file)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [controller] %(name)s: %(message)s")
     return serve(a.profile_dir, a.profile, a.db,
-                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid)
+                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid,
+                 curve=a.curve)

@@ -40,6 +40,7 @@ from monq.hub import blobs
 from monq.hub.heart import HeartMonitor
 from monq.hub.store import TaskStore
 from monq.protocol import DELIM, Message, Session
+from monq.security import SMALL_MSG
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ class _Engine:
 
 class Hub:
     """The controller's bookkeeper.  Create, :meth:`bind`, then :meth:`run`."""
+
+    #: applied to each tcp socket before it binds, with its inbound size cap (or -1):
+    #: CurveZMQ server options and limits, set by the controller (see monq.security)
+    socket_setup: Callable[[zmq.Socket, int], None] = staticmethod(lambda sock, max_msg: None)
 
     def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
                  config: HubConfig, db_url: str = "",
@@ -126,12 +131,16 @@ class Hub:
         self.monitor.subscribe(b"")
         self.router = self._socket(zmq.ROUTER)
         self.router.sndhwm = 0
+        self.socket_setup(self.router, -1)
         self.ports["hub"] = self.router.bind_to_random_port(addr)
         self.notify = self._socket(zmq.PUB)
+        self.socket_setup(self.notify, SMALL_MSG)  # subscriptions only come in
         self.ports["notify"] = self.notify.bind_to_random_port(addr)
         ping = self._socket(zmq.PUB)
+        self.socket_setup(ping, SMALL_MSG)
         self.ports["hb_ping"] = ping.bind_to_random_port(addr)
         pong = self._socket(zmq.ROUTER)
+        self.socket_setup(pong, SMALL_MSG)
         self.ports["hb_pong"] = pong.bind_to_random_port(addr)
         self.heart = HeartMonitor(ping, pong, self.config.heartbeat_period,
                                   self.config.heartbeat_max_missed)
