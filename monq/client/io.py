@@ -170,7 +170,14 @@ class IOThread(threading.Thread):
                         if bell == _STOP:
                             return
                     for channel, out in self.outbox.take():
-                        sockets[CHANNELS[channel]].send_multipart(out, copy=False)
+                        try:
+                            # never blocks on a live connection (unlimited HWM); only a
+                            # connection the controller refused (Curve) has no pipe left
+                            sockets[CHANNELS[channel]].send_multipart(out, zmq.NOBLOCK,
+                                                                      copy=False)
+                        except zmq.Again:
+                            log.warning("dropped a message to %s: no connection (refused?)",
+                                        CHANNELS[channel])
                     continue
                 for _ in range(1000):
                     try:
