@@ -12,6 +12,7 @@ every send by SNDTIMEO; the module's cluster is stopped by its fixture.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -38,6 +39,7 @@ from monq.connection import (
     write_connection_file,
 )
 from monq.protocol import DELIM, Session
+from monq.security import CurveKeys, curve_keys
 from monq.serialize import pack_apply
 
 KEY_BYTES = 32
@@ -433,43 +435,98 @@ def test_hostile_traffic_on_every_port_while_a_workload_runs(own_cluster: Cluste
         assert len(rows) == 200 and {r["status"] for r in rows} == {"ok"}
 
 
-# --- known bugs, shown on the module's own cluster (they leave it damaged) ------------------------
+# --- the three former known bugs --------------------------------------------------------------
+
+
+def _curve_socket(ctx: zmq.Context, info: ConnectionInfo, kind: int = zmq.DEALER,
+                  keys: CurveKeys | None = None) -> zmq.Socket:
+    """A raw socket with the cluster's curve keys (or ``keys``): an insider's or a stranger's."""
+    s = ctx.socket(kind)
+    s.linger = 0
+    s.sndtimeo = 5000
+    right = curve_keys(info)
+    assert right is not None
+    k = keys or right
+    s.curve_serverkey = right.server_public
+    s.curve_publickey = k.client_public
+    s.curve_secretkey = k.client_secret
+    return s
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: the engine side of the task relay (ROUTER->DEALER) accepts any peer, and a "
-    "DEALER load-balances to every peer: a stranger that connects to task_engine, key or no "
-    "key, is handed a share of the load-balanced tasks (it can read them, and they never "
-    "finish). Needs authentication of engine connections (ZAP/CurveZMQ), not a small fix."))
-def test_a_stranger_on_the_task_engine_port_gets_no_tasks(own_cluster: Cluster) -> None:
-    info = load_connection_file(own_cluster.connection_file)
+def test_a_stranger_on_the_task_engine_port_gets_no_tasks(curve_cluster: Cluster) -> None:
+    """Under Curve only holders of the cluster's keys can connect; a stranger gets nothing.
+
+    (Formerly a known bug: a DEALER load-balances to every connected peer, so without
+    authentication a stranger on task_engine was handed a share of the tasks.)
+    """
+    info = load_connection_file(curve_cluster.connection_file)
     ctx = zmq.Context()
-    stranger = ctx.socket(zmq.DEALER)
+    strangers: list[zmq.Socket] = []
     try:
-        stranger.linger = 0
-        stranger.connect(info.url("task_engine"))
-        time.sleep(0.5)  # connected
-        with monq.Client(connection_file=own_cluster.connection_file, timeout=10.0) as c:
+        own_keys = _curve_socket(ctx, info, keys=CurveKeys.new())
+        plain = ctx.socket(zmq.DEALER)
+        plain.linger = 0
+        strangers = [own_keys, plain]
+        for s in strangers:
+            s.connect(info.url("task_engine"))
+        with monq.Client(connection_file=curve_cluster.connection_file, timeout=10.0) as c:
             v = c.load_balanced_view()
-            ars = [v.apply_async(lambda i=i: i) for i in range(6)]
-            got_one = stranger.poll(3000, zmq.POLLIN)
-            stranger.close(linger=0)
-            assert not got_one, "a stranger was handed a task"
-            assert [a.get(timeout=10) for a in ars] == list(range(6))
+            ars = [v.apply_async(lambda i=i: i) for i in range(20)]
+            assert [a.get(timeout=30) for a in ars] == list(range(20))
+            for s in strangers:
+                assert not s.poll(500, zmq.POLLIN), "a stranger was handed a task"
     finally:
-        stranger.close(linger=0)
+        for s in strangers:
+            s.close(linger=0)
         ctx.term()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: replay protection is per receiver (highest seq seen per sender and channel), "
-    "but the task relay load-balances: a captured apply_request sent again goes to the other "
-    "engine, which has never seen that sender, and runs there a second time. Needs a shared "
-    "decision (e.g. the engine asks the Hub before running), not a small fix."))
-def test_a_replayed_task_does_not_run_twice(own_cluster: Cluster, tmp_path: Path) -> None:
+def test_without_curve_the_task_engine_port_is_for_trusted_local_users(
+        own_cluster: Cluster) -> None:
+    """The assumption plain mode rests on, written down: the ports are on loopback only.
+
+    Without ``--curve`` nothing authenticates a connection, and any process that can reach
+    task_engine would be handed load-balanced tasks (it cannot run or forge anything: that
+    needs the key).  So plain mode binds 127.0.0.1 and trusts the machine's local users;
+    README "Security" says so, and ``--curve`` is the answer for anything else.
+    """
     info = load_connection_file(own_cluster.connection_file)
+    assert info.ip == "127.0.0.1" and info.curve is None
+    for port in info.ports.values():
+        s = _socket.socket()
+        try:
+            s.settimeout(2)
+            # reachable on loopback ...
+            s.connect(("127.0.0.1", port))
+        finally:
+            s.close()
+    hosts = {a[4][0] for a in _socket.getaddrinfo(_socket.gethostname(), None,
+                                                  _socket.AF_INET)} - {"127.0.0.1"}
+    for host in sorted(hosts)[:2]:
+        if host.startswith("127."):
+            continue
+        s = _socket.socket()
+        try:
+            s.settimeout(2)
+            # ... and on no other interface of this machine
+            assert s.connect_ex((host, info.ports["task_engine"])) != 0, host
+        finally:
+            s.close()
+
+
+@pytest.mark.slow
+def test_a_replayed_task_does_not_run_twice(curve_cluster: Cluster, tmp_path: Path) -> None:
+    """A captured request replayed by anyone without the cluster's curve keys runs nowhere.
+
+    Replay protection in the engines is per receiver, and the task relay load-balances,
+    so a replay that reached the relay could run once on each engine.  Under Curve it
+    cannot reach the relay: capturing needs the curve keys (traffic is encrypted, and
+    strangers cannot connect to task_engine), and so does sending.  Whoever holds the keys
+    holds the connection file, and with it the cluster key: they can run anything anyway.
+    """
+    info = load_connection_file(curve_cluster.connection_file)
     log = tmp_path / "runs.log"
 
     def record() -> None:
@@ -481,40 +538,92 @@ def test_a_replayed_task_does_not_run_twice(own_cluster: Cluster, tmp_path: Path
     buffers, raw = pack_apply(record, (), {})
     _, frames = Session(info.key).serialize("apply_request", "task", {}, buffers=buffers, raw=raw)
     ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
+    socks: list[zmq.Socket] = []
     try:
-        s.linger = 0
-        s.sndtimeo = 5000
-        s.connect(info.url("task_client"))
-        s.send_multipart(frames)
-        s.send_multipart(frames)  # the exact same bytes: a replay
+        owner = _curve_socket(ctx, info)
+        plain = ctx.socket(zmq.DEALER)
+        plain.linger = 0
+        plain.sndtimeo = 0
+        stranger = _curve_socket(ctx, info, keys=CurveKeys.new())
+        stranger.sndtimeo = 0
+        socks = [owner, plain, stranger]
+        for s in socks:
+            s.connect(info.url("task_client"))
+        owner.send_multipart(frames)  # the original
         wait_until(log.exists, 10, "the task to run once")
-        time.sleep(1.5)
+        for s in (plain, stranger):  # the replays: same bytes, from outside
+            for _ in range(3):
+                with contextlib.suppress(zmq.Again):
+                    s.send_multipart(frames, zmq.NOBLOCK)
+        with monq.Client(connection_file=curve_cluster.connection_file, timeout=10) as c:
+            # whatever was going to reach an engine has reached it once the Hub has seen
+            # a later task: both go through the same relay, in order
+            assert c.load_balanced_view().apply_sync(lambda: "later") == "later"
         runs = log.read_text().split()
         assert len(runs) == 1, f"ran {len(runs)} times, on pids {sorted(set(runs))}"
     finally:
-        s.close(linger=0)
+        for s in socks:
+            s.close(linger=0)
         ctx.term()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: one frame sent to a port of the ROUTER->ROUTER direct relay desynchronises "
-    "pyzmq's C monitored_queue (it reads two identity frames, then 'the rest' from the next "
-    "message): the next direct message is glued onto it and lost. See test_relay.py."))
-def test_a_single_frame_on_the_direct_port_costs_nothing(own_cluster: Cluster) -> None:
+def test_a_replay_in_plain_mode_is_refused_by_its_engine_and_counted(
+        own_cluster: Cluster, tmp_path: Path) -> None:
+    """Without Curve: a replay to the same engine does not run again, and the Hub counts it."""
+    info = load_connection_file(own_cluster.connection_file)
+    log = tmp_path / "runs.log"
+
+    def record() -> None:
+        with open(log, "a") as f:
+            f.write("ran\n")
+
+    with monq.Client(connection_file=own_cluster.connection_file, timeout=10.0) as c:
+        before = rejected(c)
+        uuid = next(e["uuid"] for e in c.cluster_status()["engines"] if e["status"] == "alive")
+        buffers, raw = pack_apply(record, (), {})
+        _, frames = Session(info.key).serialize("apply_request", "direct", {},
+                                                buffers=buffers, raw=raw)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        try:
+            s.linger = 0
+            s.sndtimeo = 5000
+            s.connect(info.url("direct_client"))
+            for _ in range(3):
+                s.send_multipart([uuid.encode(), *frames])
+            wait_until(lambda: rejected(c)["replay"] >= before["replay"] + 2, 10,
+                       "the Hub to count both replays")
+            replies = 0
+            while s.poll(1000, zmq.POLLIN):
+                s.recv_multipart()
+                replies += 1
+            assert replies == 1
+        finally:
+            s.close(linger=0)
+            ctx.term()
+    assert log.read_text().split() == ["ran"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("port", ["direct_client", "direct_engine"])
+def test_a_single_frame_on_the_direct_port_costs_nothing(own_cluster: Cluster,
+                                                         port: str) -> None:
+    """(Formerly a known bug of pyzmq's C loop; the direct relay is monq's own now.)"""
     info = load_connection_file(own_cluster.connection_file)
     ctx = zmq.Context()
     stranger = ctx.socket(zmq.DEALER)
     try:
         stranger.linger = 0
         stranger.sndtimeo = 5000
-        stranger.connect(info.url("direct_client"))
-        stranger.send(b"one frame")
-        time.sleep(0.3)
+        stranger.connect(info.url(port))
         with monq.Client(connection_file=own_cluster.connection_file, timeout=10.0) as c:
-            eid = c.ids[0]
-            assert c[eid].apply_async(lambda: "through").get(timeout=5) == "through"
+            before = rejected(c)
+            stranger.send(b"one frame")
+            wait_until(lambda: rejected(c)["direct relay: too few frames"] >
+                       before["direct relay: too few frames"], 10, "the relay to count it")
+            for eid in c.ids:
+                assert c[eid].apply_async(lambda: "through").get(timeout=5) == "through"
     finally:
         stranger.close(linger=0)
         ctx.term()
