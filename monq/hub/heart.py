@@ -37,13 +37,15 @@ class HeartMonitor:
     def __contains__(self, uuid: bytes) -> bool:
         return uuid in self._last
 
-    def handle_pong(self, frames: list[bytes]) -> None:
-        """Record one pong: ``[uuid, b"ping", beat]``; anything else is ignored."""
+    def handle_pong(self, frames: list[bytes]) -> bool:
+        """Record one pong: ``[uuid, b"ping", beat]``; False (ignored) for anything else."""
         if len(frames) != 3 or frames[1] != b"ping":
-            return
+            return False
         uuid = frames[0]
         if uuid in self._last:
             self._last[uuid] = time.monotonic()
+            return True
+        return False
 
     def tick(self, now: float | None = None) -> Iterable[bytes]:
         """Send a ping when one is due; return the uuids of engines now dead."""

@@ -230,7 +230,11 @@ class Hub:
         self._drain(self.router, self._on_router)
 
     def _drain_pong(self) -> None:
-        self._drain(self.heart.pong, lambda fr: self.heart.handle_pong([f.bytes for f in fr]))
+        self._drain(self.heart.pong, self._on_pong)
+
+    def _on_pong(self, frames: list[Any]) -> None:
+        if not self.heart.handle_pong([f.bytes for f in frames]):
+            self.rejected["bad pong"] += 1
 
     # -- monitor: the life of tasks ---------------------------------------------
 
