@@ -10,6 +10,7 @@ from monq.errors import (
     ProtocolError,
     RemoteError,
     SerializationError,
+    TaskTimeout,
     TimeoutError,
 )
 from monq.records import TaskRecord
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncMapResult", "AsyncResult", "AuthenticationError", "Client", "DirectView",
     "EngineDied", "HubError", "LoadBalancedView", "MonqError", "NoClusterError",
-    "ProtocolError", "RemoteError", "SerializationError", "TaskRecord", "TimeoutError",
+    "ProtocolError", "RemoteError", "SerializationError", "TaskRecord", "TaskTimeout",
+    "TimeoutError",
     "recv_array", "send_array",
 ]

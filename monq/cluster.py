@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -73,6 +73,10 @@ class ClusterConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     log_level: str = "INFO"
+    #: restart an engine or the controller that exits on its own (at most
+    #: ``max_restarts`` times a minute each, so a crash loop ends)
+    restart: bool = True
+    max_restarts: int = 5
     #: CurveZMQ on every channel: encrypted, and only holders of the keys can connect
     curve: bool = False
 
@@ -137,9 +141,17 @@ class _Child:
     log_path: Path
     log_offset: int
     reported: bool = False
+    #: monotonic times of this slot's restarts in the last minute
+    restarts: list[float] = field(default_factory=list)
 
     def tail(self) -> str:
         return log_tail(self.log_path, self.log_offset)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 def _is_monq_process(pid: int) -> bool:
@@ -223,6 +235,9 @@ class Cluster:
         self._lock_fd: int | None = None
         self._stop_requested = threading.Event()
         self._stopped = False
+        self._watch: threading.Thread | None = None
+        #: the exit code that ended supervision (a child that could not be kept up)
+        self._failed: int | None = None
 
     # -- public state
 
@@ -264,10 +279,7 @@ class Cluster:
             # engines start at once, beside the controller: their start-up (imports) overlaps
             # its own, and each waits for the connection file that names this controller
             for i in range(cfg.n_engines):
-                self.engines.append(self._spawn(
-                    f"engine-{i}", ["monq.engine", "--connection-file", str(self.connection_file),
-                                    "--controller-pid", str(ctl.proc.pid),
-                                    "--log-level", cfg.log_level]))
+                self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid))
             self.info = self._wait_for_controller(ctl, deadline)
             if on_controller is not None:
                 on_controller(self.info)
@@ -277,6 +289,9 @@ class Cluster:
             raise
         log.info("cluster %r up: controller pid %d, %d engines",
                  cfg.profile, self.info.controller_pid, len(self.engines))
+        self._watch = threading.Thread(target=self._supervise, name="monq-supervisor",
+                                       daemon=True)
+        self._watch.start()
         return self.info
 
     def _lock_profile(self) -> None:
@@ -322,6 +337,11 @@ class Cluster:
             logf.close()
         log.debug("started %s: pid %d", name, proc.pid)
         return _Child(name, proc, log_path, offset)
+
+    def _spawn_engine(self, name: str, controller_pid: int) -> _Child:
+        return self._spawn(name, ["monq.engine", "--connection-file", str(self.connection_file),
+                                  "--controller-pid", str(controller_pid),
+                                  "--log-level", self.config.log_level])
 
     def _spawn_controller(self) -> _Child:
         cfg = self.config
@@ -395,30 +415,89 @@ class Cluster:
         self._stop_requested.set()
 
     def wait(self) -> int:
-        """Supervise until a stop is requested or the controller exits.
+        """Supervise until a stop is requested or a child cannot be kept running.
 
-        An engine that exits is logged with its exit code (the Hub notices
-        the missing heartbeats and ends its tasks).  Returns 0 after a
-        requested stop, else the controller's exit code.  Does not stop
-        anything itself: the caller calls :meth:`stop` (``__exit__`` does).
+        The supervision itself runs in a thread started by :meth:`start` (see
+        :meth:`_supervise`).  Returns 0 after a requested stop, else the exit
+        code of the child that kept failing.  Does not stop anything itself:
+        the caller calls :meth:`stop` (``__exit__`` does).
         """
         if self.controller is None:
             raise ClusterError("the cluster was not started")
-        while not self._stop_requested.wait(SUPERVISE_POLL):
-            for e in self.engines:
-                code = e.proc.poll()
-                if code is not None and not e.reported:
+        self._stop_requested.wait()
+        return self._failed or 0
+
+    def _supervise(self) -> None:
+        """Watch the children: an engine that exits is reported to the Hub at once (it ends
+        the tasks the engine held without waiting for heartbeats) and restarted; a
+        controller that exits is restarted with the same profile, so the engines and
+        clients reconnect to it by themselves."""
+        import zmq
+
+        from monq.protocol import Session
+        from monq.security import client_socket_setup
+
+        assert self.info is not None
+        ctx = zmq.Context()
+        ctx.linger = 0
+        hub = ctx.socket(zmq.DEALER)
+        hub.linger = 0
+        session = Session(self.info.key)
+        client_socket_setup(hub, self.info)
+        hub.connect(self.info.url("hub"))
+        try:
+            while not self._stop_requested.wait(SUPERVISE_POLL):
+                self._check_controller()
+                for i, e in enumerate(self.engines):
+                    code = e.proc.poll()
+                    if code is None or e.reported or self._stop_requested.is_set():
+                        continue
                     e.reported = True
                     log.warning("%s (pid %d) exited with code %d; log: %s",
                                 e.name, e.proc.pid, code, e.log_path)
-            code = self.controller.proc.poll()
-            if code is not None:
-                self.controller.reported = True
-                log.error("the controller (pid %d) exited with code %d; log: %s\n%s",
-                          self.controller.proc.pid, code, self.controller.log_path,
-                          self.controller.tail())
-                return code if code != 0 else 1
-        return 0
+                    session.send(hub, "engine_exited", "supervisor", {
+                        "pid": e.proc.pid, "hostname": _hostname(), "code": code})
+                    if self._may_restart(e) and self.controller is not None:
+                        new = self._spawn_engine(e.name, self.controller.proc.pid)
+                        new.restarts = e.restarts
+                        self.engines[i] = new
+                        log.info("restarted %s: pid %d", e.name, new.proc.pid)
+        except Exception:
+            log.exception("the supervisor thread failed")
+        finally:
+            hub.close(linger=0)
+            ctx.term()
+
+    def _may_restart(self, child: _Child) -> bool:
+        if not self.config.restart:
+            return False
+        now = time.monotonic()
+        child.restarts[:] = [t for t in child.restarts if now - t < 60.0]
+        if len(child.restarts) >= self.config.max_restarts:
+            log.error("%s exited %d times within a minute: not restarting it again",
+                      child.name, len(child.restarts))
+            return False
+        child.restarts.append(now)
+        return True
+
+    def _check_controller(self) -> None:
+        ctl = self.controller
+        if ctl is None or ctl.reported:
+            return
+        code = ctl.proc.poll()
+        if code is None or self._stop_requested.is_set():
+            return
+        ctl.reported = True
+        log.error("the controller (pid %d) exited with code %d; log: %s\n%s",
+                  ctl.proc.pid, code, ctl.log_path, ctl.tail())
+        if not self._may_restart(ctl):
+            self._failed = code if code != 0 else 1
+            self._stop_requested.set()
+            return
+        new = self._spawn_controller()
+        new.restarts = ctl.restarts
+        log.info("restarted the controller: pid %d (same profile, ports and key)",
+                 new.proc.pid)
 
     # -- stop
 
@@ -437,6 +516,8 @@ class Cluster:
             return
         self._stopped = True
         self._stop_requested.set()
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(timeout=5)  # it must not restart what we stop
         try:
             if self.engines:
                 terminate([e.proc for e in self.engines], timeout)

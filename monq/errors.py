@@ -42,6 +42,17 @@ class EngineDied(MonqError):
         self.engine = engine
 
 
+class TaskTimeout(MonqError):
+    """A task ran longer than the ``timeout`` of its view and was ended."""
+
+    def __init__(self, msg: str, engine: int | None = None, msg_id: str | None = None,
+                 traceback: str = "") -> None:
+        super().__init__(msg)
+        self.engine = engine
+        self.msg_id = msg_id
+        self.traceback = traceback
+
+
 class HubError(MonqError):
     """The Hub could not answer a query (bad filter, unknown msg_id, ...)."""
 

@@ -108,7 +108,11 @@ def server_socket_setup(sock: zmq.Socket, keys: CurveKeys | None,
 
 def client_socket_setup(sock: zmq.Socket, info: ConnectionInfo) -> None:
     """Options for a socket an engine or client connects to the controller; before ``connect``."""
-    keys = curve_keys(info)
+    curve_client_setup(sock, curve_keys(info))
+
+
+def curve_client_setup(sock: zmq.Socket, keys: CurveKeys | None) -> None:
+    """Curve client options from the keys themselves (the controller's own probe socket)."""
     if keys is not None:
         sock.curve_serverkey = keys.server_public
         sock.curve_publickey = keys.client_public

@@ -99,7 +99,8 @@ def test_wait_logs_an_engine_that_exits_and_returns_on_request(
 
 @pytest.mark.slow
 def test_wait_returns_when_the_controller_dies(monq_home: Path) -> None:
-    with Cluster(ClusterConfig(n=1)) as c:
+    # restart=False: otherwise the supervisor starts a new controller (test_reliability)
+    with Cluster(ClusterConfig(n=1, restart=False)) as c:
         c.start(timeout=START_TIMEOUT)
         os.kill(c.pids["controller"], signal.SIGKILL)
         t0 = time.monotonic()

@@ -15,7 +15,8 @@ from monq.cluster import Cluster, ClusterConfig
 
 @pytest.mark.slow
 def test_waiting_tasks_fail_when_the_controller_dies(tmp_path: Path) -> None:
-    cluster = Cluster(ClusterConfig(n=1, home=tmp_path, heartbeat_period=0.2))
+    # restart=False: a controller that stays dead (a restarted one is test_reliability's)
+    cluster = Cluster(ClusterConfig(n=1, home=tmp_path, heartbeat_period=0.2, restart=False))
     try:
         cluster.start(timeout=60)
         c = monq.Client(connection_file=cluster.connection_file)

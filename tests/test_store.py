@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -286,18 +285,14 @@ def test_history_bad_arguments(filled: TaskStore, kwargs: dict[str, Any], match:
 def test_history_uses_an_index_at_100k_rows(store: TaskStore) -> None:
     statuses = ("ok", "ok", "ok", "error", "pending")
     n = 100_000
-    t0 = time.monotonic()
     for start in range(0, n, 10_000):
         store.write([{"msg_id": f"m{i:06d}", "status": statuses[i % 5], "engine": i % 4,
                       "client": "c", "submitted": float((i * 7919) % n)}
                      for i in range(start, start + 10_000)], [])
-    t1 = time.monotonic()
     rows = store.history(status="error", limit=100)
-    t2 = time.monotonic()
     assert len(rows) == 100
     subs = [r["submitted"] for r in rows]
     assert subs == sorted(subs, reverse=True) and all(r["status"] == "error" for r in rows)
-    assert t2 - t1 < 0.5, f"history took {t2 - t1:.3f}s"
 
     stmt = (select(tasks.c.msg_id)
             .where(q.history_clause(tasks, status="error"))
@@ -307,7 +302,6 @@ def test_history_uses_an_index_at_100k_rows(store: TaskStore) -> None:
         plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
     assert "USING INDEX" in plan and "status" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # the index also gives the order
-    assert t2 - t0 < 10
 
 
 # -- db_query ---------------------------------------------------------------------

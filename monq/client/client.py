@@ -59,6 +59,9 @@ class Client:
         self._queries: dict[str, Any] = {}
         self._engines: dict[int, str] = {}
         self._closed = False
+        self._listeners: list[Callable[[str, int, str], None]] = []
+        #: the session of the controller's Hub; another one means it restarted
+        self._hub_session: str | None = None
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
@@ -86,6 +89,7 @@ class Client:
             self.close()
             raise
         self._set_engines(reply["engines"])
+        self._hub_session = reply.get("hub_session")
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -148,7 +152,8 @@ class Client:
 
     def _send_apply(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any], engine: int | None = None,
-                    label: str | None = None) -> TaskFuture:
+                    label: str | None = None, retries: int = 0,
+                    timeout: float | None = None) -> TaskFuture:
         buffers, raw = pack_apply(f, args, kwargs)
         idents: list[bytes] = []
         if channel == "direct":
@@ -157,15 +162,42 @@ class Client:
         md: dict[str, Any] = {"func": func_name(f)}
         if label is not None:
             md["label"] = str(label)
+        if timeout is not None:
+            md["timeout"] = float(timeout)
+        if retries:
+            md["retries"] = int(retries)
         holder: list[TaskFuture] = []
 
         def register(hdr: dict[str, Any]) -> None:
             fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
+            if channel == "task":
+                fut.request = (md, buffers, raw)
+                fut.retries_left = int(retries)
             self._tasks[hdr["msg_id"]] = fut
             holder.append(fut)
 
         self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
         return holder[0]
+
+    def _resend(self, fut: TaskFuture, why: str) -> bool:
+        """Send a load-balanced task again, under the same msg_id; False if it cannot be."""
+        if fut.request is None or fut.done():
+            return False
+        md, buffers, raw = fut.request
+        md = {**md, "retries_done": int(md.get("retries_done", 0)) + 1}
+        fut.request = (md, buffers, raw)
+        with self._lock:
+            if self._closed:
+                return False
+            hdr = self.session.header("apply_request", "task", msg_id=fut.msg_id)
+            _, frames = self.session.serialize("apply_request", "task", {}, metadata=md,
+                                               buffers=buffers, raw=raw, header=hdr)
+            self._tasks[fut.msg_id] = fut
+            fut.metadata["status"] = "pending"
+            fut.metadata["retries"] = md["retries_done"]
+            self._outbox.put(b"task", frames, self._pipe)
+        log.info("task %s sent again: %s", fut.msg_id, why)
+        return True
 
     def _engine_uuid(self, engine: int) -> str:
         uuid = self._engines.get(engine)
@@ -186,7 +218,12 @@ class Client:
         fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
                                                     "stderr")})
         fut.metadata.update({k: _dt(md.get(k)) for k in ("started", "completed", "received")})
-        fut.metadata["status"] = msg.content.get("status", "error")
+        status = fut.metadata["status"] = msg.content.get("status", "error")
+        if status == "timeout" and fut.retries_left > 0:
+            fut.retries_left -= 1
+            if self._resend(fut, "it overran its timeout"):
+                return
+        fut.request = None
         self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],
@@ -196,6 +233,11 @@ class Client:
                 fut.set_result(deserialize(buffers))
             except errors.SerializationError as e:
                 fut.set_exception(e)
+        elif content.get("status") == "timeout":
+            fut.set_exception(errors.TaskTimeout(
+                f"task {fut.msg_id} {content.get('evalue') or 'overran its timeout'}",
+                engine if isinstance(engine, int) else None, fut.msg_id,
+                str(content.get("traceback") or "")))
         else:
             fut.set_exception(_remote_error(content, engine, fut.msg_id))
 
@@ -208,16 +250,99 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
+            self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
+            self._tell("unregistered", int(c["id"]), str(c.get("reason", "")))
         elif msg.msg_type == "task_lost":
-            for msg_id in c.get("msg_ids", []):
+            self._on_lost(c)
+        elif msg.msg_type == "hub_beat":
+            hub = c.get("hub")
+            if isinstance(hub, str) and self._hub_session is not None and \
+                    hub != self._hub_session:
+                self._hub_session = hub
+                log.warning("the controller restarted: reconciling this client's tasks")
+                threading.Thread(target=self._reconcile, name="monq-reconcile",
+                                 daemon=True).start()
+
+    def on_engines(self, callback: Callable[[str, int, str], None]) -> None:
+        """Call ``callback(event, engine_id, reason)`` when an engine comes or goes.
+
+        ``event`` is ``"registered"`` or ``"unregistered"``; ``reason`` says why
+        an engine went (``stopped``, ``missed heartbeats``, ``its process exited
+        ...``).  Callbacks run in the client's I/O thread: keep them short.
+        """
+        self._listeners.append(callback)
+
+    def _tell(self, event: str, engine: int, reason: str) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(event, engine, reason)
+            except Exception:
+                log.exception("an engine listener failed")
+
+    def _reconcile(self) -> None:
+        """After a controller restart: settle every task still waiting here.
+
+        The new Hub knows what the old one recorded.  A task it has finished is
+        fetched from the history; one it holds as unfinished will be answered
+        or reported lost; one it never heard of was lost with the old
+        controller before being recorded, and is treated as never started.
+        """
+        try:
+            self._refresh_engines()
+            ids = [m for m, f in list(self._tasks.items()) if not f.done()]
+            if not ids:
+                return
+            known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
+        except errors.MonqError as e:
+            log.warning("could not reconcile tasks with the restarted controller: %s", e)
+            return
+        unknown = []
+        for msg_id in ids:
+            status = known.get(msg_id)
+            if status is None:
+                unknown.append(msg_id)
+            elif status not in ("pending", "running"):
                 fut = self._tasks.pop(msg_id, None)
                 if fut is not None and not fut.done():
-                    fut.metadata["status"] = "lost"
-                    fut.set_exception(errors.EngineDied(
-                        f"task {msg_id} was lost: {c.get('reason', 'engine died')}",
-                        c.get("engine")))
+                    try:
+                        self._fetch_result(fut)
+                    except errors.MonqError as e:
+                        fut.set_exception(e)
+        if unknown:
+            self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
+                           "reason": "the controller restarted before recording it"})
+
+    def _on_lost(self, c: dict[str, Any]) -> None:
+        """The Hub says tasks will not be answered: send them again, or fail them.
+
+        A load-balanced task that never started is always sent again (it has had
+        no effect yet); one that started, or overran its timeout, only while its
+        view's ``retries`` last.  Direct tasks belong to their engine: they fail.
+        """
+        reason = str(c.get("reason", "engine died"))
+        status = str(c.get("status", "lost"))
+        for msg_id in c.get("msg_ids", []):
+            fut = self._tasks.pop(msg_id, None)
+            if fut is None or fut.done():
+                continue
+            if fut.request is not None:
+                if not c.get("started", True):
+                    if self._resend(fut, reason):
+                        continue
+                elif fut.retries_left > 0:
+                    fut.retries_left -= 1
+                    if self._resend(fut, reason):
+                        continue
+            fut.request = None
+            fut.metadata["status"] = status
+            if status == "timeout":
+                fut.set_exception(errors.TaskTimeout(f"task {msg_id}: {reason}",
+                                                     c.get("engine"), msg_id))
+            else:
+                fut.set_exception(errors.EngineDied(f"task {msg_id} was lost: {reason}",
+                                                    c.get("engine")))
 
     def _on_hub_lost(self, silent: float) -> None:
         """The controller has been silent too long: fail everything that waits on it."""
@@ -301,15 +426,23 @@ class Client:
                     f"{len(ids)} of {n} engines registered after {timeout}s")
             time.sleep(0.05)
 
-    def load_balanced_view(self, block: bool = False, label: str | None = None
+    def load_balanced_view(self, block: bool = False, label: str | None = None,
+                           retries: int = 0, timeout: float | None = None
                            ) -> LoadBalancedView:
-        """A view whose tasks go to whichever engine is free next."""
-        return LoadBalancedView(self, block=block, label=label)
+        """A view whose tasks go to whichever engine is free next.
+
+        ``retries``: how many more times a task runs when its engine dies under it
+        or it overruns ``timeout`` (seconds; None: no limit).  A task whose engine
+        died before it started is always sent again, retries or not.
+        """
+        return LoadBalancedView(self, block=block, label=label, retries=retries,
+                                timeout=timeout)
 
     def direct_view(self, targets: int | list[int] | None = None, block: bool = False,
-                    label: str | None = None) -> DirectView:
+                    label: str | None = None, timeout: float | None = None) -> DirectView:
         """A view on chosen engines (all of them when ``targets`` is None)."""
-        return DirectView(self, self.ids if targets is None else targets, block, label)
+        return DirectView(self, self.ids if targets is None else targets, block, label,
+                          timeout=timeout)
 
     def executor(self, targets: int | list[int] | None = None) -> MonqExecutor:
         """A concurrent.futures.Executor: load-balanced, or on ``targets``."""
@@ -415,6 +548,10 @@ class Client:
         elif status == "lost":
             fut.set_exception(errors.EngineDied(rec.get("evalue") or "engine died",
                                                 rec.get("engine")))
+        elif status == "timeout":
+            fut.set_exception(errors.TaskTimeout(f"task {fut.msg_id}: {rec.get('evalue')}",
+                                                 rec.get("engine"), fut.msg_id,
+                                                 rec.get("traceback") or ""))
         else:
             fut.set_exception(_remote_error(rec, rec.get("engine"), fut.msg_id))
 
@@ -428,8 +565,9 @@ class Client:
                     fut.set_exception(e)
 
     def queue_status(self) -> dict[Any, Any]:
-        """Per engine: ``queue`` (direct tasks waiting), ``tasks`` (running), ``completed``;
-        and ``unassigned``: load-balanced tasks not yet started."""
+        """Per engine: ``queue`` (tasks waiting there: addressed to it, or load-balanced
+        ones it has read), ``tasks`` (running), ``completed``; and ``unassigned``:
+        load-balanced tasks no engine has read yet."""
         q = self._query("queue_request", {})["queue"]
         return {(int(k) if k.isdigit() else k): v for k, v in q.items()}
 

@@ -26,6 +26,11 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
                  engine: int | None = None) -> None:
         super().__init__()
         self.msg_id = msg_id
+        self.queue = queue
+        #: load-balanced tasks keep what they were sent with, to be sent again: after
+        #: their engine died before reading them, or for a retry
+        self.request: tuple[dict[str, Any], Sequence[Any], Sequence[bool]] | None = None
+        self.retries_left = 0
         self.metadata: dict[str, Any] = {
             "msg_id": msg_id, "engine": engine, "status": "pending", "queue": queue,
             "submitted": _dt(submitted), "started": None, "completed": None, "received": None,

@@ -33,10 +33,15 @@ def _chunks(seqs: Sequence[Sequence[Any]], chunksize: int) -> list[list[list[Any
 class View:
     """What both views share: flags, map built on apply."""
 
-    def __init__(self, client: Client, block: bool = False, label: str | None = None) -> None:
+    def __init__(self, client: Client, block: bool = False, label: str | None = None,
+                 timeout: float | None = None) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.client = client
         self.block = block
         self.label = label
+        #: seconds a task may run before it is ended and recorded ``timeout``
+        self.timeout = timeout
 
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 ) -> list[Any]:
@@ -99,9 +104,19 @@ class View:
 class LoadBalancedView(View):
     """Tasks go to whichever engine is free next (ROUTER->DEALER relay)."""
 
+    def __init__(self, client: Client, block: bool = False, label: str | None = None,
+                 retries: int = 0, timeout: float | None = None) -> None:
+        super().__init__(client, block, label, timeout)
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        #: how many more times a task may run after its engine died under it or it
+        #: overran ``timeout``
+        self.retries = retries
+
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 ) -> list[Any]:
-        return [self.client._send_apply("task", f, args, kwargs, label=self.label)]
+        return [self.client._send_apply("task", f, args, kwargs, label=self.label,
+                                        retries=self.retries, timeout=self.timeout)]
 
     def _n_workers(self) -> int:
         return max(1, len(self.client.ids))
@@ -114,8 +129,8 @@ class DirectView(View):
     """Tasks go to the engines named by ``targets`` (ROUTER->ROUTER relay)."""
 
     def __init__(self, client: Client, targets: int | list[int], block: bool = False,
-                 label: str | None = None) -> None:
-        super().__init__(client, block, label)
+                 label: str | None = None, timeout: float | None = None) -> None:
+        super().__init__(client, block, label, timeout)
         self.targets = targets
         self._target_list = [targets] if isinstance(targets, int) else list(targets)
         if not self._target_list:
@@ -129,7 +144,8 @@ class DirectView(View):
 
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 ) -> list[Any]:
-        return [self.client._send_apply("direct", f, args, kwargs, engine=t, label=self.label)
+        return [self.client._send_apply("direct", f, args, kwargs, engine=t, label=self.label,
+                                          timeout=self.timeout)
                 for t in self._target_list]
 
     def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]]) -> list[Any]:
@@ -138,7 +154,7 @@ class DirectView(View):
         for i, cols in enumerate(chunks):
             t = self._target_list[i % len(self._target_list)]
             out.append(self.client._send_apply("direct", _map_chunk, (f, *cols), {}, engine=t,
-                                               label=self.label))
+                                               label=self.label, timeout=self.timeout))
         return out
 
     def execute(self, code: str) -> AsyncResult:
@@ -163,7 +179,8 @@ class DirectView(View):
             end = start + size + (1 if i < extra else 0)
             part = seq[start:end]
             children.append(self.client._send_apply("direct", _push, ({name: part},), {},
-                                                    engine=t, label=self.label))
+                                                    engine=t, label=self.label,
+                                          timeout=self.timeout))
             start = end
         return AsyncResult(children, single=False)
 

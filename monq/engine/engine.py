@@ -18,12 +18,14 @@ the Context (ending the heartbeat proxy); safe to call twice.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
 import json
 import logging
 import os
+import signal
 import socket as _socket
 import sys
 import threading
@@ -91,51 +93,101 @@ class _Capture(io.StringIO):
         return v + (f"\n[... {self.dropped} characters dropped]" if self.dropped else "")
 
 
-class _StartNotifier(threading.Thread):
-    """Tells the Hub which task is running, for tasks that run long enough to matter.
+class TaskTimeout(BaseException):
+    """Raised inside a running task when it overruns its timeout (answered ``timeout``)."""
 
-    A notice per task would be a third message per task through the Hub and
-    more than half of a short task's cost on the engine; a task that ends
-    within ``delay`` seconds is reported by its reply alone (which carries the
-    started time).  So the engine only records the current task, and this
-    thread, looking every ``delay`` seconds, reports one still running.  It
-    owns its own socket to the Hub.
+
+@dataclass
+class _Item:
+    """A task read from a channel, waiting to run or running."""
+
+    sock: zmq.Socket
+    channel: str
+    msg: Message
+    received: float
+
+
+class _Link(threading.Thread):
+    """The engine's second thread: what must happen while a task runs.
+
+    It owns the engine's socket to the Hub (identity = the engine's uuid) and,
+    every ``delay`` seconds:
+
+    - tells the Hub which task is running, for a task still running after
+      ``delay`` (a task that ends sooner is reported by its reply alone, which
+      keeps a short task to two messages through the Hub);
+    - while the main thread runs a task, reads whatever waits on the task and
+      direct channels into the engine's backlog (it takes the socket lock,
+      which the main thread releases while user code runs);
+    - reports to the Hub the msg_ids read but not yet answered.  With those
+      receipts the Hub can tell which load-balanced tasks went to an engine
+      that died before reading them (see monq.hub.tracker);
+    - answers the Hub's ``reregister_request`` (a restarted controller does
+      not know this engine yet).
     """
 
-    def __init__(self, ctx: zmq.Context, url: str, session: Session, engine: Engine,
+    def __init__(self, engine: Engine, sock: zmq.Socket, session: Session,
                  delay: float) -> None:
-        super().__init__(name="started-notifier", daemon=True)
-        self.ctx = ctx
-        self.url = url
-        self.session = session
+        super().__init__(name="engine-link", daemon=True)
         self.engine = engine
+        self.sock = sock
+        self.session = session
         self.delay = delay
-        #: (msg_id, started) of the task running now, set by the engine's main thread
-        self.current: tuple[str, float] | None = None
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
+        eng = self.engine
+        told: str | None = None
+        ms = max(1, int(self.delay * 1000))
         try:
-            sock.linger = 0
-            client_socket_setup(sock, self.engine.info)
-            sock.connect(self.url)
-            told: str | None = None
-            while not self._stop_event.wait(self.delay):
-                cur = self.current
-                if cur is None or cur[0] == told or time.time() - cur[1] < self.delay:
-                    continue
-                told = cur[0]
-                self.session.send(sock, "task_started", "started", {
-                    "msg_id": cur[0], "engine": self.engine.id,
-                    "engine_uuid": self.engine.uuid, "started": cur[1]})
+            while not self._stop_event.is_set():
+                if self.sock.poll(ms):
+                    self._drain_hub()
+                cur = eng.current
+                if cur is not None and cur[0] != told and time.time() - cur[1] >= self.delay:
+                    told = cur[0]
+                    self._send("task_started", {"msg_id": cur[0], "engine": eng.id,
+                                                "engine_uuid": eng.uuid, "started": cur[1]})
+                if cur is not None and eng.lock.acquire(blocking=False):
+                    try:
+                        eng.read_available()
+                    finally:
+                        eng.lock.release()
+                self._report_receipts()
         except zmq.ContextTerminated:
             pass
-        finally:
-            sock.close(linger=0)
+        except Exception:
+            log.exception("the engine's link thread failed")
+
+    def _send(self, msg_type: str, content: dict[str, Any]) -> None:
+        self.session.send(self.sock, msg_type, "link", content)
+
+    def _report_receipts(self) -> None:
+        ids: list[str] = []
+        q = self.engine.receipts
+        while q:
+            ids.append(q.popleft())
+        if ids:
+            self._send("tasks_received", {"msg_ids": ids, "engine": self.engine.id,
+                                          "engine_uuid": self.engine.uuid})
+
+    def _drain_hub(self) -> None:
+        while True:
+            try:
+                msg = self.session.recv(self.sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg is None:
+                continue
+            if msg.msg_type == "reregister_request":
+                log.info("the Hub asks this engine to register again (controller restarted?)")
+                self._send("registration_request", self.engine.registration_content())
+            elif msg.msg_type == "registration_reply" and msg.content.get("status") == "ok":
+                self.engine.id = int(msg.content["id"])
+                log.info("registered again as engine %d", self.engine.id)
 
 
 class Engine:
@@ -153,31 +205,78 @@ class Engine:
         self._closed = False
         #: True while a task's own code runs (read by the signal handler)
         self.busy = False
+        #: (msg_id, started) of the task running now, read by the link thread
+        self.current: tuple[str, float] | None = None
+        #: guards the task and direct sockets, ``self.session`` and the backlog: the main
+        #: thread holds it except while a task's own code runs
+        self.lock = threading.Lock()
+        #: tasks read but not yet run, in the order they were read
+        self.backlog: collections.deque[_Item] = collections.deque()
+        #: msg_ids read but not answered at once, for the link thread to report
+        self.receipts: collections.deque[str] = collections.deque()
         self._heart: threading.Thread | None = None
-        self._notifier: _StartNotifier | None = None
+        self._link: _Link | None = None
         ident = self.uuid.encode()
+        # the link socket (identity = uuid, so the Hub can address it) registers; the
+        # main thread keeps its own Hub socket for the few notices it sends itself
+        self.link = self.ctx.socket(zmq.DEALER)
+        self.link.identity = ident
         self.hub = self.ctx.socket(zmq.DEALER)
         self.task = self.ctx.socket(zmq.DEALER)
         self.direct = self.ctx.socket(zmq.DEALER)
         for s in (self.task, self.direct):
             s.identity = ident
-        for s in (self.hub, self.task, self.direct):
+        self.channels = {self.task: "task", self.direct: "direct"}
+        for s in (self.link, self.hub, self.task, self.direct):
             client_socket_setup(s, info)
+        self.link.connect(info.url("hub"))
         self.hub.connect(info.url("hub"))
 
     # -- lifecycle ----------------------------------------------------------------
 
+    def registration_content(self) -> dict[str, Any]:
+        """What the Hub is told at registration; ``id`` and ``holding`` (the tasks read and
+        not answered yet) matter when registering again with a restarted controller."""
+        holding: list[str] = []
+        cur = self.current
+        if cur is not None:
+            holding.append(cur[0])
+        with contextlib.suppress(RuntimeError):  # the main thread may change it meanwhile
+            holding += [item.msg.msg_id for item in list(self.backlog)]
+        return {"uuid": self.uuid, "hostname": _socket.gethostname(), "pid": os.getpid(),
+                "id": self.id, "holding": holding}
+
+    def _connect_direct(self, timeout: float) -> None:
+        """Join the direct relay and wait until it knows this engine's identity.
+
+        The direct relay's ROUTER drops a message for an identity it has not
+        seen: were the Hub to announce this engine first, a client's first
+        direct task could vanish there.
+        """
+        mon = self.direct.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            self.direct.connect(self.info.url("direct_engine"))
+            if mon.poll(int(timeout * 1000)):
+                mon.recv_multipart()
+            else:
+                log.warning("no handshake with the direct relay within %.0fs", timeout)
+        finally:
+            self.direct.disable_monitor()
+            mon.close(linger=0)
+
     def register(self) -> int:
         """Register with the Hub; returns the engine id given by the Hub."""
-        hdr = self.session.send(self.hub, "registration_request", "hub", {
-            "uuid": self.uuid, "hostname": _socket.gethostname(), "pid": os.getpid()})
+        self._connect_direct(self.config.registration_timeout)
+        link_session = Session(self.info.key, self.session.session_id)
+        hdr = link_session.send(self.link, "registration_request", "link",
+                                self.registration_content())
         deadline = time.monotonic() + self.config.registration_timeout
         while time.monotonic() < deadline:
-            if not self.hub.poll(100):
+            if not self.link.poll(100):
                 if self._stop:
                     raise RegistrationError("stopped before registering")
                 continue
-            msg = self.session.recv(self.hub)
+            msg = link_session.recv(self.link)
             if msg is None or msg.parent.get("msg_id") != hdr["msg_id"]:
                 continue
             if msg.content.get("status") != "ok":
@@ -187,14 +286,13 @@ class Engine:
         else:
             raise RegistrationError(f"no answer from the Hub at {self.info.url('hub')} within "
                                     f"{self.config.registration_timeout}s")
+        # the task channel is joined only once the Hub knows this engine: no load-balanced
+        # task can reach an engine the Hub does not count (see monq.hub.tracker)
         self.task.connect(self.info.url("task_engine"))
-        self.direct.connect(self.info.url("direct_engine"))
         self._heart = threading.Thread(target=self._heartbeat, name="heart", daemon=True)
         self._heart.start()
-        self._notifier = _StartNotifier(self.ctx, self.info.url("hub"),
-                                        Session(self.info.key, self.session.session_id), self,
-                                        self.config.started_notice_delay)
-        self._notifier.start()
+        self._link = _Link(self, self.link, link_session, self.config.started_notice_delay)
+        self._link.start()
         log.info("engine %d registered (uuid %s)", self.id, self.uuid)
         return self.id
 
@@ -235,58 +333,105 @@ class Engine:
         for s in (self.task, self.direct):
             s.close(linger=0)
         self.hub.close()
-        if self._notifier is not None:
+        if self._link is not None:
             # it owns a socket: it must be gone before the Context can end
-            self._notifier.stop()
-            self._notifier.join(timeout=2)
+            self._link.stop()
+            self._link.join(timeout=2)
+        self.link.close(linger=0)
         self.ctx.term()
         if self._heart is not None:
             self._heart.join(timeout=2)
 
     # -- loop ---------------------------------------------------------------------
 
-    def run(self) -> None:
-        poller = zmq.Poller()
-        channels = {self.task: "task", self.direct: "direct"}
-        for s in channels:
-            poller.register(s, zmq.POLLIN)
-        poller.register(self.hub, zmq.POLLIN)
-        while not self._stop:
-            try:
-                events = poller.poll(200)
-            except zmq.ZMQError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                raise
-            for sock, _ in events:
-                if sock is self.hub:
-                    self.session.recv(self.hub, zmq.NOBLOCK)  # nothing expected; drain
-                    continue
+    def read_available(self) -> None:
+        """Read every message waiting on the task and direct channels into the backlog.
+
+        The caller holds ``self.lock``.  Each task read is reported to the Hub
+        as received (by the link thread); probes are only reported.
+        """
+        for sock, channel in self.channels.items():
+            while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
-                    continue
+                    break
+                self._accept(sock, channel, frames)
+
+    def _accept(self, sock: zmq.Socket, channel: str, frames: list[Any]) -> None:
+        try:
+            msg = self.session.feed(frames)
+        except ProtocolError as e:
+            log.warning("dropped a message on %s: %s", channel, e)
+            return
+        if msg.msg_type == "probe":
+            self.receipts.append(msg.msg_id)
+            return
+        if msg.msg_type != "apply_request":
+            log.warning("ignored %s on %s", msg.msg_type, channel)
+            return
+        self.backlog.append(_Item(sock, channel, msg, time.time()))
+        self.receipts.append(msg.msg_id)
+
+    def _next(self, poller: zmq.Poller) -> _Item | None:
+        """The next task to run: the backlog's oldest, else one read from the channels."""
+        with self.lock:
+            if not self.backlog:
                 try:
-                    msg = self.session.feed(frames)
-                except ProtocolError as e:
-                    log.warning("dropped a message on %s: %s", channels[sock], e)
-                    continue
-                if msg.msg_type != "apply_request":
-                    log.warning("ignored %s on %s", msg.msg_type, channels[sock])
-                    continue
-                try:
-                    self.handle_apply(sock, channels[sock], msg)
-                except Exception:
-                    log.exception("failed to answer %s", msg.msg_id)
+                    events = poller.poll(200)
+                except zmq.ZMQError as e:
+                    if e.errno == errno.EINTR:
+                        return None
+                    raise
+                for sock, _ in events:
+                    # one message per ready channel: the first runs at once and needs
+                    # no receipt (its reply says it all); the rest wait in the backlog
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        continue
+                    try:
+                        msg = self.session.feed(frames)
+                    except ProtocolError as e:
+                        log.warning("dropped a message on %s: %s", self.channels[sock], e)
+                        continue
+                    if msg.msg_type == "probe":
+                        self.receipts.append(msg.msg_id)
+                    elif msg.msg_type != "apply_request":
+                        log.warning("ignored %s on %s", msg.msg_type, self.channels[sock])
+                    elif not self.backlog:
+                        self.backlog.append(_Item(sock, self.channels[sock], msg, time.time()))
+                    else:
+                        self.backlog.append(_Item(sock, self.channels[sock], msg, time.time()))
+                        self.receipts.append(msg.msg_id)
+            return self.backlog.popleft() if self.backlog else None
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for s in self.channels:
+            poller.register(s, zmq.POLLIN)
+        while not self._stop:
+            item = self._next(poller)
+            if item is None:
+                continue
+            try:
+                self.handle_apply(item)
+            except Exception:
+                log.exception("failed to answer %s", item.msg.msg_id)
 
     # -- tasks --------------------------------------------------------------------
 
-    def handle_apply(self, sock: zmq.Socket, channel: str, msg: Message) -> None:
-        received = time.time()
+    def handle_apply(self, item: _Item) -> None:
+        msg = item.msg
+        timeout = _timeout(msg.metadata.get("timeout"))
         started = time.time()
-        notifier = self._notifier
-        if notifier is not None:
-            notifier.current = (msg.msg_id, started)
+        if timeout is not None:
+            # said by this thread, not the link thread: a task that holds the GIL in C code
+            # must still be known to have started, so the Hub can end it when it overruns
+            self.session.send(self.hub, "task_started", "hub", {
+                "msg_id": msg.msg_id, "engine": self.id, "engine_uuid": self.uuid,
+                "started": started, "timeout": timeout})
+        self.current = (msg.msg_id, started)
         out, err = _Capture(self.config.output_cap), _Capture(self.config.output_cap)
         content: dict[str, Any]
         result: Any = None
@@ -294,19 +439,24 @@ class Engine:
             try:
                 f, args, kwargs = unpack_apply(msg.buffers)
                 self.busy = True
+                alarm = timeout is not None and _arm_alarm(timeout)
                 try:
                     result = f(*args, **kwargs)
                 finally:
+                    if alarm:
+                        _disarm_alarm()
                     self.busy = False
                 content = {"status": "ok"}
             except Stopping as e:
                 content = _error_content(e)
                 content["status"] = "aborted"
+            except TaskTimeout as e:
+                content = _error_content(e)
+                content["status"] = "timeout"
             except BaseException as e:  # noqa: BLE001 - everything a task raises goes home
                 content = _error_content(e)
         completed = time.time()
-        if notifier is not None:
-            notifier.current = None
+        self.current = None
         buffers: list[Any] = []
         raw: list[bool] = []
         if content["status"] == "ok":
@@ -317,11 +467,38 @@ class Engine:
                 content["evalue"] = f"the task's result cannot be sent back: {e}"
         metadata = {
             "engine": self.id, "engine_uuid": self.uuid, "status": content["status"],
-            "received": received, "started": started, "completed": completed,
+            "received": item.received, "started": started, "completed": completed,
             "stdout": out.text(), "stderr": err.text(),
         }
-        self.session.send(sock, "apply_reply", channel, content, parent=msg.header,
-                          metadata=metadata, buffers=buffers, raw=raw, idents=msg.idents)
+        with self.lock:
+            self.session.send(item.sock, "apply_reply", item.channel, content,
+                              parent=msg.header, metadata=metadata, buffers=buffers, raw=raw,
+                              idents=msg.idents)
+
+
+def _timeout(value: Any) -> float | None:
+    try:
+        t = None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+    return t if t is not None and t > 0 else None
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise TaskTimeout("the task ran longer than its timeout")
+
+
+def _arm_alarm(seconds: float) -> bool:
+    """Interrupt the running task after ``seconds`` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return True
+
+
+def _disarm_alarm() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _error_content(e: BaseException, skip_frames: bool = True) -> dict[str, Any]:
@@ -355,7 +532,6 @@ def _wait_for_connection_file(path: Path, controller_pid: int, timeout: float
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import signal
 
     p = argparse.ArgumentParser(prog="python -m monq.engine", description="a monq engine")
     p.add_argument("--connection-file", required=True, type=Path)

@@ -21,6 +21,7 @@ file is removed if it is still ours.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -41,26 +42,38 @@ from monq.hub.hub import MONITOR_URL, Hub, HubConfig
 from monq.hub.store import TaskStore
 from monq.protocol import Session
 from monq.schedulers import Relay
-from monq.security import CurveKeys, server_socket_setup, start_authenticator
+from monq.security import (
+    CurveKeys,
+    curve_client_setup,
+    server_socket_setup,
+    start_authenticator,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _reuse_key(path: Path) -> bytes:
-    """Keep the key of a previous controller of this profile, so its engines can rejoin."""
-    try:
-        import json
+def _previous(path: Path) -> tuple[bytes, dict[str, int]]:
+    """The key and ports of a previous controller of this profile.
 
-        return bytes.fromhex(json.loads(path.read_text())["key"])
+    Keeping both lets the engines and clients of a controller that crashed
+    reconnect to its successor by themselves (zmq reconnects; the key still
+    signs).
+    """
+    try:
+        d = json.loads(path.read_text())
+        key = bytes.fromhex(d["key"])
     except (OSError, ValueError, KeyError, TypeError):
-        return new_key()
+        return new_key(), {}
+    try:
+        ports = {str(k): int(v) for k, v in d.get("ports", {}).items()}
+    except (ValueError, TypeError, AttributeError):
+        ports = {}
+    return key, ports
 
 
 def _reuse_curve(path: Path) -> CurveKeys:
     """Keep the Curve keys of a previous controller of this profile (as the key); else new."""
     try:
-        import json
-
         return CurveKeys.from_json(json.loads(path.read_text())["curve"])
     except (OSError, ValueError, KeyError, TypeError):
         return CurveKeys.new()
@@ -70,7 +83,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
           supervisor_pid: int = 0, curve: bool = False) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
-    key = _reuse_key(conn_path)
+    key, old_ports = _previous(conn_path)
     keys = _reuse_curve(conn_path) if curve else None
     db_url = db_url or default_db_url(profile_dir)
     ctx = zmq.Context()
@@ -92,13 +105,21 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     relays: list[Relay] = []
     info: ConnectionInfo | None = None
     try:
-        ports = hub.bind()
+        ports = hub.bind(old_ports)
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
-            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL, rejected=hub.rejected,
+            relay = Relay(ctx, name, kind, config.ip, MONITOR_URL,
+                          (old_ports.get(f"{name}_client", 0), old_ports.get(f"{name}_engine", 0)),
+                          # ZMTP heartbeats on the engine side stall the C task relay under
+                          # Curve (it blocks in a recv mid-message); the Hub's own heartbeats
+                          # and the supervisor still notice a dead engine
+                          heartbeat=0 if keys else config.heartbeat_period,
+                          rejected=hub.rejected,
                           socket_setup=lambda sock: server_socket_setup(sock, keys))
             client_port, engine_port = relay.start_and_wait(hub.monitor)
             ports[f"{name}_client"], ports[f"{name}_engine"] = client_port, engine_port
             relays.append(relay)
+        hub.connect_probe(f"tcp://{_connect_ip(config.ip)}:{ports['task_client']}",
+                          lambda sock: curve_client_setup(sock, keys))
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
                               heartbeat_period=config.heartbeat_period,
@@ -121,10 +142,12 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     return 0
 
 
+def _connect_ip(ip: str) -> str:
+    return "127.0.0.1" if ip in ("0.0.0.0", "*", "") else ip
+
+
 def _still_ours(path: Path) -> bool:
     try:
-        import json
-
         return int(json.loads(path.read_text()).get("controller_pid", 0)) == os.getpid()
     except (OSError, ValueError):
         return False

@@ -4,7 +4,10 @@ The Hub publishes ``[b"ping", <beat number>]`` on a PUB socket every
 ``period`` seconds.  Each engine forwards every ping, in a C proxy thread
 (so a task holding the GIL does not silence it), to the Hub's pong ROUTER,
 where it arrives prefixed with the engine's uuid.  An engine that has not
-answered for ``period * max_missed`` seconds is reported dead.
+answered the last ``max_missed`` pings sent, for at least ``period *
+max_missed`` seconds, is reported dead.  Counting pings *sent* matters: a Hub
+that was itself too busy to ping (a flood to drain) must not blame the
+engines for the pings it did not send.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ class HeartMonitor:
         self.max_missed = max_missed
         self.beat = 0
         self.next_beat = time.monotonic()
-        self._last: dict[bytes, float] = {}
+        #: uuid -> (monotonic time, beat) of its last answer
+        self._last: dict[bytes, tuple[float, int]] = {}
 
     def add(self, uuid: bytes) -> None:
-        self._last[uuid] = time.monotonic()
+        self._last[uuid] = (time.monotonic(), self.beat)
 
     def remove(self, uuid: bytes) -> None:
         self._last.pop(uuid, None)
@@ -38,14 +42,19 @@ class HeartMonitor:
         return uuid in self._last
 
     def handle_pong(self, frames: list[bytes]) -> bool:
-        """Record one pong: ``[uuid, b"ping", beat]``; False (ignored) for anything else."""
+        """Record one pong: ``[uuid, b"ping", beat]``; False if from an unknown engine
+        (or not a pong at all)."""
         if len(frames) != 3 or frames[1] != b"ping":
             return False
         uuid = frames[0]
-        if uuid in self._last:
-            self._last[uuid] = time.monotonic()
+        if uuid not in self._last:
+            return False
+        try:
+            beat = min(int(frames[2]), self.beat)
+        except ValueError:
             return True
-        return False
+        self._last[uuid] = (time.monotonic(), max(beat, self._last[uuid][1]))
+        return True
 
     def tick(self, now: float | None = None) -> Iterable[bytes]:
         """Send a ping when one is due; return the uuids of engines now dead."""
@@ -56,7 +65,8 @@ class HeartMonitor:
         self.next_beat = now + self.period
         self.ping.send_multipart([b"ping", str(self.beat).encode()])
         limit = self.period * self.max_missed
-        dead = [u for u, t in self._last.items() if now - t > limit]
+        dead = [u for u, (t, b) in self._last.items()
+                if now - t > limit and self.beat - b > self.max_missed]
         for u in dead:
             del self._last[u]
         return dead

@@ -22,15 +22,19 @@ Resource handling: the Hub owns its sockets and the store and closes them in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import math
+import os
+import signal
 import socket as _socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -39,7 +43,9 @@ from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
 from monq.hub.heart import HeartMonitor
 from monq.hub.store import TaskStore
+from monq.hub.tracker import LoadTracker
 from monq.protocol import DELIM, Message, Session
+from monq.schedulers.relay import bind_port
 from monq.security import SMALL_MSG
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,12 @@ class HubConfig:
     flush_interval: float = 0.005
     flush_rows: int = 2000
     payload_cap: int = 1 << 20
+    #: undecided load-balanced requests older than this are settled with probes
+    probe_after: float = 0.25
+    #: extra time past a task's timeout before the Hub ends it itself (and its engine)
+    timeout_grace: float = 1.0
+    #: after a restart, how long engines have to claim the unfinished tasks of the history
+    recovery_grace: float = 3.0
 
 
 @dataclass
@@ -69,6 +81,16 @@ class _InFlight:
     engine: int | None
     client: str
     inserted: bool = False
+    #: load-balanced requests: the order the task relay sent it in (see tracker)
+    seq: int | None = None
+    #: uuid of the engine that has read it (receipt, start notice or reply)
+    holder: str | None = None
+    #: seconds the task may run, and when it started (the Hub ends overrunners)
+    timeout: float | None = None
+    started: float | None = None
+    #: controller restart: a task found unfinished in the history must be claimed by an
+    #: engine before this monotonic time, or it is recorded lost
+    claim_by: float | None = None
 
 
 @dataclass
@@ -79,6 +101,8 @@ class _Engine:
     pid: int
     registered: float
     status: str = "alive"
+    #: monotonic time of the last reregister_request sent to it
+    asked: float = 0.0
 
 
 class Hub:
@@ -109,10 +133,38 @@ class Hub:
         self._by_id: dict[int, _Engine] = {}
         self._next_id = store.max_engine_id() + 1
         self._closed = False
+        self.tracker = LoadTracker()
+        self._probes: dict[str, None] = {}  # msg_ids of probes in flight (bounded)
+        self._next_probe = 0.0
+        self._timed: dict[str, _InFlight] = {}  # running tasks with a timeout
+        self._recovering = 0
+        self._hostname = _socket.gethostname()
+        self.probe: zmq.Socket | None = None
         for row in store.engines():
             if row.get("status") == "alive":
                 # the previous controller ended without saying; they re-register if alive
                 store.upsert_engine({**row, "status": "dead", "unregistered": time.time()})
+        self._recover()
+
+    def _recover(self) -> None:
+        """Take over the tasks a previous controller left unfinished in the history.
+
+        Engines that survived re-register and say which tasks they hold; what
+        nobody claims within ``recovery_grace`` seconds is recorded ``lost``
+        (and its clients are told, so they can retry it).
+        """
+        rows = self.store.unfinished()
+        if not rows:
+            return
+        claim_by = time.monotonic() + max(self.config.recovery_grace,
+                                          3 * self.config.heartbeat_period)
+        for r in rows:
+            self._inflight[r["msg_id"]] = _InFlight(
+                r.get("queue") or "task", r["status"], r.get("engine"), r.get("client") or "",
+                inserted=True, claim_by=claim_by)
+        self._recovering = len(rows)
+        log.warning("%d task(s) were unfinished when the last controller stopped: engines "
+                    "have %.1fs to claim them", len(rows), claim_by - time.monotonic())
 
     # -- sockets --------------------------------------------------------------
 
@@ -122,8 +174,12 @@ class Hub:
         self._sockets.append(s)
         return s
 
-    def bind(self) -> dict[str, int]:
-        """Bind every Hub socket; the monitor first, so relays can connect to it."""
+    def bind(self, want: dict[str, int] | None = None) -> dict[str, int]:
+        """Bind every Hub socket; the monitor first, so relays can connect to it.
+
+        ``want``: the ports to bind when free (a restarted controller's predecessor's).
+        """
+        want = want or {}
         addr = f"tcp://{self.config.ip}"
         self.monitor = self._socket(zmq.SUB)
         self.monitor.rcvhwm = 0  # never drop a copy; queue it
@@ -132,19 +188,31 @@ class Hub:
         self.router = self._socket(zmq.ROUTER)
         self.router.sndhwm = 0
         self.socket_setup(self.router, -1)
-        self.ports["hub"] = self.router.bind_to_random_port(addr)
+        self.ports["hub"] = bind_port(self.router, addr, want.get("hub", 0))
         self.notify = self._socket(zmq.PUB)
         self.socket_setup(self.notify, SMALL_MSG)  # subscriptions only come in
-        self.ports["notify"] = self.notify.bind_to_random_port(addr)
+        self.ports["notify"] = bind_port(self.notify, addr, want.get("notify", 0))
         ping = self._socket(zmq.PUB)
         self.socket_setup(ping, SMALL_MSG)
-        self.ports["hb_ping"] = ping.bind_to_random_port(addr)
+        self.ports["hb_ping"] = bind_port(ping, addr, want.get("hb_ping", 0))
         pong = self._socket(zmq.ROUTER)
         self.socket_setup(pong, SMALL_MSG)
-        self.ports["hb_pong"] = pong.bind_to_random_port(addr)
+        self.ports["hb_pong"] = bind_port(pong, addr, want.get("hb_pong", 0))
         self.heart = HeartMonitor(ping, pong, self.config.heartbeat_period,
                                   self.config.heartbeat_max_missed)
         return dict(self.ports)
+
+    def connect_probe(self, task_client_url: str,
+                      setup: Callable[[zmq.Socket], None] | None = None) -> None:
+        """Where probes go in: the task relay's client side (see _send_probes).
+
+        ``setup`` is applied before connecting (CurveZMQ client options, monq.security).
+        """
+        self.probe = self._socket(zmq.DEALER)
+        self.probe.sndhwm = 0
+        if setup is not None:
+            setup(self.probe)
+        self.probe.connect(task_client_url)
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler)."""
@@ -189,14 +257,78 @@ class Hub:
             for sock, _ in events:
                 handlers[sock]()
             beat = self.heart.beat
+            if time.monotonic() >= self.heart.next_beat:
+                # pongs that came while this loop was busy count: a slow Hub must not
+                # take its own delay for dead engines
+                self._drain_pong()
             for uuid in self.heart.tick():
-                self._engine_gone(uuid.decode(errors="replace"), "heartbeat")
+                self._engine_gone(uuid.decode(errors="replace"), "missed heartbeats",
+                                  kill=True)
             if self.heart.beat != beat:
                 # clients watch this to tell a live controller from a dead one
-                self._publish("hub_beat", {"beat": self.heart.beat})
+                self._publish("hub_beat", {"beat": self.heart.beat,
+                                           "hub": self.session.session_id})
+                self._periodic()
+            self._settle_orphans()
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 self._safe_flush()
+
+    def _periodic(self) -> None:
+        """Once a heartbeat: timeouts, restart recovery."""
+        now = time.monotonic()
+        wall = time.time()
+        for msg_id, st in list(self._timed.items()):
+            if st.status in TERMINAL:
+                del self._timed[msg_id]
+            elif st.timeout is not None and st.started is not None and \
+                    wall > st.started + st.timeout + self.config.timeout_grace:
+                # the engine could not interrupt it (C code holding on): end it from here
+                del self._timed[msg_id]
+                eng = self._by_id.get(st.engine) if st.engine is not None else None
+                self._finish_lost(msg_id, f"the task ran longer than its timeout of "
+                                  f"{st.timeout:g}s and could not be interrupted; its engine "
+                                  "is restarted", st.engine, started=True, status="timeout")
+                if eng is not None:
+                    self._engine_gone(eng.uuid, "stopped for a task that overran its timeout",
+                                      kill=True)
+        if self._recovering:
+            left = 0
+            for msg_id, st in list(self._inflight.items()):
+                if st.claim_by is None:
+                    continue
+                if st.holder is not None or st.status in TERMINAL:
+                    st.claim_by = None
+                elif now > st.claim_by:
+                    st.claim_by = None
+                    self._finish_lost(msg_id, "the controller restarted and no engine held "
+                                      "the task", st.engine, started=st.status == "running")
+                else:
+                    left += 1
+            self._recovering = left
+
+    def _settle_orphans(self) -> None:
+        """Load-balanced requests that went to a dead engine: tell their clients."""
+        for msg_id in self.tracker.orphans():
+            if self._probes.pop(msg_id, 0) is None:
+                continue  # a probe: nothing waits for it
+            self._finish_lost(msg_id, "it was queued on an engine that died before reading "
+                              "it; it never started", None, started=False)
+        now = time.monotonic()
+        if now >= self._next_probe and self.tracker.needs_probe(self.config.probe_after, now):
+            self._next_probe = now + self.config.probe_after
+            self._send_probes(max(1, len(self.tracker.horizon) + len(self.tracker.unknown)))
+
+    def _send_probes(self, n: int) -> None:
+        """Probes through the task relay: each lands in some live engine's pipe."""
+        if self.probe is None:
+            return
+        for _ in range(n):
+            hdr, frames = self.session.serialize("probe", "probe", {})
+            if len(self._probes) > 10_000:
+                self._probes.pop(next(iter(self._probes)))
+            self._probes[hdr["msg_id"]] = None
+            self.probe.send_multipart(frames)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
                limit: int = 1000) -> None:
@@ -233,8 +365,35 @@ class Hub:
         self._drain(self.heart.pong, self._on_pong)
 
     def _on_pong(self, frames: list[Any]) -> None:
-        if not self.heart.handle_pong([f.bytes for f in frames]):
+        fr = [f.bytes for f in frames]
+        if self.heart.handle_pong(fr):
+            return
+        if len(fr) != 3 or fr[1] != b"ping":
             self.rejected["bad pong"] += 1
+            return
+        # a beating engine this Hub does not know: it was registered with a controller
+        # that has since restarted; ask it (at most once a second) to register again
+        uuid = fr[0].decode(errors="replace")
+        eng = self._engines.get(uuid)
+        now = time.monotonic()
+        if eng is not None and now - eng.asked < 1.0:
+            return
+        if eng is None:
+            eng = _Engine(-1, uuid, "", 0, 0.0, status="unknown")
+            if len(self._engines) < 100_000:
+                self._engines[uuid] = eng
+        eng.asked = now
+        _, out = self.session.serialize("reregister_request", "hub", {})
+        self.router.send_multipart([fr[0], *out])
+
+    def _on_exited(self, msg: Message) -> None:
+        """The supervisor saw an engine process exit: no need to wait for heartbeats."""
+        pid = msg.content.get("pid")
+        host = msg.content.get("hostname", self._hostname)
+        for eng in list(self._engines.values()):
+            if eng.pid == pid and eng.hostname == host and eng.status == "alive":
+                self._engine_gone(eng.uuid, f"its process exited with code "
+                                  f"{msg.content.get('code')}")
 
     # -- monitor: the life of tasks ---------------------------------------------
 
@@ -257,6 +416,9 @@ class Hub:
             self._on_request(msg, channel, target)
         elif direction == "out" and msg.msg_type == "apply_reply":
             self._on_reply(msg, channel)
+        elif direction == "in" and msg.msg_type == "probe" and channel == "task" and \
+                msg.header.get("session") == self.session.session_id:
+            self.tracker.sent(msg.msg_id)
 
     def _touch(self, msg_id: str, **fields: Any) -> None:
         for k in _TIME_FIELDS:
@@ -278,13 +440,24 @@ class Hub:
         engine = self._engines.get(target_uuid) if target_uuid else None
         engine_id = engine.id if engine else None
         blob, size = self._payload(msg)
-        self._inflight[msg.msg_id] = _InFlight(channel, "pending", engine_id, h.get("session", ""))
+        state = _InFlight(channel, "pending", engine_id, h.get("session", ""),
+                          timeout=_positive(md.get("timeout")))
+        old = self._inflight.get(msg.msg_id)
+        if old is not None:
+            # a new try of a task still in flight here
+            state.inserted = old.inserted
+            self._timed.pop(msg.msg_id, None)
+        elif md.get("retries_done"):
+            state.inserted = True  # a new try of a task already recorded: update its row
+        self._inflight[msg.msg_id] = state
+        if channel == "task":
+            state.seq = self.tracker.sent(msg.msg_id)
         self._touch(msg.msg_id, client=h.get("session"), queue=channel, status="pending",
                     submitted=h.get("date"), label=_short(md.get("label"), 200),
                     func=_short(md.get("func"), 300), engine=engine_id,
                     engine_uuid=target_uuid, request=blob, request_bytes=size,
                     retries=int(md.get("retries_done", 0) or 0))
-        if channel == "direct" and engine is None:
+        if channel == "direct" and (engine is None or engine.status != "alive"):
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg.msg_id, f"no engine with uuid {target_uuid}", None)
 
@@ -297,6 +470,9 @@ class Hub:
         status = content.get("status", "error")
         if status not in TERMINAL:
             status = "error"
+        uuid = md.get("engine_uuid")
+        if channel == "task" and isinstance(uuid, str):
+            self.tracker.read(uuid, msg_id, state.seq if state is not None else None)
         blob, size = self._payload(msg)
         fields: dict[str, Any] = dict(
             status=status, engine=md.get("engine"), engine_uuid=md.get("engine_uuid"),
@@ -321,22 +497,66 @@ class Hub:
 
     def _on_started(self, msg: Message) -> None:
         msg_id = str(msg.content.get("msg_id", ""))
+        uuid = str(msg.content.get("engine_uuid", ""))
         state = self._inflight.get(msg_id)
+        self._on_read(uuid, msg_id, state)
         if state is None or state.status in TERMINAL:
             return  # the reply already said everything, or we never saw the request
         state.status = "running"
         state.engine = msg.content.get("engine")
-        self._touch(msg_id, status="running", started=msg.content.get("started"),
-                    engine=state.engine, engine_uuid=msg.content.get("engine_uuid"))
+        state.started = _epoch(msg.content.get("started"))
+        timeout = _positive(msg.content.get("timeout"))
+        if timeout is not None:
+            state.timeout = timeout
+        if state.timeout is not None:
+            self._timed[msg_id] = state
+        self._touch(msg_id, status="running", started=state.started,
+                    engine=state.engine, engine_uuid=uuid or None)
 
-    def _finish_lost(self, msg_id: str, why: str, engine: int | None) -> None:
+    def _on_received(self, msg: Message) -> None:
+        """An engine's receipts: the msg_ids it has read and not answered yet."""
+        uuid = str(msg.content.get("engine_uuid", ""))
+        eng = self._engines.get(uuid)
+        ids = msg.content.get("msg_ids")
+        if eng is None or not isinstance(ids, list):
+            return
+        for msg_id in ids[:100_000]:
+            msg_id = str(msg_id)
+            state = self._inflight.get(msg_id)
+            self._on_read(uuid, msg_id, state)
+            if state is not None and state.status == "pending":
+                state.engine = eng.id
+
+    def _on_read(self, uuid: str, msg_id: str, state: _InFlight | None) -> None:
+        if state is None:
+            if msg_id in self._probes:
+                self._probes.pop(msg_id, None)
+                self.tracker.read(uuid, msg_id, None)
+            return
+        state.holder = uuid
+        if state.queue == "task":
+            self.tracker.read(uuid, msg_id, state.seq)
+
+    def _finish_lost(self, msg_id: str, why: str, engine: int | None, started: bool = True,
+                     status: str = "lost") -> None:
+        """End a task the Hub knows will not be answered; tell its client.
+
+        ``started``: whether it may have begun to run (a client re-sends one that
+        never started, as it has no effect yet; one that started only if it
+        asked for retries).
+        """
         state = self._inflight.get(msg_id)
         if state is None or state.status in TERMINAL:
             return
-        state.status = "lost"
-        self._touch(msg_id, status="lost", completed=time.time(), ename="EngineDied",
+        state.status = status
+        self.tracker.forget(msg_id)
+        self._timed.pop(msg_id, None)
+        ename = "TaskTimeout" if status == "timeout" else "EngineDied"
+        self._touch(msg_id, status=status, completed=time.time(), ename=ename,
                     evalue=why, engine=engine)
-        self._publish("task_lost", {"msg_ids": [msg_id], "engine": engine, "reason": why})
+        self._publish("task_lost", {"msg_ids": [msg_id], "engine": engine, "reason": why,
+                                    "started": started, "status": status,
+                                    "queue": state.queue})
 
     def flush(self) -> None:
         """Write every dirty record in one transaction; forget finished tasks."""
@@ -374,6 +594,16 @@ class Hub:
             known = [e for e in self.store.engines() if e.get("uuid") == uuid]
             eid = known[0]["id"] if known else self._next_id
             self._next_id = max(self._next_id, eid + 1)
+        # an engine that had an id already was on the task channel before this Hub knew
+        # it (the controller restarted): what its pipe holds is not known yet
+        again = c.get("id") is not None
+        if old is None or old.status != "alive":
+            self.tracker.engine_added(uuid, fresh=not again)
+        holding = c.get("holding")
+        for msg_id in holding[:100_000] if isinstance(holding, list) else ():
+            st = self._inflight.get(str(msg_id))
+            if st is not None and st.status not in TERMINAL:
+                st.holder, st.engine, st.claim_by = uuid, eid, None
         eng = _Engine(eid, uuid, _short(c.get("hostname"), 200) or "", int(c.get("pid") or 0),
                       time.time())
         self._engines[uuid] = eng
@@ -386,20 +616,28 @@ class Hub:
         self._publish("engine_registered", {"id": eid, "uuid": uuid})
         return {"status": "ok", "id": eid}
 
-    def _engine_gone(self, uuid: str, reason: str) -> None:
+    def _engine_gone(self, uuid: str, reason: str, kill: bool = False) -> None:
         eng = self._engines.get(uuid)
         if eng is None or eng.status != "alive":
             return
         eng.status = "stopped" if reason == "stopped" else "dead"
         self.heart.remove(uuid.encode())
+        self.tracker.engine_removed(uuid)
+        if kill and eng.hostname == self._hostname:
+            # frozen or stuck: make sure it cannot wake up and run what is re-sent elsewhere
+            _kill_engine(eng.pid)
         self.store.upsert_engine({"id": eng.id, "uuid": uuid, "hostname": eng.hostname,
                                   "pid": eng.pid, "registered": eng.registered,
                                   "unregistered": time.time(), "status": eng.status})
         log.warning("engine %d gone (%s)", eng.id, reason)
-        # tasks we know it held: addressed to it, or reported started by it
+        # tasks we know it held: addressed to it, or read by it (receipt, start, reply)
         for msg_id, st in list(self._inflight.items()):
-            if st.engine == eng.id and st.status in ("pending", "running"):
-                self._finish_lost(msg_id, f"engine {eng.id} died ({reason})", eng.id)
+            if st.status not in ("pending", "running"):
+                continue
+            if st.holder == uuid or (st.holder is None and st.engine == eng.id):
+                started = st.status == "running" or st.queue == "direct"
+                self._finish_lost(msg_id, f"engine {eng.id} died ({reason})", eng.id,
+                                  started=started)
         self._publish("engine_unregistered", {"id": eng.id, "uuid": uuid, "reason": reason})
 
     def _alive(self) -> dict[str, str]:
@@ -419,11 +657,16 @@ class Hub:
             self._maybe_auth_error(frames, e)
             return
         t = msg.msg_type
-        if t == "task_started":
-            self._on_started(msg)
+        if t in ("task_started", "tasks_received"):
+            # the monitor copy of what they name has been sent before they were: read it
+            self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+            (self._on_started if t == "task_started" else self._on_received)(msg)
             return
         if t == "unregistration_request":
             self._engine_gone(str(msg.content.get("uuid", "")), "stopped")
+            return
+        if t == "engine_exited":
+            self._on_exited(msg)
             return
         handler = self._queries.get(t)
         if handler is None:
@@ -498,7 +741,7 @@ class Hub:
             key = str(st.engine) if st.engine is not None else None
             if key is None or key not in q:
                 unassigned += 1
-            elif st.queue == "direct" and st.status == "pending":
+            elif st.status == "pending":  # addressed to it, or read by it and waiting
                 q[key]["queue"] += 1
             else:
                 q[key]["tasks"] += 1
@@ -534,6 +777,21 @@ class Hub:
         if not isinstance(query, dict):
             raise HubError("db_query needs a dict query")
         return {"records": self.store.db_query(query, msg.content.get("keys"))}
+
+    def _q_tasks_status(self, msg: Message) -> dict[str, Any]:
+        ids = msg.content.get("msg_ids")
+        if not isinstance(ids, list):
+            raise HubError("tasks_status_request needs a list of msg_ids")
+        out: dict[str, str | None] = {}
+        for msg_id in ids[:100_000]:
+            msg_id = str(msg_id)
+            st = self._inflight.get(msg_id)
+            if st is not None:
+                out[msg_id] = st.status
+            else:
+                row = self.store.get_task(msg_id)
+                out[msg_id] = row.get("status") if row else None
+        return {"statuses": out}
 
     def _q_hub_history(self, msg: Message) -> dict[str, Any]:
         return {"msg_ids": self.store.hub_history()}
@@ -578,6 +836,7 @@ class Hub:
         "history_request": _q_history,
         "db_request": _q_db,
         "hub_history_request": _q_hub_history,
+        "tasks_status_request": _q_tasks_status,
         "result_request": _q_result,
         "purge_request": _q_purge,
         "shutdown_request": _q_shutdown,
@@ -596,6 +855,29 @@ def _epoch(value: Any) -> float | None:
         return None if value is None else round(float(value), 6)
     except (TypeError, ValueError):
         return None
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        v = None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and v > 0 and math.isfinite(v) else None
+
+
+def _kill_engine(pid: int) -> None:
+    """SIGKILL a local engine process, after checking the pid is still a monq engine."""
+    if pid <= 0:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return  # gone already (or not Linux: leave it to its supervisor)
+    if b"monq.engine" not in cmdline:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+        log.warning("killed engine process %d", pid)
 
 
 def _short(value: Any, limit: int) -> Any:

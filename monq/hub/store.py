@@ -317,6 +317,13 @@ class TaskStore:
         with self._engine.connect() as conn:
             return list(conn.execute(stmt).scalars())
 
+    def unfinished(self) -> list[dict[str, Any]]:
+        """msg_id, status, queue, engine and client of every task not finished yet."""
+        t = tasks
+        stmt = select(t.c.msg_id, t.c.status, t.c.queue, t.c.engine, t.c.client).where(
+            t.c.status.in_(UNFINISHED))
+        return self._rows(stmt)
+
     def get_task(self, msg_id: str, with_payload: bool = False) -> dict[str, Any] | None:
         """One task row (payloads included only if asked), or None if unknown."""
         if not isinstance(msg_id, str):

@@ -10,9 +10,7 @@ in C with the GIL released.  The direct (ROUTER->ROUTER) loop is monq's own
 :func:`~monq.schedulers.routerqueue.router_router_queue`: the C loop swaps
 identities without checking frame counts, so one stray single-frame message
 would stall the channel and cost the next real message (see that module).
-It drops and counts (in ``rejected``) messages too short to route.  Measured
-with bench/direct_relay.py (2 cores, echo engine, 6 small frames, medians of
-5 alternating runs): see ``DIRECT_RELAY_COST`` below.
+It drops and counts (in ``rejected``) messages too short to route.
 
 The monitor socket is an XPUB connected to the Hub's SUB over ``inproc://``
 (same process, so a copy costs a reference count, not bytes).  An XPUB rather
@@ -50,7 +48,8 @@ class Relay(threading.Thread):
     """One monitored relay; ``ports`` is ``(client_port, engine_port)`` once started."""
 
     def __init__(self, ctx: zmq.Context, name: str, engine_side: int, ip: str,
-                 monitor_url: str, rejected: Counter[str] | None = None,
+                 monitor_url: str, ports: tuple[int, int] = (0, 0),
+                 heartbeat: float = 0.0, rejected: Counter[str] | None = None,
                  socket_setup: Callable[[zmq.Socket], None] | None = None) -> None:
         """``rejected`` counts what the relay drops (the Hub's counter: only this
         thread writes its keys); ``socket_setup`` is applied to both bound
@@ -66,6 +65,13 @@ class Relay(threading.Thread):
         self.rejected: Counter[str] = rejected if rejected is not None else Counter()
         self.socket_setup = socket_setup
         self._ready: queue.Queue[tuple[int, int] | BaseException] = queue.Queue()
+        #: ports to bind if free (a restarted controller keeps its predecessor's, so
+        #: engines and clients reconnect by themselves); 0 or taken: a random one
+        self.want = ports
+        #: ZMTP heartbeat interval on the engine side (0: off): a frozen or cut-off
+        #: engine's connection is closed after 3 silent intervals, so the DEALER stops
+        #: handing it tasks
+        self.heartbeat = heartbeat
         self.ports: tuple[int, int] = (0, 0)
 
     def start_and_wait(self, monitor: zmq.Socket, timeout: float = 10.0) -> tuple[int, int]:
@@ -108,8 +114,12 @@ class Relay(threading.Thread):
                     self.socket_setup(s)
             mon.linger = 0
             mon.sndhwm = 0
+            if self.heartbeat > 0:
+                ms = max(1, int(self.heartbeat * 1000))
+                back.heartbeat_ivl = ms
+                back.heartbeat_timeout = 3 * ms
             addr = f"tcp://{self.ip}"
-            ports = (front.bind_to_random_port(addr), back.bind_to_random_port(addr))
+            ports = (bind_port(front, addr, self.want[0]), bind_port(back, addr, self.want[1]))
             mon.connect(self.monitor_url)
             # wait for the Hub's subscription: after this no copy can be dropped
             if not mon.poll(10_000):
@@ -136,3 +146,15 @@ class Relay(threading.Thread):
         finally:
             for s in sockets:
                 s.close(linger=0)
+
+
+def bind_port(sock: zmq.Socket, addr: str, port: int = 0) -> int:
+    """Bind ``port`` if given and free, else a random port; return the port bound."""
+    if port:
+        try:
+            sock.bind(f"{addr}:{port}")
+            return port
+        except zmq.ZMQError as e:
+            log.warning("port %d is taken (%s): binding another; clients and engines of the "
+                        "previous controller must be restarted", port, e)
+    return sock.bind_to_random_port(addr)
