@@ -517,7 +517,7 @@ def flood_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)  # ~60 s on 2 idle cores; several times that on a loaded machine
 def test_hostile_traffic_on_every_port_while_a_workload_runs(flood_cluster: Cluster,
                                                              tmp_path: Path) -> None:
     """10,000 hostile messages to each of the 8 ports the controller binds, under load.
@@ -531,7 +531,7 @@ def test_hostile_traffic_on_every_port_while_a_workload_runs(flood_cluster: Clus
     info = load_connection_file(flood_cluster.connection_file)
     marker = tmp_path / "unpickled"
     evil = pickle.dumps(_Touch(str(marker)))
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 200
     results: dict[str, Counter[str]] = {}
     errors: list[BaseException] = []
     pids = dict(flood_cluster.pids)

@@ -14,7 +14,9 @@ forwarded message copied to the monitor with the same prefixes and frame
 order as the C loop) with whole multipart messages, so a message too short to
 carry two identities and a body is dropped and counted, never glued.  It is
 Python, so it costs more per message than the C loop; bench/direct_relay.py
-measures both (figures in the docstring of monq.schedulers.relay).  The
+measures both (figures in the docstring of monq.schedulers.relay).  It runs
+in a thread of the controller and takes the GIL per batch of messages, not
+per frame.  The
 load-balanced ROUTER->DEALER relay does not swap identities, reads whole
 messages, and stays on the C loop.
 """
