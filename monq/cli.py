@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime as dt
 import enum
 import json
@@ -27,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from monq import cli_history
 from monq.cluster import (
     Cluster,
     ClusterConfig,
@@ -36,17 +36,15 @@ from monq.cluster import (
     log_tail,
 )
 from monq.connection import (
-    DB_FILE,
     ConnectionInfo,
     find_connection_file,
     load_connection_file,
     monq_home,
     pid_alive,
-    profile_dir,
 )
 from monq.errors import MonqError, NoClusterError
 from monq.errors import TimeoutError as MonqTimeoutError
-from monq.records import TaskRecord, to_epoch
+from monq.hub.filters import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from monq.client import Client
@@ -94,32 +92,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="run in the background; return once every engine has registered")
     s.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up if the cluster is not ready within S seconds (default 60)")
+    s.add_argument("--retain", default=None, metavar="DURATION",
+                   help="delete finished tasks completed longer ago than this (7d, 12h, 30m)")
+    s.add_argument("--max-tasks", type=int, default=None, metavar="N",
+                   help="keep at most N tasks in the history (the oldest finished go)")
+    s.add_argument("--max-bytes", default=None, metavar="SIZE",
+                   help="keep stored payloads and output under SIZE (500MB, 2GiB); payloads "
+                        "of the oldest tasks go first, then whole records")
 
     s = sub.add_parser("stop", help="stop a running cluster")
     profile(s)
     s.add_argument("--timeout", type=float, default=20.0, metavar="S",
                    help="seconds to wait after SIGTERM before killing (default 20)")
 
+    s = sub.add_parser("dashboard", help="serve a web page of the cluster and its history "
+                       "(foreground until Ctrl-C)")
+    profile(s)
+    s.add_argument("--db", default=None, metavar="URL",
+                   help="post-mortem: show this history database (no cluster needed)")
+    s.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8465,
+                   help="port (default 8465; 0: any free port, printed)")
+
     s = sub.add_parser("status", help="engines, queue depths and task counts")
     profile(s)
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="S",
+                   help="redraw every S seconds (default 2) until Ctrl-C")
 
-    s = sub.add_parser("history", help="the tasks the Hub recorded")
-    profile(s)
-    s.add_argument("--status", nargs="+", default=None, metavar="S",
-                   help="only these statuses (pending running ok error aborted timeout lost ...)")
-    s.add_argument("--engine", nargs="+", type=int, default=None, metavar="N")
-    s.add_argument("--client", default=None, metavar="ID", help="only this client's tasks")
-    s.add_argument("--since", default=None, metavar="T",
-                   help="ISO time, epoch seconds or e.g. '10 minutes ago'")
-    s.add_argument("--until", default=None, metavar="T")
-    s.add_argument("--limit", type=int, default=20, help="at most this many (default 20; 0: all)")
-    s.add_argument("--order", default="-submitted", metavar="KEY",
-                   help="sort key, '-' for descending (default -submitted)")
-    s.add_argument("--json", action="store_true", help="one JSON object per line")
-    s.add_argument("--db", default=None, metavar="URL",
-                   help="read this history database directly (no cluster needed); by default "
-                        "the running cluster's Hub is asked, else the profile's history.db")
+    cli_history.add_commands(sub, profile)
     return p
 
 
@@ -218,9 +219,18 @@ def _jsonable(obj: Any) -> Any:
 # --- commands ---------------------------------------------------------------
 
 def cmd_start(args: argparse.Namespace, home: Path) -> int:
+    # checked here, so a typo is a usage error and not a controller that fails to start
+    if args.retain is not None:
+        parse_duration(args.retain)
+    if args.max_bytes is not None:
+        parse_size(args.max_bytes)
+    if args.max_tasks is not None and args.max_tasks < 0:
+        raise ValueError(f"--max-tasks must be >= 0, not {args.max_tasks}")
     cfg = ClusterConfig(profile=args.profile, home=home, n=args.n, db_url=args.db, ip=args.ip,
                         heartbeat_period=args.heartbeat_period,
-                        log_level=args.log_level or "INFO", curve=args.curve)
+                        log_level=args.log_level or "INFO", retain=args.retain,
+                        max_tasks=args.max_tasks, max_bytes=args.max_bytes,
+                        curve=args.curve)
     if cfg.n_engines < 0:
         _err("-n must be at least 0")
         return ExitCode.USAGE
@@ -236,7 +246,7 @@ def cmd_start(args: argparse.Namespace, home: Path) -> int:
         cluster.start(
             timeout=args.timeout,
             on_controller=lambda info: _print_info(info, cfg.connection_file),
-            on_engine=lambda eid, k: _out(f"engine {eid} registered ({k}/{n})"),
+            on_engine=lambda eid, k: _out(f"engines ready: {k}/{n} (engine {eid} registered)"),
         )
         _out(f"cluster {cfg.profile!r} ready with {n} engines; Ctrl-C stops it")
         code = cluster.wait()
@@ -268,6 +278,10 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
         cmd += ["--db", cfg.db_url]
     if cfg.curve:
         cmd.append("--curve")
+    for flag, value in (("--retain", cfg.retain), ("--max-tasks", cfg.max_tasks),
+                        ("--max-bytes", cfg.max_bytes)):
+        if value is not None:
+            cmd += [flag, str(value)]
     log_path = cfg.log_dir / "cluster.log"
     with open(log_path, "ab") as logf:
         offset = logf.tell()
@@ -316,7 +330,7 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
                 continue
             for eid in sorted(set(client.ids) - seen):
                 seen.add(eid)
-                _out(f"engine {eid} registered ({len(seen)}/{n})")
+                _out(f"engines ready: {len(seen)}/{n} (engine {eid} registered)")
     _out(f"cluster {cfg.profile!r} running in the background (supervisor pid {proc.pid}); "
          f"stop it with `monq stop{_profile_hint(cfg.profile)}`")
     return ExitCode.OK
@@ -375,6 +389,8 @@ def cmd_stop(args: argparse.Namespace, home: Path) -> int:
 
 
 def cmd_status(args: argparse.Namespace, home: Path) -> int:
+    if args.watch is not None:
+        return _watch_status(args, home)
     client, info, path = _connect(args.profile, home)
     with client:
         st = dict(client.cluster_status())
@@ -385,13 +401,59 @@ def cmd_status(args: argparse.Namespace, home: Path) -> int:
                **st}
         _out(json.dumps(doc, indent=2, default=_jsonable))
         return ExitCode.OK
-    _out(f"cluster {args.profile!r}: controller pid {info.controller_pid}"
-         + (f", supervisor pid {info.supervisor_pid}" if info.supervisor_pid else ""))
-    _out(f"connection file: {path}")
-    _out(f"history database: {_db_display(str(st.get('db_url') or info.db_url))}")
+    _out("\n".join(_status_lines(args.profile, info, path, st)))
+    return ExitCode.OK
+
+
+def _watch_status(args: argparse.Namespace, home: Path) -> int:
+    """Redraw the status every ``args.watch`` seconds until Ctrl-C (or SIGTERM).
+
+    In a terminal each frame replaces the last; otherwise frames follow each
+    other, each starting with a ``--- <time> ---`` line.  A cluster that is
+    not (or no longer) running is a frame saying so, and the watch goes on.
+    """
+    if args.watch <= 0:
+        raise ValueError(f"--watch takes a period > 0 seconds, not {args.watch}")
+    tty = sys.stdout.isatty()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    client: Client | None = None
+    try:
+        while True:
+            try:
+                if client is None:
+                    client, info, path = _connect(args.profile, home)
+                st = dict(client.cluster_status())
+                st.pop("status", None)
+                lines = _status_lines(args.profile, info, path, st)
+            except MonqError as e:
+                if client is not None:
+                    client.close()
+                    client = None
+                lines = [f"{type(e).__name__}: {str(e).splitlines()[0]}"]
+            stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+            head = f"--- {stamp} (every {args.watch:g}s; Ctrl-C to stop) ---"
+            if args.json:
+                lines = [json.dumps({"time": stamp, "status": lines}, default=_jsonable)]
+            frame = "\n".join([head, *lines])
+            print(("\x1b[H\x1b[2J" if tty else "") + frame, flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if client is not None:
+            client.close()
+
+
+def _status_lines(profile: str, info: ConnectionInfo, path: Path,
+                  st: dict[str, Any]) -> list[str]:
+    lines = [f"cluster {profile!r}: controller pid {info.controller_pid}"
+             + (f", supervisor pid {info.supervisor_pid}" if info.supervisor_pid else ""),
+             f"connection file: {path}",
+             f"history database: {_db_display(str(st.get('db_url') or info.db_url))}"]
     engines = st.get("engines", [])
     queue: dict[str, Any] = {str(k): v for k, v in (st.get("queue") or {}).items()}
-    _out(f"\nengines ({len(engines)}):")
+    lines.append(f"\nengines ({len(engines)}):")
     if engines:
         rows = []
         for e in engines:
@@ -399,71 +461,66 @@ def cmd_status(args: argparse.Namespace, home: Path) -> int:
             rows.append([e.get("id"), e.get("pid"), e.get("hostname"), e.get("status"),
                          q.get("queue", "-"), q.get("tasks", "-"), q.get("completed", "-"),
                          _local_time(e.get("registered"))])
-        _out(_table(["id", "pid", "host", "status", "queue", "tasks", "completed",
-                     "registered"], rows, right="id pid queue tasks completed"))
-    _out(f"unassigned tasks: {queue.get('unassigned', 0)}")
+        lines.append(_table(["id", "pid", "host", "status", "queue", "tasks", "completed",
+                             "registered"], rows, right="id pid queue tasks completed"))
+    lines.append(f"unassigned tasks: {queue.get('unassigned', 0)}")
     counts = st.get("counts") or {}
-    _out("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    lines.append("tasks: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                              or "none"))
     rejected = st.get("rejected") or {}
-    _out("rejected messages: "
-         + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"))
-    return ExitCode.OK
+    lines.append("rejected messages: "
+                 + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"))
+    return lines
 
 
 def cmd_history(args: argparse.Namespace, home: Path) -> int:
-    def one_or_many(v: list[Any] | None) -> Any:
-        return v[0] if v and len(v) == 1 else v
+    return cli_history.cmd_history(args, home, _table, _local_time, _duration)
 
-    filters: dict[str, Any] = dict(status=one_or_many(args.status),
-                                   engine=one_or_many(args.engine), client=args.client,
-                                   since=args.since, until=args.until,
-                                   limit=args.limit or None, order=args.order)
-    if args.db:
-        records = _history_from_db(args.db, filters)
-    else:
-        try:
-            client, _, _ = _connect(args.profile, home)
-        except NoClusterError:
-            # the history outlives the cluster: read the profile's database itself
-            db = profile_dir(args.profile, home) / DB_FILE
-            if not db.exists():
-                raise
-            records = _history_from_db(f"sqlite:///{db}", filters)
-        else:
-            with client:
-                records = client.history(**filters)
-    if args.json:
-        for r in records:
-            d = dataclasses.asdict(r)
-            d["duration"] = r.duration
-            _out(json.dumps(d, default=_jsonable))
+
+def cmd_show(args: argparse.Namespace, home: Path) -> int:
+    return cli_history.cmd_show(args, home, _local_time, _duration)
+
+
+def cmd_stats(args: argparse.Namespace, home: Path) -> int:
+    return cli_history.cmd_stats(args, home, _table, _local_time, _duration)
+
+
+def cmd_purge(args: argparse.Namespace, home: Path) -> int:
+    return cli_history.cmd_purge(args, home)
+
+
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "history": cmd_history,
+            "show": cmd_show, "stats": cmd_stats, "purge": cmd_purge}
+
+
+def cmd_dashboard(args: argparse.Namespace, home: Path) -> int:
+    try:
+        # the extra, checked before anything starts
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from monq.dashboard import DashboardOptions, run
+    except ImportError as e:
+        _err(f"the dashboard needs its extra ({e.name} is missing): "
+             "pip install 'monq[dashboard]'")
+        return ExitCode.ERROR
+    opts = DashboardOptions(profile=args.profile, home=home, db=args.db, ip=args.ip,
+                            port=args.port)
+    # SIGTERM stops the server gracefully, as Ctrl-C does (uvicorn re-raises it after)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run(opts, out=_out)
+    except KeyboardInterrupt:
         return ExitCode.OK
-    rows = [[r.msg_id[:8], r.status, "-" if r.engine is None else r.engine,
-             _short(r.func or r.label or "-", 40), _local_time(r.submitted),
-             _duration(r.duration)] for r in records]
-    if not rows:
-        _out("no tasks")
-        return ExitCode.OK
-    _out(_table(["msg_id", "status", "engine", "func", "submitted", "duration"], rows,
-                right="engine duration"))
-    return ExitCode.OK
+    except OSError as e:
+        _err(f"cannot serve on {args.ip}:{args.port}: {e.strerror or e} "
+             "(--port 0 picks a free port)")
+        return ExitCode.ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def _history_from_db(url: str, filters: dict[str, Any]) -> list[TaskRecord]:
-    """Post-mortem: the same query, straight from a history database."""
-    from monq.hub.store import TaskStore
-
-    f = dict(filters)
-    f["since"], f["until"] = to_epoch(f["since"]), to_epoch(f["until"])
-    with TaskStore(url) as store:
-        return [TaskRecord.from_row(r) for r in store.history(**f)]
-
-
-def _short(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "history": cmd_history}
+COMMANDS["dashboard"] = cmd_dashboard
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,6 +77,10 @@ class ClusterConfig:
     #: ``max_restarts`` times a minute each, so a crash loop ends)
     restart: bool = True
     max_restarts: int = 5
+    #: history retention, as `monq start` takes them: "7d", 1000000, "500MB" (None: no limit)
+    retain: str | None = None
+    max_tasks: int | None = None
+    max_bytes: str | None = None
     #: CurveZMQ on every channel: encrypted, and only holders of the keys can connect
     curve: bool = False
 
@@ -352,6 +356,12 @@ class Cluster:
             args += ["--db", cfg.db_url]
         if cfg.curve:
             args.append("--curve")
+        if cfg.restart:
+            args.append("--restarted")
+        for flag, value in (("--retain", cfg.retain), ("--max-tasks", cfg.max_tasks),
+                            ("--max-bytes", cfg.max_bytes)):
+            if value is not None:
+                args += [flag, str(value)]
         self.controller = self._spawn("controller", args)
         return self.controller
 

@@ -61,6 +61,8 @@ class ConnectionInfo:
     db_url: str = ""
     profile: str = "default"
     heartbeat_period: float = 1.0
+    #: the supervisor restarts this controller if it dies (clients wait for it)
+    restarted: bool = False
     #: CurveZMQ keypairs (Z85 text, see monq.security), or None when Curve is off
     curve: dict[str, str] | None = None
 

@@ -103,6 +103,8 @@ class TaskRecord:
     retries: int = 0
     request_bytes: int | None = None
     result_bytes: int | None = None
+    #: when retention (or a payloads-only purge) dropped the request and result
+    payload_evicted: datetime | None = None
 
     @property
     def duration(self) -> float | None:
@@ -136,4 +138,5 @@ class TaskRecord:
             retries=int(g("retries") or 0),
             request_bytes=g("request_bytes"),
             result_bytes=g("result_bytes"),
+            payload_evicted=from_epoch(g("payload_evicted")),
         )

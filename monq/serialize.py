@@ -15,10 +15,14 @@ JSON frame with dtype and shape, then the data frame.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import hashlib
 import io
 import json
 import pickle
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,25 +97,69 @@ def deserialize(frames: Sequence[Any]) -> Any:
         raise SerializationError(f"cannot unpickle: {type(e).__name__}: {e}") from e
 
 
+#: pickled functions, by function: a task sent many times pickles its function once
+#: (as Dask does; a by-value function's globals are captured at its first send)
+_FN_STREAMS: weakref.WeakKeyDictionary[Callable[..., Any], bytes] = weakref.WeakKeyDictionary()
+#: unpickled functions, by the digest of their stream (engine side)
+_FN_OBJECTS: collections.OrderedDict[bytes, Callable[..., Any]] = collections.OrderedDict()
+_FN_CACHE_SIZE = 256
+
+
+def _function_stream(f: Callable[..., Any]) -> bytes:
+    try:
+        cached = _FN_STREAMS.get(f)
+    except TypeError:  # not weak-referenceable or not hashable: no cache
+        cached = None
+    if cached is not None:
+        return cached
+    try:
+        stream = _dumps(f, lambda pb: True)  # everything in band: one signed frame
+    except Exception as e:
+        raise SerializationError(f"cannot pickle {_describe(f)}: {type(e).__name__}: {e}") from e
+    with contextlib.suppress(TypeError):
+        _FN_STREAMS[f] = stream
+    return stream
+
+
 def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
                ) -> tuple[list[Any], list[bool]]:
-    """Serialize a call ``f(*args, **kwargs)``."""
+    """Serialize a call ``f(*args, **kwargs)``: the function's stream, then the arguments'
+    stream and their raw frames."""
     if not callable(f):
         raise TypeError(f"{f!r} is not callable")
-    return serialize((f, tuple(_prepare(a) for a in args),
-                      {k: _prepare(v) for k, v in kwargs.items()}))
+    fn = _function_stream(f)
+    frames, raw = serialize((tuple(_prepare(a) for a in args),
+                             {k: _prepare(v) for k, v in kwargs.items()}))
+    return [fn, *frames], [False, *raw]
+
+
+def _load_function(frame: Any) -> Any:
+    stream = _view(frame)
+    key = hashlib.blake2b(stream, digest_size=16).digest()
+    f = _FN_OBJECTS.get(key)
+    if f is not None:
+        _FN_OBJECTS.move_to_end(key)
+        return f
+    f = deserialize([stream])
+    _FN_OBJECTS[key] = f
+    if len(_FN_OBJECTS) > _FN_CACHE_SIZE:
+        _FN_OBJECTS.popitem(last=False)
+    return f
 
 
 def unpack_apply(frames: Sequence[Any]) -> tuple[Callable[..., Any], tuple[Any, ...],
                                                  dict[str, Any]]:
-    obj = deserialize(frames)
-    try:
-        f, args, kwargs = obj
-        args, kwargs = tuple(args), dict(kwargs)
-    except (TypeError, ValueError):
-        raise SerializationError("request is not a (function, args, kwargs) triple") from None
+    if len(frames) < 2:
+        raise SerializationError("request is not a (function, arguments) pair of streams")
+    f = _load_function(frames[0])
     if not callable(f):
         raise SerializationError(f"request is not a call: {_describe(f)} is not callable")
+    obj = deserialize(frames[1:])
+    try:
+        args, kwargs = obj
+        args, kwargs = tuple(args), dict(kwargs)
+    except (TypeError, ValueError):
+        raise SerializationError("request arguments are not an (args, kwargs) pair") from None
     return f, args, kwargs
 
 

@@ -69,12 +69,9 @@ def db_statuses(client: monq.Client, msg_ids: list[str]) -> collections.Counter[
     return collections.Counter(by_id.get(m, "missing") for m in msg_ids)
 
 
-def noop() -> None:
-    return None
-
-
 # --- 1. engine death on the load-balanced path ----------------------------------------------
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("retries", [0, 2])
 def test_engine_killed_under_10000_load_balanced_tasks(tmp_path: Path, retries: int) -> None:
     """SIGKILL one of three engines while 10,000 short tasks are in flight."""
@@ -83,18 +80,36 @@ def test_engine_killed_under_10000_load_balanced_tasks(tmp_path: Path, retries: 
         c.wait_for_engines(3)
         victim = engine_pid(c, c.ids[1])
         v = c.load_balanced_view(retries=retries)
-        futures = []
-        for i in range(10_000):
-            futures.append(v.apply_async(noop))
-            if i == 2_500:
-                os.kill(victim, signal.SIGKILL)
+        gate = tmp_path / "gate"
+
+        def gated(path: str) -> None:
+            # a short task that first waits for the gate: engines stay on their first
+            # task while the rest of the burst piles up in their sockets
+            import os
+            import time
+
+            while not os.path.exists(path):
+                time.sleep(0.002)
+
+        futures = [v.apply_async(gated, str(gate)) for i in range(10_000)]
+        # once the relay has dealt them all (the Hub has a record of each), a third wait
+        # in the victim's socket or backlog: kill it, then let the others go
+        wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= 10_000, 120,
+                   "all 10,000 tasks dealt")
+        left = 10_000 - sum(f.done() for f in futures)
+        os.kill(victim, signal.SIGKILL)
+        gate.touch()
         ar = monq.AsyncResult(futures, single=False)
         ar.wait(timeout=180)
         got = outcomes(futures)
         ids = [f.msg_id for f in futures]
         db = db_statuses(c, ids)
         resent = sum(1 for f in futures if f.metadata.get("retries"))
-        print(f"\nretries={retries}: client {dict(got)}; hub {dict(db)}; re-sent {resent}")
+        print(f"\nretries={retries}: {left} not done at the kill; client {dict(got)}; "
+              f"hub {dict(db)}; re-sent {resent}")
+        errs = [f.exception() for f in futures if f.done() and
+                isinstance(f.exception(), monq.RemoteError)]
+        assert not errs, errs[0].render_traceback()
         assert got["pending"] == 0
         assert set(db) <= TERMINAL, db
         if retries:
@@ -104,11 +119,17 @@ def test_engine_killed_under_10000_load_balanced_tasks(tmp_path: Path, retries: 
             assert set(got) <= {"ok", "EngineDied"}, got
             assert got["ok"] + got["EngineDied"] == 10_000
             assert db["ok"] == got["ok"] and db["lost"] == got["EngineDied"], (got, db)
+        assert resent > 0  # the dead engine's queue was worked out and sent again
 
 
-def test_orphans_of_a_dead_engine_are_re_sent_and_never_run_twice(tmp_path: Path) -> None:
-    """Tasks queued behind a long one in an engine that dies never started: they are
-    re-sent (no retries needed), run exactly once, and the one that was running fails."""
+def test_tasks_unread_in_a_dead_engines_socket_are_re_sent_and_run_once(
+        tmp_path: Path) -> None:
+    """The hard case: requests the relay dealt to an engine that never read them.
+
+    The victim is frozen (SIGSTOP) while a burst is dealt, so its share sits unread
+    in its socket; then it is killed.  Only the Hub can tell which requests those
+    were; they never started, so they are re-sent (no retries needed) and each
+    runs exactly once."""
     marks = tmp_path / "marks"
     marks.mkdir()
 
@@ -119,31 +140,31 @@ def test_orphans_of_a_dead_engine_are_re_sent_and_never_run_twice(tmp_path: Path
         pathlib.Path(marks, f"{i}-{os.getpid()}").touch()
         return i
 
-    def hold(seconds: float) -> None:
-        import time
-
-        time.sleep(seconds)
-
-    with cluster(tmp_path, 2) as cl, \
+    with cluster(tmp_path, 2, heartbeat=2.0) as cl, \
             monq.Client(connection_file=cl.connection_file, timeout=10) as c:
-        c.wait_for_engines(2)
+        ids = c.wait_for_engines(2)
+        victim = engine_pid(c, ids[0])
         v = c.load_balanced_view()
-        # one long task per engine, then marks dealt behind them, half to each engine
-        holds = [v.apply_async(hold, 4) for _ in range(2)]
-        wait_until(lambda: sum(q.get("tasks", 0) for k, q in c.queue_status().items()
-                               if k != "unassigned") == 2, 10, "both holds running")
-        marked = [v.apply_async(mark, i) for i in range(40)]
-        victim_id = c.ids[0]
-        t0 = time.monotonic()
-        os.kill(engine_pid(c, victim_id), signal.SIGKILL)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            marked = [v.apply_async(mark, i) for i in range(40)]
+            wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= 40, 10,
+                       "all 40 dealt")
+            t0 = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            os.kill(victim, signal.SIGCONT)
         results = [f.result(timeout=60) for f in marked]
         settled = time.monotonic() - t0
         assert results == list(range(40))
         runs = collections.Counter(p.name.split("-")[0] for p in marks.iterdir())
         assert runs == {str(i): 1 for i in range(40)}, runs  # each ran exactly once
-        died = [h for h in holds if h.done() and isinstance(h.exception(), monq.EngineDied)]
-        assert len(died) == 1
-        print(f"\n40 tasks queued in a killed engine: all re-sent and done in {settled:.2f}s")
+        resent = [f for f in marked if f.metadata.get("retries")]
+        assert 5 <= len(resent) <= 35  # the victim's share, about half
+        pids = {int(p.name.split("-")[1]) for p in marks.iterdir()}
+        assert victim not in pids
+        print(f"\n{len(resent)} of 40 tasks were unread in the killed engine's socket: "
+              f"re-sent and done {settled:.2f}s after the kill")
 
 
 # --- 2. engine death on the direct path ------------------------------------------------------
@@ -265,7 +286,7 @@ def test_busy_engines_are_never_declared_dead(tmp_path: Path) -> None:
         ids = c.wait_for_engines(2)
         c.on_engines(lambda ev, eid, why: events.append((ev, eid, why)))
         a = c[ids[0]].apply_async(spin, 4.0)
-        b = c[ids[1]].apply_async(numpy_call, 1400)
+        b = c[ids[1]].apply_async(numpy_call, 1000)
         assert a.get(timeout=60) > 0
         took = b.get(timeout=120)
         print(f"\nbusy: 4 s pure-Python loop and a {took:.1f} s numpy call, "
@@ -346,7 +367,7 @@ def test_timeout_with_retries_runs_again_elsewhere(tmp_path: Path) -> None:
         ar = v.apply_async(slow_once, str(marker))
         assert isinstance(ar.get(timeout=30), int)
         rec = c.db_query({"msg_id": ar.msg_id}, keys=["status", "retries"])[0]
-        assert rec == {"status": "ok", "retries": 1}
+        assert (rec["status"], rec["retries"]) == ("ok", 1)
 
 
 # --- 5. controller crash ------------------------------------------------------------------------
@@ -415,8 +436,10 @@ def test_in_flight_tasks_of_a_crashed_controller_end_without_retries(tmp_path: P
         got = outcomes(inflight)
         print(f"\ncontroller SIGKILL without retries: {dict(got)}")
         assert got["pending"] == 0 and set(got) <= {"ok", "EngineDied"}, got
-        db = db_statuses(c, [f.msg_id for f in inflight])
-        assert set(db) <= TERMINAL | {"missing"}, db
+        # the Hub settles the records the crash left unfinished within its recovery grace
+        db = wait_until(lambda: (lambda d: d if set(d) <= TERMINAL | {"missing"} else None)(
+            db_statuses(c, [f.msg_id for f in inflight])), 15, "no unfinished record")
+        print(f"hub records: {dict(db)}")
 
 
 # --- 9. clients come and go ----------------------------------------------------------------------
@@ -447,13 +470,14 @@ def test_a_client_that_exits_leaves_its_tasks_to_finish(tmp_path: Path) -> None:
 
 # --- 6. bursts -----------------------------------------------------------------------------------
 
+@pytest.mark.timeout(600)
 def test_100000_tasks_in_a_burst_are_all_recorded(tmp_path: Path) -> None:
     with cluster(tmp_path, 2) as cl, \
             monq.Client(connection_file=cl.connection_file, timeout=10) as c:
         c.wait_for_engines(2)
         v = c.load_balanced_view()
         t0 = time.monotonic()
-        futures = [v.apply_async(noop) for _ in range(100_000)]
+        futures = [v.apply_async(lambda: None) for _ in range(100_000)]
         submitted = time.monotonic() - t0
         monq.AsyncResult(futures, single=False).wait(timeout=400)
         took = time.monotonic() - t0

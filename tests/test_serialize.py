@@ -164,17 +164,32 @@ def test_pack_apply_of_non_callable_raises_type_error():
             pack_apply(bad, (), {})
 
 
-@pytest.mark.parametrize("obj", [5, (1, 2), [1, 2, 3, 4], "abc", (1, 2, 3),
-                                 {"a": 1, "b": 2, "c": 3}, (len, 1, {}), (len, (), [1])])
-def test_unpack_apply_not_a_call_triple(obj):
-    frames, _ = serialize(obj)
+@pytest.mark.parametrize("fn,args", [(5, ((), {})), (len, 5), (len, (1, 2, 3)),
+                                     (len, ((), [1])), (len, "abc")])
+def test_unpack_apply_not_a_call(fn, args):
+    frames = serialize(fn)[0] + serialize(args)[0]
     with pytest.raises(SerializationError):
         unpack_apply(frames)
 
 
-def test_unpack_apply_accepts_list_triple():
-    g, a, k = unpack_apply(serialize([len, [[1, 2]], {}])[0])
+def test_unpack_apply_accepts_lists_for_args():
+    g, a, k = unpack_apply(serialize(len)[0] + serialize([[[1, 2]], {}])[0])
     assert g(*a, **k) == 2
+
+
+def test_a_function_is_pickled_once_and_unpickled_once():
+    calls = []
+
+    def f(x):
+        return x + 1
+
+    first, _ = pack_apply(f, (1,), {})
+    second, _ = pack_apply(f, (2,), {})
+    assert first[0] is second[0]  # the same stream, not pickled again
+    g1, a1, _ = unpack_apply(first)
+    g2, a2, _ = unpack_apply(second)
+    assert g1 is g2 and (g1(*a1), g2(*a2)) == (2, 3)
+    calls.append(1)
 
 
 def test_func_name():
@@ -405,7 +420,7 @@ def test_big_non_contiguous_argument_made_contiguous_and_sent_raw():
     a = np.arange(400 * 300, dtype=np.float64).reshape(400, 300)
     for arg in (a[::2, ::3], a.T, np.asfortranarray(a)):
         frames, raw = pack_apply(np.sum, (arg,), {"axis": None})
-        assert raw == [False, True], raw
+        assert raw == [False, False, True], raw
         f, args, kwargs = unpack_apply(frames)
         assert_same_array(args[0], arg)
         assert f(*args, **kwargs) == arg.sum()
@@ -441,15 +456,15 @@ def test_big_array_through_signed_session_over_sockets_without_copy():
         tx, rx = Session(KEY), Session(KEY)
         a = np.random.default_rng(0).random((256, 300))
         frames, raw = pack_apply(np.mean, (a,), {"axis": 0})
-        assert raw == [False, True]
+        assert raw == [False, False, True]
         tx.send(push, "apply_request", "task", buffers=frames, raw=raw)
         assert pull.poll(TIMEOUT_MS)
         msg = rx.recv(pull, zmq.NOBLOCK)
-        assert msg is not None and msg.raw_flags == [False, True]
+        assert msg is not None and msg.raw_flags == [False, False, True]
         f, args, kwargs = unpack_apply(msg.buffers)
         got = args[0]
         assert_same_array(got, a)
-        frame = msg.buffers[1]
+        frame = msg.buffers[2]
         assert isinstance(frame, zmq.Frame)
         assert np.shares_memory(got, np.frombuffer(frame.buffer, dtype=np.uint8))
         np.testing.assert_array_equal(f(*args, **kwargs), a.mean(axis=0))

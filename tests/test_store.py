@@ -302,6 +302,8 @@ def test_history_uses_an_index_at_100k_rows(store: TaskStore) -> None:
         plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
     assert "USING INDEX" in plan and "status" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # the index also gives the order
+    # no bound on the write time: on a shared machine it measures the neighbours;
+    # bench/history_queries.py reports the write rate
 
 
 # -- db_query ---------------------------------------------------------------------

@@ -12,10 +12,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import zmq
 
@@ -25,6 +25,7 @@ from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
 from monq.connection import find_connection_file, load_connection_file, pid_alive
+from monq.hub.filters import TIME_FILTERS, parse_duration
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
 from monq.serialize import deserialize, func_name, pack_apply
@@ -468,27 +469,94 @@ class Client:
     def history(self, status: str | Sequence[str] | None = None,
                 engine: int | Sequence[int] | None = None, client: str | None = None,
                 since: Any = None, until: Any = None, limit: int | None = None,
-                order: str = "-submitted") -> list[TaskRecord]:
-        """Tasks recorded by the Hub, filtered and sorted in the database.
+                order: str = "-submitted", *, cursor: str | None = None,
+                **filters: Any) -> HistoryPage:
+        """Tasks recorded by the Hub, filtered and sorted in the database, then limited.
 
-        ``since``/``until`` bound the submission time and take datetimes,
-        epoch seconds, ISO strings or phrases like ``"10 minutes ago"``.
+        Filters (all must match): ``status``, ``engine``, ``client``,
+        ``label`` (one value or a list), ``msg_id`` (a prefix), ``since`` /
+        ``until`` (submission), ``started_since`` / ``started_until``,
+        ``completed_since`` / ``completed_until``, ``min_duration`` /
+        ``max_duration`` (seconds, a timedelta or "2s"), ``search`` (words in
+        stdout, stderr or the traceback).  Times take datetimes, epoch
+        seconds, ISO strings or phrases like ``"10 minutes ago"``.
+
+        Returns a list of :class:`TaskRecord` whose ``next_cursor`` is None
+        on the last page, else a string: pass it as ``cursor=`` (same
+        filters and order) for the next ``limit`` rows.
         """
-        content: dict[str, Any] = {"order": order}
-        if status is not None:
-            content["status"] = status if isinstance(status, str) else list(status)
-        if engine is not None:
-            content["engine"] = engine if isinstance(engine, int) else list(engine)
-        if client is not None:
-            content["client"] = client
-        if since is not None:
-            content["since"] = to_epoch(since)
-        if until is not None:
-            content["until"] = to_epoch(until)
+        content = _filter_content(dict(status=status, engine=engine, client=client,
+                                       since=since, until=until, **filters))
+        content["order"] = order
         if limit is not None:
             content["limit"] = limit
-        rows = self._query("history_request", content)["records"]
-        return [TaskRecord.from_row(r) for r in rows]
+        if cursor is not None:
+            content["cursor"] = cursor
+        reply = self._query("history_request", content)
+        return HistoryPage([TaskRecord.from_row(r) for r in reply["records"]],
+                           reply.get("next_cursor"))
+
+    def iter_history(self, order: str = "-submitted", page_size: int = 1000,
+                     **filters: Any) -> Iterator[TaskRecord]:
+        """Every matching record, fetched from the Hub ``page_size`` at a time."""
+        cursor: str | None = None
+        while True:
+            page = self.history(limit=page_size, order=order, cursor=cursor, **filters)
+            yield from page
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+    def export(self, file: str | os.PathLike[str] | IO[str], format: str = "csv",
+               order: str = "-submitted", **filters: Any) -> int:
+        """Write the matching records to a path or text file as CSV or JSON Lines.
+
+        Rows are streamed a page at a time (a million rows never sit in
+        memory); returns how many were written.
+        """
+        from monq.export import write_records
+
+        rows = self.iter_history(order=order, **filters)
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "w", newline="", encoding="utf-8") as f:
+                return write_records(rows, f, format)
+        return write_records(rows, file, format)
+
+    def count(self, **filters: Any) -> int:
+        """How many recorded tasks match (history's filters), counted by the database."""
+        return int(self._query("stats_request", {"what": "count",
+                                                 **_filter_content(filters)})["count"])
+
+    def task_stats(self, by: str = "status", **filters: Any) -> dict[Any, int]:
+        """Counts of the matching tasks by ``status``, ``engine``, ``label``, ``client``,
+        ``queue``, ``minute`` or ``hour`` (the bucket's start as a UTC datetime)."""
+        groups = self._query("stats_request", {"what": "groups", "by": by,
+                                               **_filter_content(filters)})["groups"]
+        if by in ("minute", "hour"):
+            return {_dt(k): n for k, n in groups}
+        return {k: n for k, n in groups}
+
+    def duration_percentiles(self, by: str | None = None,
+                             percentiles: Sequence[float] = (50, 90, 99),
+                             **filters: Any) -> Any:
+        """Duration (completed - started, seconds) percentiles of the matching tasks.
+
+        ``{"n": ..., "min": ..., "max": ..., "p50": ..., "p90":
+        ..., "p99": ...}``; with ``by="engine"`` or ``by="label"``, one such
+        dict per engine or label.
+        """
+        groups = self._query("stats_request", {
+            "what": "percentiles", "by": by, "percentiles": list(percentiles),
+            **_filter_content(filters)})["groups"]
+        if by is None:
+            if not groups:
+                return {"n": 0}
+            return {k: v for k, v in groups[0].items() if k != "key"}
+        return {g["key"]: {k: v for k, v in g.items() if k != "key"} for g in groups}
+
+    def task_record(self, msg_id: str) -> TaskRecord:
+        """The full record of one task, by msg_id or a unique prefix of it."""
+        return TaskRecord.from_row(self._query("task_request", {"msg_id": msg_id})["record"])
 
     def db_query(self, query: dict[str, Any], keys: Sequence[str] | None = None
                  ) -> list[dict[str, Any]]:
@@ -537,9 +605,12 @@ class Client:
         status = rec.get("status")
         if status == "ok":
             if not content.get("has_result"):
+                why = ("evicted by the history's retention or a purge at "
+                       f"{_dt(rec['payload_evicted'])}" if rec.get("payload_evicted")
+                       else "above the Hub's payload cap")
                 fut.set_exception(errors.HubError(
                     f"the result of {fut.msg_id} was not kept ({rec.get('result_bytes')} "
-                    "bytes: above the Hub's payload cap)"))
+                    f"bytes: {why})"))
                 return
             try:
                 fut.set_result(deserialize(reply.buffers))
@@ -578,20 +649,26 @@ class Client:
         return st
 
     def purge_results(self, msg_ids: Sequence[str] | None = None,
-                      engine: int | None = None, status: str | Sequence[str] | None = None,
-                      before: Any = None, everything: bool = False) -> int:
-        """Delete finished tasks from the history; returns how many were deleted."""
-        content: dict[str, Any] = {}
+                      engine: int | Sequence[int] | None = None,
+                      status: str | Sequence[str] | None = None,
+                      before: Any = None, everything: bool = False, *,
+                      payloads_only: bool = False, **filters: Any) -> int:
+        """Delete finished tasks from the history; returns how many were deleted.
+
+        Takes history's filters (``label=``, ``since=``, ``search=`` ...),
+        ``msg_ids`` and ``before`` (completed before).  Pending and running
+        tasks are never deleted.  ``payloads_only`` keeps the records and
+        drops their stored request and result.
+        """
+        content = _filter_content(dict(engine=engine, status=status, **filters))
         if msg_ids is not None:
             content["msg_ids"] = [msg_ids] if isinstance(msg_ids, str) else list(msg_ids)
-        if engine is not None:
-            content["engine"] = engine
-        if status is not None:
-            content["status"] = status if isinstance(status, str) else list(status)
         if before is not None:
             content["before"] = to_epoch(before)
         if everything:
             content["everything"] = True
+        if payloads_only:
+            content["payloads_only"] = True
         return int(self._query("purge_request", content)["purged"])
 
     def shutdown(self, wait: float = 10.0) -> None:
@@ -617,6 +694,33 @@ def _remote_error(content: dict[str, Any], engine: Any, msg_id: str) -> errors.M
                               engine if isinstance(engine, int) else None, msg_id)
 
 
+class HistoryPage(list):  # type: ignore[type-arg]
+    """A page of :meth:`Client.history`: a list of TaskRecords, and where the next starts."""
+
+    def __init__(self, records: Iterable[TaskRecord], next_cursor: str | None = None) -> None:
+        super().__init__(records)
+        #: pass as ``cursor=`` for the next page; None on the last page
+        self.next_cursor = next_cursor
+
+
+def _filter_content(filters: dict[str, Any]) -> dict[str, Any]:
+    """History filters as the Hub takes them: times in epoch seconds, lists for several."""
+    out: dict[str, Any] = {}
+    for k, v in filters.items():
+        if v is None:
+            continue
+        if k in TIME_FILTERS:
+            out[k] = to_epoch(v)
+        elif k in ("min_duration", "max_duration"):
+            out[k] = v.total_seconds() if isinstance(v, timedelta) else (
+                parse_duration(v) if isinstance(v, str) else v)
+        elif isinstance(v, (tuple, set, frozenset)):
+            out[k] = list(v)
+        else:
+            out[k] = v
+    return out
+
+
 def _epochs(query: dict[str, Any]) -> dict[str, Any]:
     """Turn datetimes in a db_query into epoch seconds, as the Hub stores them."""
 
@@ -632,4 +736,4 @@ def _epochs(query: dict[str, Any]) -> dict[str, Any]:
     return {k: conv(v) for k, v in query.items()}
 
 
-__all__ = ["Client"]
+__all__ = ["Client", "HistoryPage"]

@@ -95,6 +95,8 @@ class IOThread(threading.Thread):
         # query): give it much longer before giving up on it
         self.local_grace = 12 * self.grace
         self.local_pid = info.controller_pid if info.ip in _LOCAL else 0
+        # a live local supervisor restarts a controller that died: wait for its successor
+        self.supervisor_pid = info.supervisor_pid if info.ip in _LOCAL and info.restarted else 0
         self.last_beat = time.monotonic()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -154,8 +156,7 @@ class IOThread(threading.Thread):
                 self.last_beat = now
             last_loop = now
             silent = now - self.last_beat
-            if silent > self.grace and not (silent < self.local_grace and self.local_pid
-                                            and pid_alive(self.local_pid)):
+            if silent > self.grace and not (silent < self.local_grace and self._local_alive()):
                 self.on_hub_lost(silent)
             for sock, _ in events:
                 name = by_socket[sock]
@@ -188,6 +189,11 @@ class IOThread(threading.Thread):
                         self._dispatch(name, frames)
                     except Exception:
                         log.exception("error handling a message from %s", name)
+
+    def _local_alive(self) -> bool:
+        """A controller on this machine that is alive (maybe busy), or being restarted."""
+        return bool((self.local_pid and pid_alive(self.local_pid)) or
+                    (self.supervisor_pid and pid_alive(self.supervisor_pid)))
 
     def _dispatch(self, name: str, frames: list[Any]) -> None:
         if name == "notify":

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO, Any
 
 from monq import errors
 
@@ -110,6 +111,41 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
 
     def ready(self) -> bool:
         return self.done()
+
+    def wait_interactive(self, interval: float = 0.1, timeout: float | None = None,
+                         file: IO[str] | None = None, desc: str | None = None) -> bool:
+        """Wait, showing a progress bar of finished tasks; return whether all are done.
+
+        The bar is ``tqdm.auto``'s: a widget in Jupyter (with ipywidgets), text
+        in a terminal; ``file`` sends the text bar elsewhere (default stderr).
+        It is redrawn at least every ``interval`` seconds and closed on return,
+        also on Ctrl-C or after ``timeout`` seconds (the work goes on).
+        """
+        if file is not None:
+            from tqdm import tqdm as bar_cls
+        else:
+            from tqdm.auto import tqdm as bar_cls
+        total = len(self._children)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = bar_cls(total=total, desc=desc or f"{total} task{'s' * (total != 1)}",
+                      unit="task", file=file, mininterval=interval, leave=True)
+        try:
+            shown = 0
+            while True:
+                n = self.finished
+                if n != shown:
+                    bar.update(n - shown)
+                    shown = n
+                if n >= total:
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                cf.wait([c for c in self._children if not c.done()],
+                        timeout=interval if left is None else min(interval, left),
+                        return_when=cf.FIRST_COMPLETED)
+        finally:
+            bar.close()
 
     def successful(self) -> bool:
         """True when finished without error (False while still running)."""

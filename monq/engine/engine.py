@@ -1,19 +1,30 @@
 """The engine: runs the tasks it is sent and answers with results and timings.
 
-An engine registers with the Hub and gets an integer id, then reads two
-channels: the load-balanced ``task`` channel and its own ``direct`` channel,
-both as a DEALER whose identity is the engine's uuid.  Tasks run one at a
-time in the main thread, with stdout and stderr captured.  A task still
-running after a few milliseconds is reported to the Hub as started
-(``task_started``, see _StartNotifier); every reply carries the
+An engine joins the direct relay, registers with the Hub (which gives it an
+integer id), then joins the load-balanced ``task`` relay; on both it is a
+DEALER whose identity is its uuid.  Tasks run one at a time in the main
+thread, with stdout and stderr captured; every reply carries the
 received/started/completed times.
+
+A second thread, the link (see :class:`_Link`), does what must happen while a
+task runs: it tells the Hub about tasks running longer than a few
+milliseconds, reads waiting messages into the engine's backlog and reports
+them to the Hub as received (so the Hub knows what a dead engine held), and
+registers again with a restarted controller.  The task and direct sockets
+are shared by the two threads under one lock, which the main thread releases
+while user code runs.
+
+A task with a ``timeout`` is interrupted by SIGALRM (a ``TaskTimeout`` raised
+in it, answered ``timeout``); one that cannot be interrupted (C code holding
+on) is ended by the Hub, which kills the engine for its supervisor to
+replace.
 
 A heartbeat thread forwards the Hub's pings back to it inside
 ``zmq.proxy``, which runs in C without the GIL: a task that spins in pure
 Python for minutes still answers every ping.
 
 Resource handling: :meth:`Engine.close` closes every socket and terminates
-the Context (ending the heartbeat proxy); safe to call twice.
+the Context (ending the heartbeat proxy and the link); safe to call twice.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ from monq.connection import (
     pid_alive,
     write_connection_file,
 )
+from monq.hub.filters import parse_duration, parse_size
 from monq.hub.hub import MONITOR_URL, Hub, HubConfig
+from monq.hub.retention import RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.protocol import Session
 from monq.schedulers import Relay
@@ -80,7 +82,7 @@ def _reuse_curve(path: Path) -> CurveKeys:
 
 
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
-          supervisor_pid: int = 0, curve: bool = False) -> int:
+          supervisor_pid: int = 0, restarted: bool = False, curve: bool = False) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
     key, old_ports = _previous(conn_path)
@@ -122,7 +124,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
                           lambda sock: curve_client_setup(sock, keys))
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
-                              heartbeat_period=config.heartbeat_period,
+                              heartbeat_period=config.heartbeat_period, restarted=restarted,
                               curve=keys.to_json() if keys else None)
         write_connection_file(conn_path, info)
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
@@ -161,12 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--heartbeat-period", type=float, default=1.0)
     p.add_argument("--supervisor-pid", type=int, default=0)
+    p.add_argument("--restarted", action="store_true",
+                   help="the supervisor restarts this controller if it dies")
     p.add_argument("--curve", action="store_true",
                    help="CurveZMQ on every channel (keys kept in the connection file)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--retain", default=None, type=parse_duration, metavar="DURATION",
+                   help="delete finished tasks completed longer ago (7d, 12h, 30m)")
+    p.add_argument("--max-tasks", default=None, type=int, metavar="N",
+                   help="keep at most N tasks (the oldest finished ones go)")
+    p.add_argument("--max-bytes", default=None, type=parse_size, metavar="SIZE",
+                   help="keep stored payloads and output under SIZE (500MB); payloads go first")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [controller] %(name)s: %(message)s")
+    retention = RetentionPolicy(retain=a.retain, max_tasks=a.max_tasks, max_bytes=a.max_bytes)
     return serve(a.profile_dir, a.profile, a.db,
-                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period), a.supervisor_pid,
-                 curve=a.curve)
+                 HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period, retention=retention),
+                 a.supervisor_pid, a.restarted, curve=a.curve)

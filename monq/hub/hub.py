@@ -41,7 +41,9 @@ import zmq
 
 from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
+from monq.hub.filters import FILTER_KEYS, split_filters
 from monq.hub.heart import HeartMonitor
+from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.hub.tracker import LoadTracker
 from monq.protocol import DELIM, Message, Session
@@ -72,6 +74,8 @@ class HubConfig:
     timeout_grace: float = 1.0
     #: after a restart, how long engines have to claim the unfinished tasks of the history
     recovery_grace: float = 3.0
+    #: history limits (--retain, --max-tasks, --max-bytes), applied in bounded steps
+    retention: RetentionPolicy = RetentionPolicy()
 
 
 @dataclass
@@ -124,6 +128,9 @@ class Hub:
         self.on_shutdown = on_shutdown or self.stop
         self.ports: dict[str, int] = {}
         self.rejected: Counter[str] = Counter()
+        #: verified messages handled, by source and type ("out.task apply_reply", "hub
+        #: tasks_received", ...): what each task costs the Hub (monq status --json)
+        self.received: Counter[str] = Counter()
         self._stop = False
         self._sockets: list[zmq.Socket] = []
         self._inflight: dict[str, _InFlight] = {}
@@ -140,6 +147,7 @@ class Hub:
         self._recovering = 0
         self._hostname = _socket.gethostname()
         self.probe: zmq.Socket | None = None
+        self.retention = Retention(store, config.retention)
         for row in store.engines():
             if row.get("status") == "alive":
                 # the previous controller ended without saying; they re-register if alive
@@ -273,6 +281,15 @@ class Hub:
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 self._safe_flush()
+            self._retain()
+
+    def _retain(self) -> None:
+        """One bounded retention step when due (see monq.hub.retention); never ends the loop."""
+        try:
+            self.retention.tick()
+        except Exception:
+            log.exception("retention step failed")
+            self.retention.next_run = time.monotonic() + self.config.retention.interval
 
     def _periodic(self) -> None:
         """Once a heartbeat: timeouts, restart recovery."""
@@ -410,6 +427,7 @@ class Hub:
         msg = self._verify(frames[1:])
         if msg is None:
             return
+        self.received[f"{prefix.decode(errors='replace')} {msg.msg_type}"] += 1
         if direction == "in" and msg.msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
@@ -502,6 +520,10 @@ class Hub:
         self._on_read(uuid, msg_id, state)
         if state is None or state.status in TERMINAL:
             return  # the reply already said everything, or we never saw the request
+        eng = self._engines.get(uuid)
+        if eng is not None and eng.status in ("dead", "stopped"):
+            self._finish_lost(msg_id, "its engine died while running it", state.engine)
+            return
         state.status = "running"
         state.engine = msg.content.get("engine")
         state.started = _epoch(msg.content.get("started"))
@@ -526,6 +548,11 @@ class Hub:
             self._on_read(uuid, msg_id, state)
             if state is not None and state.status == "pending":
                 state.engine = eng.id
+                if eng.status in ("dead", "stopped"):
+                    # a receipt sent just before the engine died, read after its death
+                    # was handled: what it names never started
+                    self._finish_lost(msg_id, f"engine {eng.id} died ({eng.status}) before "
+                                      "starting it", eng.id, started=False)
 
     def _on_read(self, uuid: str, msg_id: str, state: _InFlight | None) -> None:
         if state is None:
@@ -657,6 +684,7 @@ class Hub:
             self._maybe_auth_error(frames, e)
             return
         t = msg.msg_type
+        self.received[f"hub {t}"] += 1
         if t in ("task_started", "tasks_received"):
             # the monitor copy of what they name has been sent before they were: read it
             self._drain(self.monitor, self._on_monitor, limit=1_000_000)
@@ -759,18 +787,46 @@ class Hub:
             "counts": counts.get("status", {}),
             "queue": self._queue_status(),
             "rejected": dict(rejected),
+            "received": dict(self.received),
             "in_flight": len(self._inflight),
             "db_url": _hide_password(self.db_url),
             "hostname": _socket.gethostname(),
         }
 
+    # history queries: one filter vocabulary (monq.hub.filters), checked by the store
+
     def _q_history(self, msg: Message) -> dict[str, Any]:
-        c = msg.content
-        allowed = {"status", "engine", "client", "since", "until", "limit", "order"}
-        bad = set(c) - allowed
-        if bad:
-            raise HubError(f"unknown history filter(s): {', '.join(sorted(bad))}")
-        return {"records": self.store.history(**c)}
+        filters, opts = split_filters(msg.content)
+        _only(opts, {"limit", "order", "cursor"}, "history")
+        records, cursor = self.store.history_page(limit=opts.get("limit"),
+                                                  order=opts.get("order", "-submitted"),
+                                                  cursor=opts.get("cursor"), **filters)
+        return {"records": records, "next_cursor": cursor}
+
+    def _q_stats(self, msg: Message) -> dict[str, Any]:
+        filters, opts = split_filters(msg.content)
+        what = opts.pop("what", None)
+        if what == "count":
+            _only(opts, set(), "count")
+            return {"count": self.store.count(**filters)}
+        if what == "groups":
+            _only(opts, {"by"}, "task_stats")
+            groups = self.store.task_stats(opts.get("by", "status"), **filters)
+            return {"groups": [list(g) for g in groups]}
+        if what == "percentiles":
+            _only(opts, {"by", "percentiles"}, "duration_percentiles")
+            return {"groups": self.store.duration_percentiles(
+                opts.get("by"), opts.get("percentiles", (50, 90, 99)), **filters)}
+        if what == "span":
+            _only(opts, set(), "stats")
+            return {"span": self.store.time_span(**filters)}
+        raise HubError(f"stats: what must be count, groups, percentiles or span, not {what!r}")
+
+    def _q_task(self, msg: Message) -> dict[str, Any]:
+        msg_id = msg.content.get("msg_id")
+        if not isinstance(msg_id, str) or not msg_id:
+            raise HubError("task_request needs a msg_id (or a unique prefix of one)")
+        return {"record": self.store.find_task(msg_id)}
 
     def _q_db(self, msg: Message) -> dict[str, Any]:
         query = msg.content.get("query")
@@ -816,12 +872,9 @@ class Hub:
         return {"record": row, "done": True, "has_result": True}, frames, raw
 
     def _q_purge(self, msg: Message) -> dict[str, Any]:
-        c = msg.content
-        allowed = {"msg_ids", "engine", "status", "before", "everything"}
-        bad = set(c) - allowed
-        if bad:
-            raise HubError(f"unknown purge filter(s): {', '.join(sorted(bad))}")
-        return {"purged": self.store.purge(**c)}
+        filters, opts = split_filters(msg.content)
+        _only(opts, {"msg_ids", "before", "everything", "payloads_only"}, "purge")
+        return {"purged": self.store.purge(**opts, **filters)}
 
     def _q_shutdown(self, msg: Message) -> dict[str, Any]:
         log.info("shutdown requested by client %s", msg.header.get("session"))
@@ -834,6 +887,8 @@ class Hub:
         "queue_request": _q_queue,
         "status_request": _q_status,
         "history_request": _q_history,
+        "stats_request": _q_stats,
+        "task_request": _q_task,
         "db_request": _q_db,
         "hub_history_request": _q_hub_history,
         "tasks_status_request": _q_tasks_status,
@@ -847,6 +902,14 @@ Hub._queries["registration_request"] = lambda hub, msg: hub._register(msg)
 
 
 _TIME_FIELDS = ("submitted", "started", "completed", "received")
+
+
+def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
+    bad = set(opts) - allowed
+    if bad:
+        raise HubError(f"{what}: unknown filter(s) or option(s) {', '.join(sorted(bad))}; "
+                       f"filters: {', '.join(FILTER_KEYS)}; options: "
+                       f"{', '.join(sorted(allowed)) or 'none'}")
 
 
 def _epoch(value: Any) -> float | None:

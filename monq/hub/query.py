@@ -12,20 +12,34 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Table, and_, false, or_, true
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy import types as sqltypes
+from sqlalchemy.sql.expression import ColumnClause
 
 from monq.errors import HubError
+from monq.hub.filters import TaskFilter
 
 __all__ = [
-    "BLOB_COLUMNS", "ORDER_KEYS", "db_query_clause", "glob_to_like", "history_clause",
-    "order_clause",
+    "BLOB_COLUMNS", "ORDER_KEYS", "db_query_clause", "filter_clause", "glob_to_like",
+    "history_clause", "keyset_stages", "order_clause", "search_terms", "tiebreak_column",
 ]
 
 #: columns that hold payloads: never filtered on, never returned by history/db_query
 BLOB_COLUMNS = ("request", "result")
 #: what ``history(order=...)`` may sort by (with an optional leading "-")
-ORDER_KEYS = ("submitted", "started", "completed", "msg_id")
+ORDER_KEYS = ("submitted", "started", "completed", "duration", "msg_id")
 _TIME_COLUMNS = ("submitted", "started", "completed", "received")
 _OPERATORS = ("$lt", "$gt", "$lte", "$gte", "$eq", "$ne", "$in", "$nin", "$glob")
 
@@ -64,8 +78,8 @@ def history_clause(
     return and_(true(), *conds)
 
 
-def order_clause(table: Table, order: str) -> list[Any]:
-    """ORDER BY for ``history()``: ``"submitted"`` ascending, ``"-submitted"`` descending."""
+def parse_order(order: Any) -> tuple[str, bool]:
+    """(column name, descending?) of an ``order`` like ``"-submitted"``."""
     if not isinstance(order, str):
         raise HubError(f"history: order must be a string, not {_tname(order)}")
     desc = order.startswith("-")
@@ -73,8 +87,185 @@ def order_clause(table: Table, order: str) -> list[Any]:
     if key not in ORDER_KEYS:
         raise HubError(f"history: cannot order by {order!r}; use one of "
                        f"{', '.join(ORDER_KEYS)} (prefix '-' for descending)")
+    return key, desc
+
+
+def tiebreak_column(table: Table, dialect: str) -> Any:
+    """What breaks ties between equal sort values, making the order total.
+
+    SQLite: the rowid, which every index already ends with, so "filter on
+    an indexed column, sort by submitted, limit" reads the index in order
+    with no sort step.  Elsewhere: msg_id.
+    """
+    if dialect == "sqlite":
+        return literal_column(f"{table.name}.rowid")
+    return table.c.msg_id
+
+
+def order_clause(table: Table, order: str, dialect: str = "sqlite") -> list[Any]:
+    """ORDER BY for ``history()``: ``"submitted"`` ascending, ``"-submitted"`` descending.
+
+    A tie-breaker (:func:`tiebreak_column`) follows, so a keyset cursor can
+    resume the order.  NULLs come first ascending and last descending
+    (SQLite's own order, which its indexes give for free; other databases
+    are told so).
+    """
+    key, desc = parse_order(order)
+    tie = tiebreak_column(table, dialect)
+    cols = [table.c[key]] if key == "msg_id" else [table.c[key], tie]
+    out = []
+    for col in cols:
+        term = col.desc() if desc else col.asc()
+        if dialect != "sqlite" and getattr(col, "nullable", False):
+            term = term.nulls_last() if desc else term.nulls_first()
+        out.append(term)
+    return out
+
+
+def keyset_stages(table: Table, order: str, value: Any, last: Any, dialect: str = "sqlite"
+                  ) -> list[ColumnElement[bool]]:
+    """The rows after (``value``, ``last``) in ``order``, as WHERE clauses to read in turn.
+
+    A cursor page reads the first stage and, if it runs short, the next:
+    NULL sort values sit apart from the others (first ascending, last
+    descending), and an OR across them would keep the database from
+    seeking into the index.  Each stage is a plain range on the sort
+    column's index (``col <= v AND (col < v OR tie < t)``).
+    """
+    key, desc = parse_order(order)
+    if key == "msg_id":
+        if not isinstance(value, str):
+            raise HubError("history: the cursor does not fit this order")
+        mid = table.c.msg_id
+        return [mid < value if desc else mid > value]
+    tie = tiebreak_column(table, dialect)
     col = table.c[key]
-    return [col.desc() if desc else col.asc()]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise HubError("history: the cursor does not fit this order")
+    if desc:  # ... v, v, NULL, NULL
+        if value is None:
+            return [and_(col.is_(None), tie < last)]
+        return [and_(col <= value, or_(col < value, tie < last)), col.is_(None)]
+    if value is None:  # NULL, NULL, v, v ...
+        return [and_(col.is_(None), tie > last), col.is_not(None)]
+    return [and_(col >= value, or_(col > value, tie > last))]
+
+
+def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
+                  fts: Table | None = None, rowid: ColumnClause[Any] | None = None,
+                  selective: frozenset[str] = frozenset()) -> ColumnElement[bool]:
+    """The WHERE clause of a :class:`TaskFilter`; every value a bound parameter.
+
+    ``fts`` is the full-text table (SQLite FTS5, external content keyed by
+    the tasks' ``rowid``), which matches whole words (a trailing ``*``: a
+    prefix); without it ``search`` falls back to escaped LIKE over the text
+    columns, which matches each word anywhere (a superset: "15" is in "150").
+
+    ``selective`` names range-filtered columns (started, completed,
+    duration) known to match few rows: on SQLite their terms carry a
+    ``likelihood`` hint, so the planner seeks into their index rather than
+    walking the sort order's index past rows that do not match.
+    "search:common" in it means the words match many tasks: then the sort
+    order's index drives the query and each row is tested against the
+    matches (else the matches drive it, best when they are few).
+    """
+    c = table.c
+    conds: list[ColumnElement[bool]] = []
+    for name in ("status", "engine", "client", "label"):
+        values = getattr(f, name)
+        if values is not None:
+            vcol = c[name]
+            conds.append(vcol == values[0] if len(values) == 1 else vcol.in_(list(values)))
+    if f.msg_id is not None:
+        # a range, not LIKE: the primary key's index answers it on every database
+        conds.append(and_(c.msg_id >= f.msg_id, c.msg_id < f.msg_id + "\U0010ffff"))
+    def hint(name: str, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+        if name in selective and dialect == "sqlite":
+            return func.likelihood(cond, literal_column("0.001"))  # type: ignore[no-any-return]
+        return cond
+
+    for tcol, lo, hi in ((c.submitted, f.since, f.until),
+                         (c.started, f.started_since, f.started_until),
+                         (c.completed, f.completed_since, f.completed_until)):
+        if lo is not None:
+            conds.append(hint(tcol.name, tcol >= lo))
+        if hi is not None:
+            conds.append(hint(tcol.name, tcol < hi))
+    if f.min_duration is not None:
+        conds.append(hint("duration", c.duration >= f.min_duration))
+    if f.max_duration is not None:
+        conds.append(hint("duration", c.duration <= f.max_duration))
+    if f.search is not None:
+        conds.append(_search(table, f.search, fts, rowid, common="search:common" in selective))
+    return and_(true(), *conds)
+
+
+#: the text columns ``search`` looks in
+SEARCH_COLUMNS = ("stdout", "stderr", "traceback", "evalue")
+
+
+def range_probes(table: Table, f: TaskFilter) -> dict[str, ColumnElement[bool]]:
+    """The range filters on started, completed and duration, by column (to probe)."""
+    c = table.c
+    out: dict[str, ColumnElement[bool]] = {}
+    for name, lo, hi, strict in (("started", f.started_since, f.started_until, True),
+                                 ("completed", f.completed_since, f.completed_until, True),
+                                 ("duration", f.min_duration, f.max_duration, False)):
+        conds = []
+        if lo is not None:
+            conds.append(c[name] >= lo)
+        if hi is not None:
+            conds.append(c[name] < hi if strict else c[name] <= hi)
+        if conds:
+            out[name] = and_(*conds)
+    return out
+
+
+def search_terms(text: str) -> list[str]:
+    """The words of a search (whitespace-separated; a trailing ``*`` is a prefix)."""
+    return [w for w in text.split() if w.strip("*")]
+
+
+def _search(table: Table, text: str, fts: Table | None, rowid: ColumnClause[Any] | None,
+            common: bool = False) -> ColumnElement[bool]:
+    terms = search_terms(text)
+    if not terms:
+        raise HubError("history: search needs at least one word")
+    if fts is not None and rowid is not None:
+        # every word quoted: user text is never FTS5 query syntax (no column filters,
+        # no NEAR, no syntax errors), a trailing * stays a prefix search
+        match = fts.c.tasks_fts.op("MATCH", is_comparison=True)(fts_query(text))
+        if common:
+            # many matches: `rowid + 0` keeps SQLite from fetching every match and
+            # sorting them; it walks the order's index and tests each row against
+            # the (materialised) matches until the page is full
+            return (rowid + 0).in_(select(fts.c.rowid).where(match))
+        return rowid.in_(select(fts.c.rowid).where(match))
+    conds = []
+    for w in terms:
+        pattern = "%" + like_escape(w.rstrip("*")) + "%"
+        conds.append(or_(*[table.c[name].like(pattern, escape="\\")
+                           for name in SEARCH_COLUMNS]))
+    return and_(*conds)
+
+
+def fts_query(text: str) -> Any:
+    """The bound FTS5 query for a search: every word quoted (a trailing * kept as a prefix).
+
+    User text never becomes FTS5 query syntax: no column filters, no NEAR,
+    no syntax errors.
+    """
+    terms = search_terms(text)
+    if not terms:
+        raise HubError("history: search needs at least one word")
+    query = " ".join('"' + w.rstrip("*").replace('"', '""') + '"' +
+                     ("*" if w.endswith("*") else "") for w in terms)
+    return bindparam("fts_q", query)
+
+
+def like_escape(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern whose escape character is backslash."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def check_limit(limit: Any) -> int | None:

@@ -5,7 +5,10 @@ of inserts and updates (a few ms or a few thousand rows' worth) and each
 batch is one transaction of a handful of ``executemany`` calls, which is
 what keeps SQLite ahead of a busy cluster.  Reads (history, db_query,
 counts) filter, sort and limit in the database, so the Hub's memory is
-bounded by what a query returns, never by the history.
+bounded by what a query returns, never by the history.  History pages are
+keyset pages; the aggregates live in :mod:`monq.hub.stats`, the schema and
+its upgrades in :mod:`monq.hub.schema`, the filters in :mod:`monq.hub.filters`
+and :mod:`monq.hub.query`.
 
 Any SQLAlchemy URL works; SQLite gets WAL mode (readers, such as a dashboard
 or ``monq history`` in another process, do not block the writer) and a
@@ -17,26 +20,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    Column,
-    Float,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
     bindparam,
     create_engine,
     event,
     func,
+    literal_column,
     select,
+    text,
     true,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -45,75 +42,44 @@ from sqlalchemy.pool import StaticPool
 
 from monq.errors import HubError
 from monq.hub import query as q
+from monq.hub import schema
+from monq.hub.filters import TaskFilter, decode_cursor, encode_cursor
+from monq.hub.schema import (
+    HAS_PAYLOAD,
+    SCHEMA_VERSION,
+    engines_table,
+    fts_table,
+    metadata,
+    tasks,
+)
+from monq.hub.stats import TaskStats
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+__all__ = ["FINISHED", "SCHEMA_VERSION", "STATUSES", "TaskStore", "metadata", "tasks"]
+
 #: statuses a task can end in; only these are ever purged
 FINISHED = ("ok", "error", "aborted", "timeout", "lost", "resubmitted")
 UNFINISHED = ("pending", "running")
 STATUSES = UNFINISHED + FINISHED
 #: payload column -> the column that keeps its size when the payload is dropped
 PAYLOADS = {"request": "request_bytes", "result": "result_bytes"}
+#: captured text: counted in a record's stored_bytes, searched by ``search=``
+TEXTS = ("stdout", "stderr", "traceback", "evalue")
+#: computed by the store, never written by callers
+DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted"})
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
-
-metadata = MetaData()
-
-tasks = Table(
-    "tasks", metadata,
-    Column("msg_id", String(64), primary_key=True),
-    Column("client", String(64), index=True),
-    Column("engine", Integer, nullable=True, index=True),
-    Column("engine_uuid", String(64), nullable=True),
-    Column("queue", String(16)),
-    Column("label", String(200), nullable=True),
-    Column("func", String(300), nullable=True),
-    # status is indexed by ix_tasks_status_submitted below (a status-only
-    # index next to it would be redundant and slow every write)
-    Column("status", String(16), nullable=False),
-    Column("submitted", Float, nullable=True, index=True),
-    Column("started", Float, nullable=True),
-    Column("completed", Float, nullable=True, index=True),
-    Column("received", Float, nullable=True),
-    Column("ename", String(200), nullable=True),
-    Column("evalue", Text, nullable=True),
-    Column("traceback", Text, nullable=True),
-    Column("stdout", Text, nullable=True),
-    Column("stderr", Text, nullable=True),
-    Column("retries", Integer, default=0, server_default="0"),
-    Column("request", LargeBinary, nullable=True),
-    Column("request_bytes", Integer, nullable=True),
-    Column("result", LargeBinary, nullable=True),
-    Column("result_bytes", Integer, nullable=True),
-)
-# history(status=...) sorted by submitted is the dashboard's and the CLI's
-# everyday query: this index answers it without a sort over all of a status.
-Index("ix_tasks_status_submitted", tasks.c.status, tasks.c.submitted)
-
-engines_table = Table(
-    "engines", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("uuid", String(64), unique=True),
-    Column("hostname", String(200)),
-    Column("pid", Integer),
-    Column("registered", Float),
-    Column("unregistered", Float, nullable=True),
-    Column("status", String(16)),
-)
-
-meta_table = Table(
-    "meta", metadata,
-    Column("key", String(64), primary_key=True),
-    Column("value", Text),
-)
+#: a range filter matching at most this many rows is read through its own index
+_PROBE = 20_000
 
 _TASK_COLUMNS = frozenset(c.name for c in tasks.columns)
 _ENGINE_COLUMNS = frozenset(c.name for c in engines_table.columns)
 _LISTED = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS]
+_ROWID: Any = literal_column("tasks.rowid")
 
 
-class TaskStore:
+class TaskStore(TaskStats):
     """The Hub's database of tasks and engines.
 
     Resource handling: whoever creates the store owns it and calls
@@ -121,9 +87,12 @@ class TaskStore:
     threads without care: the Hub thread writes, and reads go through the
     same thread (the engine's pool makes concurrent reads safe, but SQLite
     has one writer at a time).
+
+    ``fts=False`` turns SQLite's full-text index off for this store's
+    searches (they use LIKE, as on other databases).
     """
 
-    def __init__(self, url: str, payload_cap: int = 1 << 20) -> None:
+    def __init__(self, url: str, payload_cap: int = 1 << 20, fts: bool = True) -> None:
         if payload_cap < 0:
             raise ValueError(f"payload_cap must be >= 0, not {payload_cap}")
         self.url = url
@@ -131,10 +100,19 @@ class TaskStore:
         self._closed = False
         self._lock = threading.Lock()
         self._engine = _make_engine(url)
+        #: bytes the records keep (payloads and text), once counted; kept up to date by writes
+        self._stored_total: int | None = None
         try:
             self.dialect = self._engine.dialect.name
             metadata.create_all(self._engine)
-            self._check_schema()
+            with self._engine.begin() as conn:
+                #: the full-text table exists: every write keeps it in step
+                self.fts_table = schema.prepare(conn, url, self.dialect, fts)
+            #: searches use it (else escaped LIKE)
+            self.fts = self.fts_table and fts
+        except SQLAlchemyError as e:
+            self._engine.dispose()
+            raise HubError(f"cannot open the history database {url}: {e}") from e
         except BaseException:
             self._engine.dispose()
             raise
@@ -159,18 +137,6 @@ class TaskStore:
         """The SQLAlchemy engine (for tests and tools; the store owns and disposes it)."""
         return self._engine
 
-    def _check_schema(self) -> None:
-        with self._engine.begin() as conn:
-            found = conn.execute(
-                select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-            ).scalar()
-            if found is None:
-                conn.execute(meta_table.insert(),
-                             {"key": "schema_version", "value": SCHEMA_VERSION})
-            elif found != SCHEMA_VERSION:
-                raise HubError(f"database {self.url} has schema version {found}; this monq "
-                               f"reads version {SCHEMA_VERSION} (use another --db)")
-
     # -- writes ------------------------------------------------------------------
 
     def write(self, inserts: Sequence[dict[str, Any]], updates: Sequence[dict[str, Any]]) -> None:
@@ -181,6 +147,7 @@ class TaskStore:
         ``payload_cap`` are stored as NULL with their size kept, so callers
         pass blobs blindly.  Rows are grouped by key set and each group is
         one ``executemany``: a batch costs a few statements, not one per row.
+        ``duration`` and ``stored_bytes`` are computed here.
         """
         ins = [self._prepare(r, "insert") for r in inserts]
         ups = [self._prepare(r, "update") for r in updates]
@@ -197,20 +164,47 @@ class TaskStore:
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
                 self._write(conn, ins, extra + ups)
+        if self._stored_total is not None:
+            self._stored_total += sum(_stored_size(r) for r in ins) + \
+                sum(_stored_size(r) for r in ups)
 
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
                ups: list[dict[str, Any]]) -> None:
+        # full-text index: forget the old text of rows whose text changes, and
+        # index the new text once the rows are written (only rows with text)
+        texted = [r["msg_id"] for r in ins if _has_text(r)]
+        changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
+        if self.fts_table and changed:
+            self._fts_forget(conn, changed)
         for rows in _by_keys(ins):
             conn.execute(tasks.insert(), rows)
+        self._update(conn, ups)
+        if self.fts_table and (texted or changed):
+            self._fts_index(conn, texted + changed)
+
+    def _fts_forget(self, conn: Connection, ids: list[str]) -> None:
+        for chunk in _chunks(ids):
+            conn.execute(_FTS_DELETE, {"ids": chunk})
+
+    def _fts_index(self, conn: Connection, ids: list[str]) -> None:
+        for chunk in _chunks(ids):
+            conn.execute(_FTS_INSERT, {"ids": chunk})
+
+    def _update(self, conn: Connection, ups: list[dict[str, Any]]) -> None:
+        c = tasks.c
         for rows in _by_keys(ups):
-            cols = [k for k in rows[0] if k != "msg_id"]
-            if not cols:
-                continue
-            stmt = (tasks.update()
-                    .where(tasks.c.msg_id == bindparam("b_msg_id"))
-                    .values({k: bindparam(k) for k in cols}))
-            conn.execute(stmt, [{"b_msg_id": r["msg_id"], **{k: r[k] for k in cols}}
-                                for r in rows])
+            cols = [k for k in rows[0] if k not in ("msg_id", "stored_bytes")]
+            values: dict[str, Any] = {k: bindparam(k) for k in cols}
+            if "started" in cols or "completed" in cols:
+                # SET expressions see the row as it was: a reply that brings only
+                # `completed` is timed against the `started` stored earlier
+                done = bindparam("completed") if "completed" in cols else c.completed
+                began = bindparam("started") if "started" in cols else c.started
+                values["duration"] = done - began
+            values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
+            stmt = tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
+            conn.execute(stmt, [{"b_msg_id": r["msg_id"], "b_stored": _stored_size(r),
+                                 **{k: r[k] for k in cols}} for r in rows])
 
     def _split_existing(self, conn: Connection, ins: list[dict[str, Any]]
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -224,7 +218,7 @@ class TaskStore:
         again: list[dict[str, Any]] = []
         for r in ins:
             if r["msg_id"] in existing:
-                again.append(r)
+                again.append({k: v for k, v in r.items() if k != "duration"})
             else:
                 existing.add(r["msg_id"])
                 fresh.append(r)
@@ -237,6 +231,10 @@ class TaskStore:
         if unknown:
             raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
                            f"{', '.join(sorted(unknown))}")
+        derived = row.keys() & DERIVED
+        if derived:
+            raise HubError(f"task {what} for {row['msg_id']}: {', '.join(sorted(derived))} "
+                           "are computed by the store, not written")
         if what == "insert" and "status" not in row:
             raise HubError(f"task insert for {row['msg_id']} needs a status")
         if "status" in row and row["status"] not in STATUSES:
@@ -251,6 +249,11 @@ class TaskStore:
                 data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
             out.setdefault(size_col, len(data))
             out[blob] = data if len(data) <= self.payload_cap else None
+        if what == "insert":
+            started, completed = out.get("started"), out.get("completed")
+            if started is not None and completed is not None:
+                out["duration"] = completed - started
+            out["stored_bytes"] = _stored_size(out)
         return out
 
     def upsert_engine(self, row: dict[str, Any]) -> None:
@@ -283,25 +286,93 @@ class TaskStore:
             found = conn.execute(select(func.max(engines_table.c.id))).scalar()
         return -1 if found is None else int(found)
 
-    def history(
-        self,
-        *,
-        status: str | Sequence[str] | None = None,
-        engine: int | Sequence[int] | None = None,
-        client: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int | None = None,
-        order: str = "-submitted",
-    ) -> list[dict[str, Any]]:
-        """Task rows without payloads (sizes kept), filtered and sorted, then limited."""
-        where = q.history_clause(tasks, status=status, engine=engine, client=client,
-                                 since=since, until=until)
-        stmt = select(*_LISTED).where(where).order_by(*q.order_clause(tasks, order))
+    def where(self, f: TaskFilter, selective: frozenset[str] = frozenset()) -> Any:
+        """The WHERE clause of a filter, for this database (FTS5 or LIKE search)."""
+        return q.filter_clause(tasks, f, self.dialect, fts_table if self.fts else None,
+                               _ROWID, selective)
+
+    def _selective(self, f: TaskFilter, order: str) -> frozenset[str]:
+        """Which range filters match few rows (their index beats the sort order's).
+
+        A bounded count on each one's own index (at most :data:`_PROBE` + 1
+        rows stepped): SQLite's planner cannot tell "took more than 5 s"
+        (rare) from "took more than 1 ms" (most), and walking the submitted
+        index past a million rows to find none is the slow case.
+        """
+        if self.dialect != "sqlite":
+            return frozenset()
+        key, _ = q.parse_order(order)
+        out = set()
+        for name, cond in q.range_probes(tasks, f).items():
+            if name == key:
+                continue  # sorting by it already reads its index
+            probe = select(func.count()).select_from(
+                select(tasks.c[name]).where(cond).limit(_PROBE + 1).subquery())
+            if int(self._scalar(probe) or 0) <= _PROBE:
+                out.add(name)
+        if f.search is not None and self.fts:
+            match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
+                q.fts_query(f.search))
+            probe = select(func.count()).select_from(
+                select(fts_table.c.rowid).where(match).limit(_PROBE + 1).subquery())
+            if int(self._scalar(probe) or 0) > _PROBE:
+                out.add("search:common")
+        return frozenset(out)
+
+    def history(self, *, limit: int | None = None, order: str = "-submitted",
+                cursor: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+        """Task rows without payloads (sizes kept), filtered and sorted, then limited.
+
+        ``filters`` are those of :class:`~monq.hub.filters.TaskFilter`;
+        ``cursor`` continues after the last row of a page from :meth:`history_page`.
+        """
+        return self.history_page(limit=limit, order=order, cursor=cursor, **filters)[0]
+
+    def history_page(self, *, limit: int | None = 100, order: str = "-submitted",
+                     cursor: str | None = None, **filters: Any
+                     ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of :meth:`history` and the cursor of the next (None on the last page).
+
+        Keyset pagination on (order column, msg_id): a page costs the same
+        however deep it is, and rows written meanwhile neither repeat nor
+        vanish across pages.
+        """
+        f = TaskFilter.from_dict(filters)
+        key, _ = q.parse_order(order)
         n = q.check_limit(limit)
-        if n is not None:
-            stmt = stmt.limit(n)
-        return self._rows(stmt)
+        stages: list[Any] = [true()]
+        if cursor is not None:
+            value, last = decode_cursor(cursor, order)
+            stages = q.keyset_stages(tasks, order, value, last, self.dialect)
+        rows: list[dict[str, Any]] = []
+        selective = self._selective(f, order)
+        for stage in stages:
+            want = None if n is None else n + 1 - len(rows)  # one more: is there a next page?
+            if want == 0:
+                break
+            rows += self._rows(self._page_stmt(f, order, stage, want, selective))
+        ties = [r.pop("_tie") for r in rows]
+        if n is None or len(rows) <= n or n == 0:
+            return rows[:n] if n is not None else rows, None
+        rows = rows[:n]
+        return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
+
+    def _page_stmt(self, f: TaskFilter, order: str, stage: Any, limit: int | None,
+                   selective: frozenset[str] = frozenset()) -> Any:
+        tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
+        stmt = (select(*_LISTED, tie).where(self.where(f, selective), stage)
+                .order_by(*q.order_clause(tasks, order, self.dialect)))
+        return stmt if limit is None else stmt.limit(limit)
+
+    def iter_history(self, *, order: str = "-submitted", page: int = 1000,
+                     **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every matching row, fetched a page at a time (exports never hold them all)."""
+        cursor: str | None = None
+        while True:
+            rows, cursor = self.history_page(limit=page, order=order, cursor=cursor, **filters)
+            yield from rows
+            if cursor is None:
+                return
 
     def db_query(self, query: dict[str, Any], keys: list[str] | None = None
                  ) -> list[dict[str, Any]]:
@@ -332,6 +403,22 @@ class TaskStore:
         rows = self._rows(select(*cols).where(tasks.c.msg_id == msg_id))
         return rows[0] if rows else None
 
+    def find_task(self, prefix: str) -> dict[str, Any]:
+        """The one task whose msg_id is or starts with ``prefix`` (HubError if none or several)."""
+        exact = self.get_task(prefix) if isinstance(prefix, str) else None
+        if exact is not None:
+            return exact
+        f = TaskFilter.from_dict({"msg_id": prefix}, "show")
+        rows = self._rows(select(*_LISTED).where(self.where(f)).order_by(tasks.c.msg_id)
+                          .limit(6))
+        if not rows:
+            raise HubError(f"no task {prefix!r} in the history")
+        if len(rows) > 1:
+            more = ", ".join(r["msg_id"] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise HubError(f"{prefix!r} is the start of several msg_ids ({more}); "
+                           "give more of it")
+        return rows[0]
+
     def counts(self) -> dict[str, Any]:
         """``{"status": {status: n}, "engine": {engine_id: {status: n}}}``, counted in SQL."""
         n = func.count()
@@ -346,27 +433,25 @@ class TaskStore:
                 per_engine.setdefault(int(eid), {})[s] = int(c)
         return {"status": status, "engine": per_engine}
 
-    def purge(
-        self,
-        *,
-        msg_ids: Iterable[str] | None = None,
-        engine: int | Sequence[int] | None = None,
-        status: str | Sequence[str] | None = None,
-        before: float | None = None,
-        everything: bool = False,
-    ) -> int:
+    # -- purge and retention -----------------------------------------------------
+
+    def purge(self, *, msg_ids: Iterable[str] | None = None, before: float | None = None,
+              everything: bool = False, payloads_only: bool = False,
+              **filters: Any) -> int:
         """Delete finished tasks matching ALL the given filters; return how many went.
 
-        Pending and running tasks are never deleted: the Hub still owes them
-        a record.  With no filter at all, ``everything=True`` must say so.
+        ``filters`` are history's (:class:`~monq.hub.filters.TaskFilter`);
+        ``before`` means completed before.  Pending and running tasks are
+        never touched: the Hub still owes them a record.  With no filter at
+        all, ``everything=True`` must say so.  ``payloads_only`` keeps the
+        records and drops their request and result (marked evicted).
         """
-        if msg_ids is None and engine is None and status is None and before is None \
-                and not everything:
-            raise HubError("purge: say what to purge (msg_ids, engine, status, before) "
-                           "or pass everything=True")
-        if status is not None:
-            asked = [status] if isinstance(status, str) else list(status)
-            live = [s for s in asked if s in UNFINISHED]
+        f = TaskFilter.from_dict(filters, "purge")
+        if msg_ids is None and f.is_empty() and before is None and not everything:
+            raise HubError("purge: say what to purge (msg_ids, a history filter such as "
+                           "status, engine or since, before) or pass everything=True")
+        if f.status is not None:
+            live = [s for s in f.status if s in UNFINISHED]
             if live:
                 raise HubError(f"purge: {', '.join(live)} tasks cannot be purged "
                                "(only finished ones)")
@@ -374,22 +459,138 @@ class TaskStore:
             before = q.time_value("before", before)
         where = and_(
             tasks.c.status.in_(FINISHED),
-            q.history_clause(tasks, status=status, engine=engine, what="purge"),
+            self.where(f),
             tasks.c.completed < before if before is not None else true(),
         )
-        with self._engine.begin() as conn:
-            if msg_ids is None:
-                return int(conn.execute(tasks.delete().where(where)).rowcount or 0)
+        if msg_ids is not None:
             if isinstance(msg_ids, str):
                 msg_ids = [msg_ids]
             ids = list(msg_ids)
             if not all(isinstance(m, str) for m in ids):
                 raise HubError("purge: msg_ids must be strings")
-            deleted = 0
+            done = 0
             for chunk in _chunks(ids):
-                res = conn.execute(tasks.delete().where(where, tasks.c.msg_id.in_(chunk)))
-                deleted += int(res.rowcount or 0)
-            return deleted
+                done += self._purge_where(and_(where, tasks.c.msg_id.in_(chunk)),
+                                          payloads_only)
+            return done
+        return self._purge_where(where, payloads_only)
+
+    def _purge_where(self, where: Any, payloads_only: bool) -> int:
+        """Delete (or evict) every row matching, a bounded chunk per transaction."""
+        if payloads_only:
+            where = and_(where, HAS_PAYLOAD)
+        done = 0
+        while True:
+            with self._engine.begin() as conn:
+                ids = list(conn.execute(select(tasks.c.msg_id).where(where)
+                                        .limit(_CHUNK)).scalars())
+                if not ids:
+                    return done
+                if payloads_only:
+                    self._evict(conn, ids)
+                else:
+                    self._delete(conn, ids)
+            done += len(ids)
+
+    def _delete(self, conn: Connection, ids: list[str]) -> int:
+        """Delete rows by msg_id (one chunk); keep the stored-bytes total right."""
+        which = tasks.c.msg_id.in_(ids)
+        freed = conn.execute(select(func.coalesce(func.sum(tasks.c.stored_bytes), 0))
+                             .where(which)).scalar()
+        if self.fts_table:
+            self._fts_forget(conn, ids)
+        n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
+        if self._stored_total is not None:
+            self._stored_total -= int(freed or 0)
+        return n
+
+    def _evict(self, conn: Connection, ids: list[str], now: float | None = None) -> int:
+        """Drop the payloads of rows by msg_id (one chunk); their sizes stay, dated."""
+        which = tasks.c.msg_id.in_(ids)
+        c = tasks.c
+        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
+        freed = conn.execute(select(func.coalesce(func.sum(size), 0)).where(which)).scalar()
+        stamp = time.time() if now is None else now
+        conn.execute(tasks.update().where(which, HAS_PAYLOAD).values(
+            request=None, result=None, payload_evicted=stamp,
+            stored_bytes=func.max(func.coalesce(c.stored_bytes, 0) - size, 0)
+            if self.dialect == "sqlite" else
+            func.greatest(func.coalesce(c.stored_bytes, 0) - size, 0)))
+        if self._stored_total is not None:
+            self._stored_total -= int(freed or 0)
+        return len(ids)
+
+    def stored_total_if_known(self) -> int | None:
+        """The running total of :meth:`stored_total` if it was counted yet (free), else None."""
+        return self._stored_total
+
+    def stored_total(self) -> int:
+        """Bytes the records keep (payloads and captured text); counted once, then tracked."""
+        if self._stored_total is None:
+            total = self._scalar(select(func.coalesce(func.sum(tasks.c.stored_bytes), 0)))
+            self._stored_total = int(total or 0)
+        return self._stored_total
+
+    def evict_oldest_payloads(self, n: int, free: int | None = None,
+                              now: float | None = None) -> int:
+        """Drop the payloads of the oldest-completed finished tasks that have one.
+
+        At most ``n`` tasks, and no more than it takes to free ``free`` bytes.
+        """
+        c = tasks.c
+        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
+        stmt = (select(c.msg_id, size).where(HAS_PAYLOAD, c.completed.is_not(None),
+                                             c.status.in_(FINISHED))
+                .order_by(c.completed.asc()).limit(n))
+        with self._engine.begin() as conn:
+            ids = _enough(conn.execute(stmt).all(), free)
+            return self._evict(conn, ids, now) if ids else 0
+
+    def delete_oldest(self, n: int, completed_before: float | None = None,
+                      free: int | None = None) -> int:
+        """Delete the oldest-completed finished tasks: at most ``n``, completed before a
+        time if given, and no more than it takes to free ``free`` bytes."""
+        c = tasks.c
+        stmt = select(c.msg_id, func.coalesce(c.stored_bytes, 0)).where(
+            c.completed.is_not(None), c.status.in_(FINISHED))
+        if completed_before is not None:
+            stmt = stmt.where(c.completed < completed_before)
+        stmt = stmt.order_by(c.completed.asc()).limit(n)
+        with self._engine.begin() as conn:
+            ids = _enough(conn.execute(stmt).all(), free)
+            return self._delete(conn, ids) if ids else 0
+
+    def total_tasks(self) -> int:
+        return int(self._scalar(select(func.count()).select_from(tasks)) or 0)
+
+    # -- helpers --------------------------------------------------------------------
+
+    def explain(self, stmt: Any) -> list[str]:
+        """SQLite's query plan for a statement (tests and the benchmark check index use)."""
+        compiled = stmt.compile(self._engine, compile_kwargs={"render_postcompile": True})
+        with self._engine.connect() as conn:
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled),
+                                        tuple(compiled.params[k] for k in compiled.positiontup
+                                              or ()))
+            return [str(r[-1]) for r in rows]
+
+    def history_statement(self, *, limit: int | None = 100, order: str = "-submitted",
+                          cursor: str | None = None, **filters: Any) -> Any:
+        """The (first) SELECT :meth:`history_page` runs (for EXPLAIN)."""
+        f = TaskFilter.from_dict(filters)
+        stage: Any = true()
+        if cursor is not None:
+            stage = q.keyset_stages(tasks, order, *decode_cursor(cursor, order),
+                                    self.dialect)[0]
+        return self._page_stmt(f, order, stage, None if limit is None else limit + 1,
+                               self._selective(f, order))
+
+    def _scalar(self, stmt: Any) -> Any:
+        try:
+            with self._engine.connect() as conn:
+                return conn.execute(stmt).scalar()
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
 
     def _rows(self, stmt: Any) -> list[dict[str, Any]]:
         try:
@@ -397,6 +598,49 @@ class TaskStore:
                 return [dict(r) for r in conn.execute(stmt).mappings()]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+
+_HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in schema.FTS_COLUMNS)
+_FTS_COLS = ", ".join(schema.FTS_COLUMNS)
+# statements of our own making with one bound, expanding list of msg_ids
+_FTS_DELETE = text(
+    f"INSERT INTO tasks_fts(tasks_fts, rowid, {_FTS_COLS}) "
+    f"SELECT 'delete', rowid, {_FTS_COLS} FROM tasks "
+    f"WHERE msg_id IN :ids AND ({_HAS_TEXT_SQL})").bindparams(bindparam("ids", expanding=True))
+_FTS_INSERT = text(
+    f"INSERT INTO tasks_fts(rowid, {_FTS_COLS}) SELECT rowid, {_FTS_COLS} FROM tasks "
+    f"WHERE msg_id IN :ids AND ({_HAS_TEXT_SQL})").bindparams(bindparam("ids", expanding=True))
+
+
+def _has_text(row: dict[str, Any]) -> bool:
+    return any(row.get(c) for c in TEXTS)
+
+
+def _stored_size(row: dict[str, Any]) -> int:
+    """What a (prepared) row adds to the database: kept payloads and captured text."""
+    n = 0
+    for blob in PAYLOADS:
+        data = row.get(blob)
+        if data is not None:
+            n += len(data)
+    for col in TEXTS:
+        s = row.get(col)
+        if s:
+            n += len(s)
+    return n
+
+
+def _enough(rows: Sequence[Any], free: int | None) -> list[str]:
+    """The msg_ids of the first (msg_id, size) rows whose sizes add up to ``free`` (all: None)."""
+    if free is None:
+        return [r[0] for r in rows]
+    out, total = [], 0
+    for msg_id, size in rows:
+        if total >= free:
+            break
+        out.append(msg_id)
+        total += int(size or 0)
+    return out
 
 
 def _by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -53,6 +53,8 @@ class LoadTracker:
     def sent(self, msg_id: str, now: float | None = None) -> int:
         """A request's copy came off the monitor; returns its seq."""
         self.seq += 1
+        # a new try of a request seen before goes to the end: ``unread`` stays in seq order
+        self.unread.pop(msg_id, None)
         reader = self._early.pop(msg_id, None)
         if reader is not None:
             self._advance(reader, self.seq)

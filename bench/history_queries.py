@@ -1,0 +1,209 @@
+"""How fast the history answers at 1,000,000 tasks: every kind of query, median of runs.
+
+Fills a SQLite history database through ``TaskStore.write`` (batches, as the
+Hub writes them) with realistic rows: 16 engines, 5 clients, 8 labels (and
+unlabelled tasks), ~3% errors and a few other endings, log-normal
+durations, a day of submissions, output on one task in five, small
+payloads.  Then times each query kind (median of ``--runs``) and prints a
+Markdown table; ``--plans`` adds SQLite's EXPLAIN QUERY PLAN of the history
+queries.
+
+    python bench/history_queries.py                 # 1,000,000 rows in a temp dir
+    python bench/history_queries.py --rows 100000 --db /tmp/h.db --keep
+
+The database is reused when ``--db`` names an existing file with enough rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from monq.hub.store import TaskStore
+
+ENGINES = 16
+CLIENTS = [f"client-{i:02d}" for i in range(5)]
+LABELS = ["etl", "train", "score", "render", "fetch", "report", "clean", "index", None]
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega batch item "
+         "loaded wrote rows file cache retry warmup").split()
+T0 = 1_700_000_000.0
+DAY = 86_400.0
+
+
+def fill(store: TaskStore, n: int, batch: int = 5000, seed: int = 1) -> float:
+    """Write ``n`` finished tasks (and a few unfinished); return rows/s."""
+    rnd = random.Random(seed)
+    t = time.perf_counter()
+    for start in range(0, n, batch):
+        rows = [_row(rnd, i, n) for i in range(start, min(n, start + batch))]
+        store.write(rows, [])
+    return n / (time.perf_counter() - t)
+
+
+def _row(rnd: random.Random, i: int, n: int) -> dict[str, Any]:
+    submitted = T0 + DAY * i / n + rnd.random() * 0.01
+    started = submitted + rnd.expovariate(50)
+    duration = rnd.lognormvariate(math.log(0.2), 1.2)  # median 0.2 s, 1% over ~3.3 s
+    r = rnd.random()
+    status = ("error" if r < 0.03 else "timeout" if r < 0.035 else "aborted" if r < 0.037
+              else "lost" if r < 0.038 else "ok")
+    row: dict[str, Any] = {
+        "msg_id": f"{rnd.getrandbits(128):032x}", "status": status,
+        "client": rnd.choice(CLIENTS), "engine": rnd.randrange(ENGINES),
+        "queue": "task", "label": rnd.choice(LABELS), "func": "jobs.step",
+        "submitted": submitted, "started": started, "completed": started + duration,
+        "received": started + duration + 0.001, "request": rnd.randbytes(32),
+        "result": rnd.randbytes(32) if status == "ok" else None,
+    }
+    if i >= n - 20:  # the tail still runs
+        row.update(status="running", completed=None, received=None, result=None)
+    if rnd.random() < 0.2:
+        row["stdout"] = (f"processed item {i} in batch {i // 1000}: "
+                         + " ".join(rnd.choices(WORDS, k=8)) + "\n")
+    if status == "error":
+        ename = rnd.choice(["ValueError", "KeyError", "ZeroDivisionError"])
+        row.update(ename=ename, evalue=f"bad input {i}",
+                   traceback=f"Traceback (most recent call last):\n  File \"jobs.py\", "
+                             f"line {rnd.randrange(1, 300)}, in step\n{ename}: bad input {i}")
+    if i == n // 2:
+        row["stdout"] = "needle: xylophone-quartz happened here\n"
+    return row
+
+
+def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
+    """Median milliseconds of ``runs`` calls (after one warm-up), and the last answer."""
+    out = fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), out
+
+
+def queries(s: TaskStore) -> list[tuple[str, Callable[[], Any]]]:
+    hour = T0 + DAY / 2
+    page2 = s.history_page(limit=100)[1]
+    deep: Any = None
+    for _ in range(50):
+        deep = s.history_page(limit=100, cursor=deep)[1]
+    dur_cursor = s.history_page(limit=100, order="-duration")[1]
+    return [
+        ("history, no filter, limit 100", lambda: s.history(limit=100)),
+        ("status=error, limit 100", lambda: s.history(status="error", limit=100)),
+        ("status in (timeout, lost), limit 100",
+         lambda: s.history(status=["timeout", "lost"], limit=100)),
+        ("engine=3, limit 100", lambda: s.history(engine=3, limit=100)),
+        ("client, limit 100", lambda: s.history(client=CLIENTS[2], limit=100)),
+        ("label=train, limit 100", lambda: s.history(label="train", limit=100)),
+        ("status+engine+label, limit 100",
+         lambda: s.history(status="error", engine=3, label="train", limit=100)),
+        ("msg_id prefix 'ab1', limit 100", lambda: s.history(msg_id="ab1", limit=100)),
+        ("submitted in one hour, limit 100",
+         lambda: s.history(since=hour, until=hour + 3600, limit=100)),
+        ("started in one hour, limit 100",
+         lambda: s.history(started_since=hour, started_until=hour + 3600, limit=100)),
+        ("started in one hour, order -started, limit 100",
+         lambda: s.history(started_since=hour, started_until=hour + 3600, order="-started",
+                           limit=100)),
+        ("completed in one hour, limit 100",
+         lambda: s.history(completed_since=hour, completed_until=hour + 3600, limit=100)),
+        ("completed in one minute, limit 100",
+         lambda: s.history(completed_since=hour, completed_until=hour + 60, limit=100)),
+        ("duration >= 5 s, limit 100", lambda: s.history(min_duration=5.0, limit=100)),
+        ("duration >= 5 s, order -duration, limit 100",
+         lambda: s.history(min_duration=5.0, order="-duration", limit=100)),
+        ("duration <= 1 ms, limit 100", lambda: s.history(max_duration=0.001, limit=100)),
+        ("cursor page 2 (100 rows)", lambda: s.history_page(limit=100, cursor=page2)),
+        ("cursor page 51 (100 rows)", lambda: s.history_page(limit=100, cursor=deep)),
+        ("cursor page 2, order -duration",
+         lambda: s.history_page(limit=100, order="-duration", cursor=dur_cursor)),
+        ("count all", lambda: s.count()),
+        ("count status=error", lambda: s.count(status="error")),
+        ("count label=train in one hour",
+         lambda: s.count(label="train", since=hour, until=hour + 3600)),
+        ("group by status", lambda: s.task_stats("status")),
+        ("group by engine", lambda: s.task_stats("engine")),
+        ("group by label", lambda: s.task_stats("label")),
+        ("group by minute, one hour", lambda: s.task_stats("minute", since=hour,
+                                                            until=hour + 3600)),
+        ("group by minute, whole day", lambda: s.task_stats("minute")),
+        ("percentiles p50/p90/p99, all", lambda: s.duration_percentiles()),
+        ("percentiles per engine (16)", lambda: s.duration_percentiles(by="engine")),
+        ("percentiles per label (9)", lambda: s.duration_percentiles(by="label")),
+        ("percentiles, status=error", lambda: s.duration_percentiles(status="error")),
+        ("search rare word (FTS5), limit 100",
+         lambda: s.history(search="xylophone", limit=100)),
+        ("search 2 words (FTS5), limit 100",
+         lambda: s.history(search="sigma omega", limit=100)),
+        ("search + status=error (FTS5), limit 100",
+         lambda: s.history(search="ZeroDivisionError", status="error", limit=100)),
+        ("count search rare word (FTS5)", lambda: s.count(search="xylophone")),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--db", type=Path, default=None, help="database file (default: a temp dir)")
+    p.add_argument("--plans", action="store_true", help="print the query plans")
+    p.add_argument("--like", action="store_true", help="also time the LIKE search fallback")
+    a = p.parse_args(argv)
+    tmp = None
+    if a.db is None:
+        tmp = tempfile.TemporaryDirectory()
+        a.db = Path(tmp.name) / "history.db"
+    url = f"sqlite:///{a.db}"
+    with TaskStore(url) as s:
+        have = s.total_tasks()
+        if have < a.rows:
+            if have:
+                print(f"{a.db} has {have} rows, fewer than {a.rows}: use another --db",
+                      file=sys.stderr)
+                return 2
+            print(f"writing {a.rows:,} tasks to {a.db} ...", file=sys.stderr, flush=True)
+            rate = fill(s, a.rows)
+            print(f"write rate: {rate:,.0f} rows/s (batches of 5000, FTS5 on)", file=sys.stderr)
+        size = a.db.stat().st_size / 1e6
+        print(f"\n{s.total_tasks():,} tasks, {size:,.0f} MB, SQLite, median of {a.runs} runs\n")
+        print("| query | ms | rows |")
+        print("|---|---:|---:|")
+        slow = []
+        for name, fn in queries(s):
+            ms, out = timed(fn, a.runs)
+            n = len(out[0]) if isinstance(out, tuple) else (
+                len(out) if isinstance(out, list) else out)
+            print(f"| {name} | {ms:.1f} | {n} |", flush=True)
+            if ms > 50:
+                slow.append(name)
+        if a.plans:
+            print()
+            for label, kw in [("status", {"status": "error"}), ("engine", {"engine": 3}),
+                              ("label", {"label": "train"}), ("client", {"client": CLIENTS[0]}),
+                              ("msg_id", {"msg_id": "ab1"}),
+                              ("started", {"started_since": T0, "started_until": T0 + 60}),
+                              ("min_duration", {"min_duration": 5.0}),
+                              ("search", {"search": "xylophone"})]:
+                print(label, s.explain(s.history_statement(**kw)))
+    if a.like:
+        with TaskStore(url, fts=False) as s:
+            ms, out = timed(lambda: s.history(search="xylophone", limit=100), a.runs)
+            print(f"| search rare word (LIKE fallback), limit 100 | {ms:.1f} | {len(out)} |")
+    if tmp is not None:
+        tmp.cleanup()
+    if slow:
+        print(f"\nover 50 ms: {', '.join(slow)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

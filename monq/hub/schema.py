@@ -1,0 +1,204 @@
+"""The history database's tables and indexes, the full-text index, and schema upgrades.
+
+Schema versions (kept in the ``meta`` table):
+
+1. tasks, engines, meta.
+2. tasks gain ``duration`` (completed - started, written with the times so
+   it can be indexed and filtered), ``stored_bytes`` (what the record keeps:
+   payloads and captured text; what ``--max-bytes`` counts) and
+   ``payload_evicted`` (when retention dropped the payloads); indexes for
+   every history filter; on SQLite, an FTS5 index over the captured text.
+
+An older database is upgraded in place when a store opens it (columns
+added and filled, indexes built): a user's history survives an upgrade.  A
+newer one is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
+
+from monq.errors import HubError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "2"
+
+metadata = MetaData()
+
+tasks = Table(
+    "tasks", metadata,
+    Column("msg_id", String(64), primary_key=True),
+    Column("client", String(64)),
+    Column("engine", Integer, nullable=True),
+    Column("engine_uuid", String(64), nullable=True),
+    Column("queue", String(16)),
+    Column("label", String(200), nullable=True),
+    Column("func", String(300), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("submitted", Float, nullable=True, index=True),
+    Column("started", Float, nullable=True, index=True),
+    Column("completed", Float, nullable=True, index=True),
+    Column("received", Float, nullable=True),
+    Column("ename", String(200), nullable=True),
+    Column("evalue", Text, nullable=True),
+    Column("traceback", Text, nullable=True),
+    Column("stdout", Text, nullable=True),
+    Column("stderr", Text, nullable=True),
+    Column("retries", Integer, default=0, server_default="0"),
+    Column("request", LargeBinary, nullable=True),
+    Column("request_bytes", Integer, nullable=True),
+    Column("result", LargeBinary, nullable=True),
+    Column("result_bytes", Integer, nullable=True),
+    # -- version 2
+    Column("duration", Float, nullable=True, index=True),
+    Column("stored_bytes", Integer, nullable=True),
+    Column("payload_evicted", Float, nullable=True),
+)
+# Each history filter gets an index that also gives the default order
+# (newest submitted first), so "filter, sort, limit" reads only the rows it
+# returns; the (x, duration) ones answer percentiles per engine and label
+# by seeking into the index instead of sorting.
+Index("ix_tasks_status_submitted", tasks.c.status, tasks.c.submitted)
+Index("ix_tasks_engine_submitted", tasks.c.engine, tasks.c.submitted)
+Index("ix_tasks_client_submitted", tasks.c.client, tasks.c.submitted)
+Index("ix_tasks_label_submitted", tasks.c.label, tasks.c.submitted)
+Index("ix_tasks_engine_duration", tasks.c.engine, tasks.c.duration)
+Index("ix_tasks_label_duration", tasks.c.label, tasks.c.duration)
+#: retention evicts payloads oldest-completed first: only rows that still hold one
+HAS_PAYLOAD = or_(tasks.c.request.is_not(None), tasks.c.result.is_not(None))
+Index("ix_tasks_payload_completed", tasks.c.completed,
+      sqlite_where=HAS_PAYLOAD, postgresql_where=HAS_PAYLOAD)
+
+engines_table = Table(
+    "engines", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("uuid", String(64), unique=True),
+    Column("hostname", String(200)),
+    Column("pid", Integer),
+    Column("registered", Float),
+    Column("unregistered", Float, nullable=True),
+    Column("status", String(16)),
+)
+
+meta_table = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text),
+)
+
+#: the full-text index (SQLite FTS5), external content: it stores no copy of the text
+fts_table = Table(
+    "tasks_fts", MetaData(),  # not in ``metadata``: created by _FTS_DDL, SQLite only
+    Column("rowid", Integer),
+    Column("tasks_fts", Text),
+)
+
+#: the text columns the full-text index covers
+FTS_COLUMNS = ("stdout", "stderr", "traceback", "evalue")
+_COLS = ", ".join(FTS_COLUMNS)
+# The store keeps the index in step itself, in each write's transaction
+# (monq.hub.store), rather than with triggers: a trigger that touches a
+# virtual table makes SQLite open a savepoint on it for every row of an
+# executemany, which measured 2-3x slower batch writes even for rows
+# without text (most of them).
+_FTS_DDL = f"CREATE VIRTUAL TABLE IF NOT EXISTS tasks_fts USING fts5({_COLS}, " \
+    "content='tasks', content_rowid='rowid')"
+_V2_COLUMNS = {"duration": "FLOAT", "stored_bytes": "INTEGER", "payload_evicted": "FLOAT"}
+#: version-1 single-column indexes that the version-2 composite ones replace
+_V1_INDEXES = ("ix_tasks_engine", "ix_tasks_client")
+
+
+def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
+    """Create or upgrade the schema in ``conn``'s transaction; return whether FTS5 is on.
+
+    The full-text table is created on SQLite whenever FTS5 is available, so
+    that every writer keeps it in step; ``want_fts`` only says whether this
+    store searches with it.
+
+    ``metadata.create_all`` has already run (new tables carry every column).
+    """
+    found = conn.execute(
+        select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar()
+    if found is None:
+        conn.execute(meta_table.insert(), {"key": "schema_version", "value": SCHEMA_VERSION})
+    elif found == "1":
+        _upgrade_1_to_2(conn, url)
+    elif found != SCHEMA_VERSION:
+        raise HubError(f"database {url} has schema version {found}; this monq "
+                       f"reads versions 1 and {SCHEMA_VERSION} (use another --db, or a newer "
+                       "monq)")
+    for idx in tasks.indexes:
+        idx.create(conn, checkfirst=True)
+    if dialect != "sqlite":
+        return False
+    return _ensure_fts(conn, rebuild=found == "1")
+
+
+def _upgrade_1_to_2(conn: Connection, url: str) -> None:
+    log.warning("upgrading history database %s from schema version 1 to %s",
+                url, SCHEMA_VERSION)
+    have = {c["name"] for c in _inspect_columns(conn)}
+    for name, sqltype in _V2_COLUMNS.items():
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE tasks ADD COLUMN {name} {sqltype}"))
+    c = tasks.c
+    conn.execute(tasks.update().where(c.started.is_not(None), c.completed.is_not(None))
+                 .values(duration=c.completed - c.started))
+    conn.execute(tasks.update().values(stored_bytes=stored_bytes_expr()))
+    for name in _V1_INDEXES:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+    conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
+                 .values(value=SCHEMA_VERSION))
+
+
+def stored_bytes_expr() -> Any:
+    """SQL for what a row keeps: its payloads and its captured text."""
+    from sqlalchemy import func
+
+    c = tasks.c
+    parts = [func.coalesce(func.length(col), 0)
+             for col in (c.request, c.result, c.stdout, c.stderr, c.traceback, c.evalue)]
+    total: Any = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def _inspect_columns(conn: Connection) -> list[dict[str, object]]:
+    from sqlalchemy import inspect
+
+    return list(inspect(conn).get_columns("tasks"))  # type: ignore[arg-type]
+
+
+def _ensure_fts(conn: Connection, rebuild: bool) -> bool:
+    exists = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE name = 'tasks_fts'").first() is not None
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(_FTS_DDL)
+            if rebuild or not exists:
+                # an upgraded (or pre-FTS) database: index the text already there
+                conn.exec_driver_sql("INSERT INTO tasks_fts(tasks_fts) VALUES ('rebuild')")
+    except OperationalError as e:
+        log.warning("SQLite without FTS5 (%s): search falls back to LIKE", e)
+        return False
+    return True
