@@ -12,9 +12,14 @@ identities without checking frame counts, so one stray single-frame message
 would stall the channel and cost the next real message (see that module).
 It drops and counts (in ``rejected``) messages too short to route.  It costs
 more than the C loop: through the relay alone and an echo engine
-(bench/direct_relay.py, 2 shared and busy cores, medians of 5 alternating
-runs) a round trip took 369 us with the C loop and 706 us with monq's (x1.9).
-The load-balanced path, where the volume is, keeps the C loop.
+(bench/direct_relay.py, 2 shared cores, medians of 5 alternating runs) a
+round trip took 296 us with the C loop and 490 us with monq's (x1.66; 369
+against 706 us on a busier machine).  Inside the controller it also needs the
+GIL, which it shares with the Hub: on a loaded machine a direct round trip
+then costs well over that difference (A/B runs of whole clusters, noisy:
+1.3-3.1 ms with the C loop, 3.5-7.8 ms with monq's).  Moving this loop to C
+(pyzmq's loop plus an RCVMORE check) would remove both costs; until then the
+load-balanced path, where the volume is, keeps the C loop.
 
 The monitor socket is an XPUB connected to the Hub's SUB over ``inproc://``
 (same process, so a copy costs a reference count, not bytes).  An XPUB rather
