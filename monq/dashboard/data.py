@@ -55,7 +55,8 @@ _LIST_COLUMNS = [
     tasks.c.received, tasks.c.ename, func.substr(tasks.c.evalue, 1, _EVALUE_CHARS).label("evalue"),
     tasks.c.retries, _DURATION,
 ]
-_TASK_COLUMNS = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS] + [_DURATION]
+_TASK_COLUMNS = [c for c in tasks.columns
+                 if c.name not in q.BLOB_COLUMNS and c.name != "duration"] + [_DURATION]
 
 
 @dataclass(frozen=True)
