@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: sqlite in the profile directory)")
     s.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--heartbeat-period", type=float, default=1.0, metavar="S")
+    s.add_argument("--curve", action="store_true",
+                   help="encrypt and authenticate every channel with CurveZMQ (keys in the "
+                        "connection file); needed whenever --ip is not a loopback address")
     s.add_argument("--daemon", action="store_true",
                    help="run in the background; return once every engine has registered")
     s.add_argument("--timeout", type=float, default=60.0, metavar="S",
@@ -226,7 +229,8 @@ def cmd_start(args: argparse.Namespace, home: Path) -> int:
     cfg = ClusterConfig(profile=args.profile, home=home, n=args.n, db_url=args.db, ip=args.ip,
                         heartbeat_period=args.heartbeat_period,
                         log_level=args.log_level or "INFO", retain=args.retain,
-                        max_tasks=args.max_tasks, max_bytes=args.max_bytes)
+                        max_tasks=args.max_tasks, max_bytes=args.max_bytes,
+                        curve=args.curve)
     if cfg.n_engines < 0:
         _err("-n must be at least 0")
         return ExitCode.USAGE
@@ -272,6 +276,8 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
            "--heartbeat-period", str(cfg.heartbeat_period), "--timeout", str(args.timeout)]
     if cfg.db_url:
         cmd += ["--db", cfg.db_url]
+    if cfg.curve:
+        cmd.append("--curve")
     for flag, value in (("--retain", cfg.retain), ("--max-tasks", cfg.max_tasks),
                         ("--max-bytes", cfg.max_bytes)):
         if value is not None:

@@ -81,6 +81,8 @@ class ClusterConfig:
     retain: str | None = None
     max_tasks: int | None = None
     max_bytes: str | None = None
+    #: CurveZMQ on every channel: encrypted, and only holders of the keys can connect
+    curve: bool = False
 
     @property
     def n_engines(self) -> int:
@@ -352,6 +354,8 @@ class Cluster:
                 "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
         if cfg.db_url:
             args += ["--db", cfg.db_url]
+        if cfg.curve:
+            args.append("--curve")
         if cfg.restart:
             args.append("--restarted")
         for flag, value in (("--retain", cfg.retain), ("--max-tasks", cfg.max_tasks),
@@ -441,6 +445,7 @@ class Cluster:
         import zmq
 
         from monq.protocol import Session
+        from monq.security import client_socket_setup
 
         assert self.info is not None
         ctx = zmq.Context()
@@ -448,6 +453,7 @@ class Cluster:
         hub = ctx.socket(zmq.DEALER)
         hub.linger = 0
         session = Session(self.info.key)
+        client_socket_setup(hub, self.info)
         hub.connect(self.info.url("hub"))
         try:
             while not self._stop_requested.wait(SUPERVISE_POLL):

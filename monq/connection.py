@@ -63,6 +63,8 @@ class ConnectionInfo:
     heartbeat_period: float = 1.0
     #: the supervisor restarts this controller if it dies (clients wait for it)
     restarted: bool = False
+    #: CurveZMQ keypairs (Z85 text, see monq.security), or None when Curve is off
+    curve: dict[str, str] | None = None
 
     def url(self, name: str) -> str:
         ip = "127.0.0.1" if self.ip in ("0.0.0.0", "*", "") else self.ip

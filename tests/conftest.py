@@ -53,6 +53,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
+@pytest.fixture(scope="session")
+def curve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real controller with 2 engines and CurveZMQ on, shared by the session."""
+    home = tmp_path_factory.mktemp("curve-cluster-home")
+    c = Cluster(ClusterConfig(n=2, home=home, curve=True))
+    try:
+        c.start(timeout=START_TIMEOUT)
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def client(cluster: Cluster) -> Iterator[Any]:
     """A Client of the session cluster, closed after the test."""

@@ -189,16 +189,6 @@ def test_direct_relay_drops_messages_for_unknown_engines(direct_rig: Rig) -> Non
         direct_rig.monitor.recv_multipart()
 
 
-SINGLE_FRAME_BUG = (
-    "known bug: pyzmq's C monitored_queue, relaying ROUTER->ROUTER, reads two identity "
-    "frames and then 'the rest of the message' without checking RCVMORE; a peer that sends "
-    "one frame gives the relay a 2-frame message, so it blocks until the next message on "
-    "that side arrives, glues it on and misroutes it (that message is lost). Fixing it needs "
-    "a relay loop that checks the frame count (Python, or a C device of our own)."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SINGLE_FRAME_BUG)
 @pytest.mark.parametrize("side", ["client", "engine"])
 def test_direct_relay_survives_a_single_frame_message(direct_rig: Rig, side: str) -> None:
     """A stranger's one-frame message must not cost the next real message."""
@@ -227,6 +217,46 @@ def test_direct_relay_survives_a_single_frame_message(direct_rig: Rig, side: str
         assert recv(engine, 2000) == [b"client-1", b"<IDS|MSG>", b"real"]
         engine.send_multipart([b"client-1", b"<IDS|MSG>", b"reply"])
         assert recv(client, 2000) == [engine_id, b"<IDS|MSG>", b"reply"]
+    # the stray frame was dropped and counted, and never copied to the Hub
+    assert sum(direct_rig.relay.rejected.values()) == 1, direct_rig.relay.rejected
+    copies = []
+    while not nothing_more(direct_rig.monitor, 100):
+        copies.append(direct_rig.monitor.recv_multipart())
+    assert copies[0] == [b"in.direct", engine_id, b"client-1", b"<IDS|MSG>", b"real"]
+    assert all(b"one lonely frame" not in c for c in copies)
+
+
+def test_direct_relay_drops_short_messages_keeps_order_and_copies(direct_rig: Rig) -> None:
+    """A mix of valid and too-short messages: every valid one arrives, in order, copied once."""
+    engine_id = b"engine-1"
+    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
+    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
+    for _ in range(50):
+        client.send_multipart([engine_id, b"ping"])
+        if engine.poll(100, zmq.POLLIN):
+            break
+    while not nothing_more(engine, 100):
+        engine.recv_multipart()
+    while not nothing_more(direct_rig.monitor, 100):
+        direct_rig.monitor.recv_multipart()
+    n = 500
+    short = 0
+    for i in range(n):
+        if i % 3 == 0:
+            client.send(b"x" * (i % 7))  # one frame: the relay sees two
+            short += 1
+        if i % 5 == 0:
+            client.send(engine_id)  # identity only: two frames, nothing to deliver
+            short += 1
+        client.send_multipart([engine_id, b"<IDS|MSG>", str(i).encode()])
+    got = [recv(engine) for _ in range(n)]
+    assert got == [[b"client-1", b"<IDS|MSG>", str(i).encode()] for i in range(n)]
+    assert nothing_more(engine)
+    copies = [recv(direct_rig.monitor) for _ in range(n)]
+    assert copies == [[b"in.direct", engine_id, b"client-1", b"<IDS|MSG>", str(i).encode()]
+                      for i in range(n)]
+    assert nothing_more(direct_rig.monitor)
+    assert sum(direct_rig.relay.rejected.values()) == short
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import zmq
 
-from monq import errors
+from monq import errors, security
 from monq.client.executor import MonqExecutor
 from monq.client.io import IOThread, Outbox
 from monq.client.results import AsyncResult, TaskFuture, _dt
@@ -66,7 +66,7 @@ class Client:
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
-                            self._outbox, self._on_hub_lost)
+                            self._outbox, self._on_hub_lost, self._on_unsent)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -80,6 +80,9 @@ class Client:
             reply = self._query("connect_request", {}, timeout=timeout, connecting=True)
         except errors.TimeoutError:
             self.close()
+            refusal = security.handshake_refusal(self.info)
+            if refusal is not None:
+                raise errors.AuthenticationError(refusal) from None
             raise errors.NoClusterError(
                 f"no cluster answered at {self.info.url('hub')} within {timeout}s "
                 f"(connection file {path})") from None
@@ -358,6 +361,14 @@ class Client:
             if isinstance(f, TaskFuture):
                 f.metadata["status"] = "lost"
             f.set_exception(err)
+
+    def _on_unsent(self, msg_id: str) -> None:
+        """A message the I/O thread could not send: fail whoever waits for its answer."""
+        fut = self._tasks.pop(msg_id, None) or self._queries.pop(msg_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(errors.NoClusterError(
+                f"message {msg_id} could not be sent: the controller refused or dropped "
+                "this client's connection"))
 
     def _on_auth_error(self, parent_msg_id: str) -> None:
         fut = self._queries.pop(parent_msg_id, None)

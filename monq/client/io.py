@@ -25,6 +25,7 @@ import zmq
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
 from monq.protocol import DELIM, Message, Session
+from monq.security import client_socket_setup
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class IOThread(threading.Thread):
                  pipe_url: str, on_reply: Callable[[Message], None],
                  on_hub: Callable[[Message], None], on_notify: Callable[[Message], None],
                  on_auth_error: Callable[[str], None], outbox: Outbox,
-                 on_hub_lost: Callable[[float], None]) -> None:
+                 on_hub_lost: Callable[[float], None],
+                 on_unsent: Callable[[str], None] = lambda msg_id: None) -> None:
         super().__init__(name="monq-client-io", daemon=True)
         self.ctx = ctx
         self.info = info
@@ -91,6 +93,8 @@ class IOThread(threading.Thread):
         self.on_auth_error = on_auth_error
         self.outbox = outbox
         self.on_hub_lost = on_hub_lost
+        #: called with the msg_id of a message that could not be sent
+        self.on_unsent = on_unsent
         # the Hub beats on the notify channel; silence longer than this means it is gone
         self.grace = max(5.0, 5 * info.heartbeat_period)
         # a controller on this machine whose process is alive may just be busy (a long
@@ -115,10 +119,12 @@ class IOThread(threading.Thread):
                 s.identity = ident
                 s.sndhwm = 0  # queue rather than block or drop when submitting in bursts
                 s.rcvhwm = 0
+                client_socket_setup(s, self.info)
                 s.connect(self.info.url(name))
                 sockets[name] = s
             sub = self.ctx.socket(zmq.SUB)
             sub.subscribe(b"notify")
+            client_socket_setup(sub, self.info)
             sub.connect(self.info.url("notify"))
             sockets["notify"] = sub
             for s in sockets.values():
@@ -171,7 +177,15 @@ class IOThread(threading.Thread):
                             break
                         stop = stop or bell == _STOP
                     for channel, out in self.outbox.take():
-                        sockets[CHANNELS[channel]].send_multipart(out, copy=False)
+                        try:
+                            # never blocks on a live connection (unlimited HWM); only a
+                            # connection the controller refused (Curve) has no pipe left
+                            sockets[CHANNELS[channel]].send_multipart(out, zmq.NOBLOCK,
+                                                                      copy=False)
+                        except zmq.Again:
+                            log.warning("could not send a message to %s: no connection "
+                                        "(refused?)", CHANNELS[channel])
+                            self.on_unsent(_msg_id(out))
                     if stop:
                         # what was submitted before close() still goes out (see run())
                         for name in ("task_client", "direct_client"):
@@ -226,3 +240,13 @@ class IOThread(threading.Thread):
     @staticmethod
     def stop_frame() -> bytes:
         return _STOP
+
+
+def _msg_id(frames: list[Any]) -> str:
+    """The msg_id in a signed message's header frame ('' if it cannot be read)."""
+    try:
+        raw = [bytes(f) if not isinstance(f, bytes) else f for f in frames]
+        header = json.loads(raw[raw.index(DELIM) + 2])
+        return str(header.get("msg_id", ""))
+    except (ValueError, IndexError, TypeError):
+        return ""

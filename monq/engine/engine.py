@@ -52,6 +52,7 @@ import zmq
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import Message, Session
+from monq.security import client_socket_setup
 from monq.serialize import serialize, unpack_apply
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,8 @@ class Engine:
         for s in (self.task, self.direct):
             s.identity = ident
         self.channels = {self.task: "task", self.direct: "direct"}
+        for s in (self.link, self.hub, self.task, self.direct):
+            client_socket_setup(s, info)
         self.link.connect(info.url("hub"))
         self.hub.connect(info.url("hub"))
 
@@ -318,6 +321,8 @@ class Engine:
             sub.linger = back.linger = 0
             back.identity = self.uuid.encode()
             sub.subscribe(b"")
+            client_socket_setup(sub, self.info)
+            client_socket_setup(back, self.info)
             sub.connect(self.info.url("hb_ping"))
             back.connect(self.info.url("hb_pong"))
             zmq.proxy(sub, back)

@@ -44,6 +44,12 @@ from monq.hub.retention import RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.protocol import Session
 from monq.schedulers import Relay
+from monq.security import (
+    CurveKeys,
+    curve_client_setup,
+    server_socket_setup,
+    start_authenticator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +73,28 @@ def _previous(path: Path) -> tuple[bytes, dict[str, int]]:
     return key, ports
 
 
+def _reuse_curve(path: Path) -> CurveKeys:
+    """Keep the Curve keys of a previous controller of this profile (as the key); else new."""
+    try:
+        return CurveKeys.from_json(json.loads(path.read_text())["curve"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return CurveKeys.new()
+
+
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
-          supervisor_pid: int = 0, restarted: bool = False) -> int:
+          supervisor_pid: int = 0, restarted: bool = False, curve: bool = False) -> int:
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
     key, old_ports = _previous(conn_path)
+    keys = _reuse_curve(conn_path) if curve else None
     db_url = db_url or default_db_url(profile_dir)
     ctx = zmq.Context()
     ctx.linger = 0
+    # the ZAP handler first: a Curve socket bound before it would admit any client key
+    auth = start_authenticator(ctx, keys)
     store = TaskStore(db_url, payload_cap=config.payload_cap)
     hub = Hub(ctx, Session(key), store, config, db_url)
+    hub.socket_setup = lambda sock, max_msg: server_socket_setup(sock, keys, max_msg)
 
     def shutdown() -> None:
         # a supervisor stops the engines first, then us; alone, we just stop
@@ -93,14 +111,21 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
             relay = Relay(ctx, name, kind, config.ip, MONITOR_URL,
                           (old_ports.get(f"{name}_client", 0), old_ports.get(f"{name}_engine", 0)),
-                          heartbeat=config.heartbeat_period)
+                          # ZMTP heartbeats on the engine side stall the C task relay under
+                          # Curve (it blocks in a recv mid-message); the Hub's own heartbeats
+                          # and the supervisor still notice a dead engine
+                          heartbeat=0 if keys else config.heartbeat_period,
+                          rejected=hub.rejected,
+                          socket_setup=lambda sock: server_socket_setup(sock, keys))
             client_port, engine_port = relay.start_and_wait(hub.monitor)
             ports[f"{name}_client"], ports[f"{name}_engine"] = client_port, engine_port
             relays.append(relay)
-        hub.connect_probe(f"tcp://{_connect_ip(config.ip)}:{ports['task_client']}")
+        hub.connect_probe(f"tcp://{_connect_ip(config.ip)}:{ports['task_client']}",
+                          lambda sock: curve_client_setup(sock, keys))
         info = ConnectionInfo(key=key, ip=config.ip, ports=ports, controller_pid=os.getpid(),
                               supervisor_pid=supervisor_pid, db_url=db_url, profile=profile,
-                              heartbeat_period=config.heartbeat_period, restarted=restarted)
+                              heartbeat_period=config.heartbeat_period, restarted=restarted,
+                              curve=keys.to_json() if keys else None)
         write_connection_file(conn_path, info)
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
         signal.signal(signal.SIGTERM, lambda *_: hub.stop())
@@ -108,6 +133,8 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         hub.run()
     finally:
         hub.close()
+        if auth is not None:
+            auth.stop()
         ctx.term()  # ends the relay loops with ETERM; they close their sockets
         for r in relays:
             r.join(timeout=5)
@@ -138,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervisor-pid", type=int, default=0)
     p.add_argument("--restarted", action="store_true",
                    help="the supervisor restarts this controller if it dies")
+    p.add_argument("--curve", action="store_true",
+                   help="CurveZMQ on every channel (keys kept in the connection file)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--retain", default=None, type=parse_duration, metavar="DURATION",
                    help="delete finished tasks completed longer ago (7d, 12h, 30m)")
@@ -151,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
     retention = RetentionPolicy(retain=a.retain, max_tasks=a.max_tasks, max_bytes=a.max_bytes)
     return serve(a.profile_dir, a.profile, a.db,
                  HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period, retention=retention),
-                 a.supervisor_pid, a.restarted)
+                 a.supervisor_pid, a.restarted, curve=a.curve)

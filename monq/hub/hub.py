@@ -48,6 +48,7 @@ from monq.hub.store import TaskStore
 from monq.hub.tracker import LoadTracker
 from monq.protocol import DELIM, Message, Session
 from monq.schedulers.relay import bind_port
+from monq.security import SMALL_MSG
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,14 @@ class _Engine:
     pid: int
     registered: float
     status: str = "alive"
-    #: monotonic time of the last reregister_request sent to it
-    asked: float = 0.0
 
 
 class Hub:
     """The controller's bookkeeper.  Create, :meth:`bind`, then :meth:`run`."""
+
+    #: applied to each tcp socket before it binds, with its inbound size cap (or -1):
+    #: CurveZMQ server options and limits, set by the controller (see monq.security)
+    socket_setup: Callable[[zmq.Socket, int], None] = staticmethod(lambda sock, max_msg: None)
 
     def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
                  config: HubConfig, db_url: str = "",
@@ -142,6 +145,8 @@ class Hub:
         self._recovering = 0
         self._hostname = _socket.gethostname()
         self.probe: zmq.Socket | None = None
+        #: engines asked to register again, by uuid: when (bounded; see _on_pong)
+        self._asked: dict[bytes, float] = {}
         self.retention = Retention(store, config.retention)
         for row in store.engines():
             if row.get("status") == "alive":
@@ -190,21 +195,31 @@ class Hub:
         self.monitor.subscribe(b"")
         self.router = self._socket(zmq.ROUTER)
         self.router.sndhwm = 0
+        self.socket_setup(self.router, -1)
         self.ports["hub"] = bind_port(self.router, addr, want.get("hub", 0))
         self.notify = self._socket(zmq.PUB)
+        self.socket_setup(self.notify, SMALL_MSG)  # subscriptions only come in
         self.ports["notify"] = bind_port(self.notify, addr, want.get("notify", 0))
         ping = self._socket(zmq.PUB)
+        self.socket_setup(ping, SMALL_MSG)
         self.ports["hb_ping"] = bind_port(ping, addr, want.get("hb_ping", 0))
         pong = self._socket(zmq.ROUTER)
+        self.socket_setup(pong, SMALL_MSG)
         self.ports["hb_pong"] = bind_port(pong, addr, want.get("hb_pong", 0))
         self.heart = HeartMonitor(ping, pong, self.config.heartbeat_period,
                                   self.config.heartbeat_max_missed)
         return dict(self.ports)
 
-    def connect_probe(self, task_client_url: str) -> None:
-        """Where probes go in: the task relay's client side (see _send_probes)."""
+    def connect_probe(self, task_client_url: str,
+                      setup: Callable[[zmq.Socket], None] | None = None) -> None:
+        """Where probes go in: the task relay's client side (see _send_probes).
+
+        ``setup`` is applied before connecting (CurveZMQ client options, monq.security).
+        """
         self.probe = self._socket(zmq.DEALER)
         self.probe.sndhwm = 0
+        if setup is not None:
+            setup(self.probe)
         self.probe.connect(task_client_url)
 
     def stop(self) -> None:
@@ -368,20 +383,21 @@ class Hub:
 
     def _on_pong(self, frames: list[Any]) -> None:
         fr = [f.bytes for f in frames]
-        if self.heart.handle_pong(fr) or len(fr) != 3:
+        if self.heart.handle_pong(fr):
+            return
+        if len(fr) != 3 or fr[1] != b"ping":
+            self.rejected["bad pong"] += 1
             return
         # a beating engine this Hub does not know: it was registered with a controller
         # that has since restarted; ask it (at most once a second) to register again
-        uuid = fr[0].decode(errors="replace")
-        eng = self._engines.get(uuid)
+        # (pongs are not signed: a stranger's costs one signed, content-free request a
+        # second per identity, remembered in a bounded table)
         now = time.monotonic()
-        if eng is not None and now - eng.asked < 1.0:
+        if now - self._asked.get(fr[0], 0.0) < 1.0:
             return
-        if eng is None:
-            eng = _Engine(-1, uuid, "", 0, 0.0, status="unknown")
-            if len(self._engines) < 100_000:
-                self._engines[uuid] = eng
-        eng.asked = now
+        if len(self._asked) >= 10_000:
+            self._asked.pop(next(iter(self._asked)))
+        self._asked[fr[0]] = now
         _, out = self.session.serialize("reregister_request", "hub", {})
         self.router.send_multipart([fr[0], *out])
 
