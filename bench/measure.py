@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -47,7 +49,9 @@ class Plan:
                    history_rows=50_000, repeat=repeat)
 
 
-def run(adapter: System, engines: int, only: set[str], plan: Plan) -> dict[str, Any]:
+def run(adapter: System, engines: int, only: set[str], plan: Plan, out: Path) -> dict[str, Any]:
+    """Run the suites; ``out`` is rewritten after each, so a run killed at its timeout
+    still leaves what it measured."""
     res: dict[str, Any] = {"system": adapter.name, "engines": engines, "figures": {},
                            "detail": {}, "errors": {}}
     fig, detail = res["figures"], res["detail"]
@@ -58,6 +62,7 @@ def run(adapter: System, engines: int, only: set[str], plan: Plan) -> dict[str, 
         except Exception as e:
             res["errors"][suite] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+        out.write_text(json.dumps(res, indent=2, default=str))
 
     procs: list[Any] = []
     sampler = None
@@ -146,6 +151,8 @@ def history(adapter: System, plan: Plan, fig: dict[str, Any], detail: dict[str, 
 
 
 def main() -> None:
+    # bench/run.py ends a system that overruns with SIGTERM: unwind, so `finally` stops it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"{sys.argv[0]}: terminated"))
     p = argparse.ArgumentParser()
     p.add_argument("--system", required=True, choices=systems.ALL)
     p.add_argument("--engines", type=int, default=2)
@@ -156,7 +163,7 @@ def main() -> None:
     a = p.parse_args()
     only = set(a.only.split(","))
     plan = Plan.quick(a.repeat or 2) if a.quick else Plan(repeat=a.repeat or 3)
-    res = run(systems.load(a.system), a.engines, only, plan)
+    res = run(systems.load(a.system), a.engines, only, plan, a.out)
     a.out.write_text(json.dumps(res, indent=2, default=str))
 
 
