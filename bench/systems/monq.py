@@ -47,8 +47,8 @@ class Adapter(System):
                 shutil.rmtree(self.home, ignore_errors=True)
 
     def versions(self) -> dict[str, str]:
-        return {"monq": version("monq") if _dist_installed() else "worktree",
-                "pyzmq": version("pyzmq"), "SQLAlchemy": version("SQLAlchemy")}
+        return {"monq": str(Path(monq.__file__).parent), "pyzmq": version("pyzmq"),
+                "SQLAlchemy": version("SQLAlchemy")}
 
     def hub_pid(self) -> int | None:
         return self.cluster.pids.get("controller") if self.cluster else None
@@ -94,12 +94,3 @@ class Adapter(System):
         assert self.client is not None
         return run_history(self, rows, repeat)
 
-
-def _dist_installed() -> bool:
-    from importlib.metadata import PackageNotFoundError
-
-    try:
-        version("monq")
-    except PackageNotFoundError:
-        return False
-    return True
