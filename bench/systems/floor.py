@@ -36,6 +36,9 @@ class Adapter(System):
     def start(self, n: int) -> None:
         mpc = mp.get_context("spawn")  # a fresh interpreter, like an engine
         ctx = self.ctx = zmq.Context()
+        # no high-water marks: a burst of 100,000 requests sent before any reply is read
+        # would otherwise fill the client's pipe, and a ROUTER drops what it cannot queue
+        ctx.sndhwm = ctx.rcvhwm = 0
         front, back, mon = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB)
         p1 = front.bind_to_random_port("tcp://127.0.0.1")
         p2 = back.bind_to_random_port("tcp://127.0.0.1")
