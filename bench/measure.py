@@ -119,18 +119,19 @@ def latency(adapter: System, plan: Plan, fig: dict[str, Any]) -> None:
 def throughput(adapter: System, plan: Plan, fig: dict[str, Any], detail: dict[str, Any],
                sizes: tuple[int, ...], repeat: int, with_map: bool = True) -> None:
     for n in sizes:
-        runs = [adapter.throughput(n) for _ in range(repeat)]
-        if runs[0] is None:
+        runs = [r for r in (adapter.throughput(n) for _ in range(repeat)) if r is not None]
+        if not runs:
             return
         detail[f"tput_{n}"] = runs
         fig[f"tput_{n}_per_s"] = n / statistics.median(r["seconds"] for r in runs)
         rec = [r.get("recorded") for r in runs]
-        fig[f"tput_{n}_recorded"] = None if None in rec else min(rec)
+        fig[f"tput_{n}_recorded"] = min(x for x in rec if x is not None) if None not in rec \
+            else None
     if not with_map:
         return
-    times = [adapter.map(plan.map_n) for _ in range(plan.repeat)]
-    if None not in times:
-        fig["map_per_s"] = plan.map_n / statistics.median(times)  # type: ignore[type-var]
+    times = [t for t in (adapter.map(plan.map_n) for _ in range(plan.repeat)) if t is not None]
+    if times:
+        fig["map_per_s"] = plan.map_n / statistics.median(times)
 
 
 def data(adapter: System, plan: Plan, fig: dict[str, Any]) -> None:

@@ -98,7 +98,7 @@ class Adapter(System):
         return {"seconds": time.perf_counter() - t0, "recorded": None}
 
     def roundtrip(self, nbytes: int, repeat: int) -> float:
-        frames = [b"header", bytearray(nbytes)]
+        frames: list[Any] = [b"header", bytearray(nbytes)]
         self._echo(frames)
         return median_time(lambda: self._echo(frames), repeat)
 
@@ -110,7 +110,7 @@ class Adapter(System):
             port = sock.bind_to_random_port("tcp://127.0.0.1")
             e = mp.get_context("spawn").Process(target=echo, args=(port,))
             e.start()
-            frames = [b"header", bytearray(nbytes)]
+            frames: list[Any] = [b"header", bytearray(nbytes)]
 
             def once() -> None:
                 sock.send_multipart(frames, copy=False)

@@ -24,6 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ def run_history(adapter: Adapter, rows: int, repeat: int) -> dict[str, Any]:
         mid = t_end - SPAN / 2
         with RSSSampler(cluster.pids["controller"]) as rss, \
                 monq.Client(connection_file=cluster.connection_file) as c:
-            queries = {
+            queries: dict[str, Callable[[], Sized]] = {
                 "error_limit100": lambda: c.history(status="error", limit=100),
                 "time_range_60s": lambda: c.history(since=mid, until=mid + 60),
                 "db_query_engine": lambda: c.db_query(

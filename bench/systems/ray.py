@@ -36,15 +36,15 @@ class Adapter(System):
                  log_to_driver=False)
         self.started = True
         noop, ident = self._bodies
-        self.noop = ray.remote(num_cpus=1)(noop)
-        self.ident = ray.remote(num_cpus=1)(ident)
-        self.chunk = ray.remote(num_cpus=1)(map_chunk(abs))
+        remote: Any = ray.remote(num_cpus=1)
+        self.noop, self.ident, self.chunk = remote(noop), remote(ident), remote(map_chunk(abs))
 
         class Echo:
             def noop(self) -> None:
                 return None
 
-        self.actor = ray.remote(num_cpus=0)(Echo).remote()
+        actor_cls: Any = ray.remote(num_cpus=0)(Echo)
+        self.actor = actor_cls.remote()
         # ready = every worker has run a task
         ray.get([self.noop.remote() for _ in range(4 * n)])
         ray.get(self.actor.noop.remote())
