@@ -64,3 +64,24 @@ def render(results: dict[str, dict[str, Any]], sizes: dict[str, int]) -> str:
 
 RATIO_NOTE = ("Ratios are monq / peer: on \"lower\" rows a ratio below 1 means monq is better, "
               "on \"higher\" rows a ratio above 1 means monq is better.")
+
+
+def main() -> None:
+    """Re-print the table of a saved run: python bench/table.py out.json"""
+    import json
+    import sys
+
+    import machine
+
+    doc = json.loads(open(sys.argv[1]).read())
+    plan = doc["plan"]
+    sizes = {"small": plan["tasks"][0], "big": plan["tasks"][-1], "map_n": plan["map_n"]}
+    print(machine.header(doc["machine"], doc["engines"]))
+    print()
+    print(render(doc["results"], sizes))
+    print()
+    print(RATIO_NOTE)
+
+
+if __name__ == "__main__":
+    main()
