@@ -100,6 +100,8 @@ def run(adapter: System, engines: int, only: set[str], plan: Plan, out: Path) ->
             fig["stop_s"] = time.perf_counter() - t0
         finally:
             kill_leftovers(procs + started_processes())
+            # also when cut at the time limit (SIGTERM): keep the stop time and the Hub's RSS
+            out.write_text(json.dumps(res, indent=2, default=str))
     if "start" not in only:
         fig.pop("start_s", None)
         fig.pop("stop_s", None)
