@@ -330,7 +330,7 @@ def test_a_hung_controller_is_a_quick_error_not_a_hang(monq_home: Path, tmp_path
             r = run_monq("status", timeout=30)
             assert r.returncode == ExitCode.NO_CLUSTER, r.stderr
             assert "no cluster answered" in r.stderr and "Traceback" not in r.stderr
-            assert time.monotonic() - t0 < 10
+            assert time.monotonic() - t0 < 20  # the 5 s connect timeout plus start-up, not a hang
         finally:
             os.kill(ctl, signal.SIGCONT)
         proc.send_signal(signal.SIGINT)

@@ -464,7 +464,9 @@ class Hub:
             state.inserted = old.inserted
             self._timed.pop(msg.msg_id, None)
         elif md.get("retries_done"):
-            state.inserted = True  # a new try of a task already recorded: update its row
+            # a new try: update its row, if the first try was recorded (a controller that
+            # crashed may have died before writing it)
+            state.inserted = self.store.get_task(msg.msg_id) is not None
         self._inflight[msg.msg_id] = state
         if channel == "task":
             state.seq = self.tracker.sent(msg.msg_id)
