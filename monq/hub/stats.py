@@ -141,6 +141,8 @@ class TaskStats:
         since/until that cuts a minute counted exactly over that part of it."""
         c, mc = tasks.c, minute_counts.c
         first, last = math.ceil(lo / 60), math.floor(hi / 60)  # whole minutes: [first, last)
+        if f.since is None:
+            first = agg.minute_of(lo)  # the oldest task's minute is whole
         if f.until is None:
             last = agg.minute_of(hi) + 1  # the newest task's minute is whole
         counts: dict[int, int] = {}
