@@ -149,7 +149,10 @@ class TaskStore(TaskStats):
         ``payload_cap`` are stored as NULL with their size kept, so callers
         pass blobs blindly.  Rows are grouped by key set and each group is
         one ``executemany``: a batch costs a few statements, not one per row.
-        ``duration`` and ``stored_bytes`` are computed here.
+        ``duration`` and ``stored_bytes`` are computed here, and the
+        maintained aggregates (:mod:`monq.hub.aggregates`) move in the same
+        transaction: one SELECT of the updated rows' old keys per 500 of them,
+        one upsert executemany per aggregate table.
         """
         ins = [self._prepare(r, "insert") for r in inserts]
         ups = [self._prepare(r, "update") for r in updates]
