@@ -47,6 +47,8 @@ NO_LABEL = "\x00"
 PER_DECADE = 20
 _LOWEST = 1e-6
 _BUCKETS = 220  # 1 µs * 10 ** (219 / 20) = 89,000 s, more than a day
+#: the last (open-ended) bucket
+LAST_BUCKET = _BUCKETS - 1
 #: _UPPER[b] is bucket b's upper bound (exclusive); the last bucket has none
 _UPPER = [_LOWEST * 10 ** (i / PER_DECADE) for i in range(1, _BUCKETS)]
 #: the columns of a task that the aggregates are keyed by

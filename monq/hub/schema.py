@@ -127,6 +127,14 @@ duration_hist = Table(
     Column("bucket", Integer, primary_key=True, autoincrement=False),
     Column("n", Integer, nullable=False),
 )
+# covering indexes in each grouping's order: GROUP BY (engine|label|-), bucket reads
+# one of them in order instead of sorting the table into a temp b-tree
+Index("ix_duration_hist_engine", duration_hist.c.engine, duration_hist.c.bucket,
+      duration_hist.c.status, duration_hist.c.label, duration_hist.c.n)
+Index("ix_duration_hist_label", duration_hist.c.label, duration_hist.c.bucket,
+      duration_hist.c.status, duration_hist.c.engine, duration_hist.c.n)
+Index("ix_duration_hist_bucket", duration_hist.c.bucket, duration_hist.c.status,
+      duration_hist.c.engine, duration_hist.c.label, duration_hist.c.n)
 minute_counts = Table(
     "minute_counts", metadata,
     Column("minute", Integer, primary_key=True, autoincrement=False),
@@ -178,7 +186,7 @@ def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
         raise HubError(f"database {url} has schema version {found}; this monq "
                        f"reads versions 1 to {SCHEMA_VERSION} (use another --db, or a newer "
                        "monq)")
-    for idx in tasks.indexes:
+    for idx in (*tasks.indexes, *duration_hist.indexes):
         idx.create(conn, checkfirst=True)
     if dialect != "sqlite":
         return False

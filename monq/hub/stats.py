@@ -266,10 +266,16 @@ class TaskStats:
                         continue
                     gwhere = where if by is None else and_(
                         where, tasks.c[by].is_(None) if key is None else tasks.c[by] == key)
-                    lo = _nth(conn, gwhere, d, count, 0)
-                    hi = _nth(conn, gwhere, d, count, 100)
-                    rec: dict[str, Any] = {"key": key, "n": count, "min": lo, "max": hi}
                     cum = _cumulative(hists[key])
+                    # min and max (exact): seeks into their buckets' range of the index
+                    hint = by is None and f.engine is None and f.label is None
+                    lo = _edge(conn, gwhere, d, cum[0][1], False, hint)
+                    if lo is None:  # a write came between: seek the whole range
+                        lo = _nth(conn, gwhere, d, count, 0)
+                    hi = _edge(conn, gwhere, d, cum[-1][1], True, hint)
+                    if hi is None:
+                        hi = _nth(conn, gwhere, d, count, 100)
+                    rec: dict[str, Any] = {"key": key, "n": count, "min": lo, "max": hi}
                     for p in ps:
                         rank = max(1, math.ceil(p / 100 * count))
                         if rank in (1, count):
@@ -315,6 +321,29 @@ def _agg_where(table: Any, f: TaskFilter) -> list[Any]:
     if f.label is not None:
         out.append(table.c.label.in_([agg.label_key(v) for v in f.label]))
     return out
+
+
+def _edge(conn: Connection, where: Any, col: Any, b: int, desc: bool, hint: bool) -> Any:
+    """The smallest (largest: ``desc``) duration in histogram bucket ``b`` matching ``where``.
+
+    ``hint``: read the duration index (the filter has no index ending in
+    duration; SQLite would otherwise take the status index and sort).
+    """
+    conds = [where]
+    if b > 0:
+        conds.append(col >= agg.bucket_upper(b - 1))
+    if b < agg.LAST_BUCKET:
+        conds.append(col < agg.bucket_upper(b))
+    stmt = select(col).where(*conds).order_by(col.desc() if desc else col.asc()).limit(1)
+    if not hint:
+        return conn.execute(stmt).scalar()
+    # SQLAlchemy's SQLite compiler renders no table hints: put INDEXED BY in the text
+    compiled = stmt.compile(conn, compile_kwargs={"render_postcompile": True})
+    sql = str(compiled)
+    assert sql.count("FROM tasks ") == 1, sql
+    sql = sql.replace("FROM tasks ", "FROM tasks INDEXED BY ix_tasks_duration ")
+    params = tuple(compiled.params[k] for k in compiled.positiontup or ())
+    return conn.exec_driver_sql(sql, params).scalar()
 
 
 def _cumulative(hist: dict[int, int]) -> list[tuple[int, int]]:
