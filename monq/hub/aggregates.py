@@ -12,7 +12,7 @@ delete, so they are never out of step:
 
 A batch's changes are worked out in Python as deltas: an insert adds its
 row's keys, an update moves the row from its old keys (read in one SELECT
-per 500 updated msg_ids, before the batch is applied) to its new ones, a
+per 5,000 updated msg_ids, before the batch is applied) to its new ones, a
 delete removes the old ones.  The deltas are applied with one
 ``INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`` executemany per
 table.  Rows whose count has gone to 0 stay (readers skip them).
@@ -26,6 +26,7 @@ one bucket (a bucket's upper bound is ~12 % above its lower one).
 from __future__ import annotations
 
 import math
+import sqlite3
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -128,7 +129,11 @@ class Deltas:
             conn.execute(stmt, rows)
 
 
-def read_states(conn: Connection, ids: Iterable[str], chunk: int = 500
+#: msg_ids per IN (...) list: SQLite before 3.32 binds at most 999 variables, later 32,766
+_CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 500
+
+
+def read_states(conn: Connection, ids: Iterable[str], chunk: int = _CHUNK
                 ) -> dict[str, dict[str, Any]]:
     """The aggregate-keyed columns of the stored rows among ``ids``, by msg_id."""
     ids = list(ids)

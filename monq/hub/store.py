@@ -151,7 +151,7 @@ class TaskStore(TaskStats):
         one ``executemany``: a batch costs a few statements, not one per row.
         ``duration`` and ``stored_bytes`` are computed here, and the
         maintained aggregates (:mod:`monq.hub.aggregates`) move in the same
-        transaction: one SELECT of the updated rows' old keys per 500 of them,
+        transaction: one SELECT of the updated rows' old keys per 5,000 of them,
         one upsert executemany per aggregate table.
         """
         ins = [self._prepare(r, "insert") for r in inserts]
