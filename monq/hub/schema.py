@@ -8,6 +8,11 @@ Schema versions (kept in the ``meta`` table):
    payloads and captured text; what ``--max-bytes`` counts) and
    ``payload_evicted`` (when retention dropped the payloads); indexes for
    every history filter; on SQLite, an FTS5 index over the captured text.
+3. maintained aggregates (:mod:`monq.hub.aggregates`): ``task_counts``
+   (status, engine, label), ``duration_hist`` (engine, label, status,
+   log-spaced duration bucket) and ``minute_counts`` (minute of
+   submission, status), kept in step by every write and delete in the same
+   transaction; an upgrade builds them once from the rows already there.
 
 An older database is upgraded in place when a store opens it (columns
 added and filled, indexes built): a user's history survives an upgrade.  A
@@ -40,7 +45,7 @@ from monq.errors import HubError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 metadata = MetaData()
 
@@ -105,6 +110,39 @@ meta_table = Table(
     Column("value", Text),
 )
 
+# -- version 3: maintained aggregates (SQLite; see monq.hub.aggregates).  NULL engine
+# and label are stored as sentinels (-1, NO_LABEL) so they can be part of a key.
+task_counts = Table(
+    "task_counts", metadata,
+    Column("status", String(16), primary_key=True),
+    Column("engine", Integer, primary_key=True, autoincrement=False),
+    Column("label", String(200), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+duration_hist = Table(
+    "duration_hist", metadata,
+    Column("engine", Integer, primary_key=True, autoincrement=False),
+    Column("label", String(200), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("n", Integer, nullable=False),
+)
+# covering indexes in each grouping's order: GROUP BY (engine|label|-), bucket reads
+# one of them in order instead of sorting the table into a temp b-tree
+Index("ix_duration_hist_engine", duration_hist.c.engine, duration_hist.c.bucket,
+      duration_hist.c.status, duration_hist.c.label, duration_hist.c.n)
+Index("ix_duration_hist_label", duration_hist.c.label, duration_hist.c.bucket,
+      duration_hist.c.status, duration_hist.c.engine, duration_hist.c.n)
+Index("ix_duration_hist_bucket", duration_hist.c.bucket, duration_hist.c.status,
+      duration_hist.c.engine, duration_hist.c.label, duration_hist.c.n)
+minute_counts = Table(
+    "minute_counts", metadata,
+    Column("minute", Integer, primary_key=True, autoincrement=False),
+    Column("status", String(16), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+AGGREGATE_TABLES = (task_counts, duration_hist, minute_counts)
+
 #: the full-text index (SQLite FTS5), external content: it stores no copy of the text
 fts_table = Table(
     "tasks_fts", MetaData(),  # not in ``metadata``: created by _FTS_DDL, SQLite only
@@ -140,13 +178,15 @@ def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
         select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar()
     if found is None:
         conn.execute(meta_table.insert(), {"key": "schema_version", "value": SCHEMA_VERSION})
-    elif found == "1":
-        _upgrade_1_to_2(conn, url)
+    elif found in ("1", "2"):
+        if found == "1":
+            _upgrade_1_to_2(conn, url)
+        _upgrade_2_to_3(conn, url, dialect)
     elif found != SCHEMA_VERSION:
         raise HubError(f"database {url} has schema version {found}; this monq "
-                       f"reads versions 1 and {SCHEMA_VERSION} (use another --db, or a newer "
+                       f"reads versions 1 to {SCHEMA_VERSION} (use another --db, or a newer "
                        "monq)")
-    for idx in tasks.indexes:
+    for idx in (*tasks.indexes, *duration_hist.indexes):
         idx.create(conn, checkfirst=True)
     if dialect != "sqlite":
         return False
@@ -166,6 +206,15 @@ def _upgrade_1_to_2(conn: Connection, url: str) -> None:
     conn.execute(tasks.update().values(stored_bytes=stored_bytes_expr()))
     for name in _V1_INDEXES:
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+
+
+def _upgrade_2_to_3(conn: Connection, url: str, dialect: str) -> None:
+    from monq.hub import aggregates
+
+    log.warning("upgrading history database %s to schema version %s (building the "
+                "history's aggregates)", url, SCHEMA_VERSION)
+    if dialect == "sqlite":  # elsewhere the aggregates are neither kept nor read
+        aggregates.rebuild(conn)
     conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
                  .values(value=SCHEMA_VERSION))
 

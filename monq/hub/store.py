@@ -41,8 +41,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from monq.errors import HubError
+from monq.hub import aggregates, schema
 from monq.hub import query as q
-from monq.hub import schema
 from monq.hub.filters import TaskFilter, decode_cursor, encode_cursor
 from monq.hub.schema import (
     HAS_PAYLOAD,
@@ -110,6 +110,8 @@ class TaskStore(TaskStats):
                 self.fts_table = schema.prepare(conn, url, self.dialect, fts)
             #: searches use it (else escaped LIKE)
             self.fts = self.fts_table and fts
+            #: the maintained aggregates (monq.hub.aggregates) are kept and read: SQLite
+            self.aggregates = self.dialect == "sqlite"
         except SQLAlchemyError as e:
             self._engine.dispose()
             raise HubError(f"cannot open the history database {url}: {e}") from e
@@ -147,7 +149,10 @@ class TaskStore(TaskStats):
         ``payload_cap`` are stored as NULL with their size kept, so callers
         pass blobs blindly.  Rows are grouped by key set and each group is
         one ``executemany``: a batch costs a few statements, not one per row.
-        ``duration`` and ``stored_bytes`` are computed here.
+        ``duration`` and ``stored_bytes`` are computed here, and the
+        maintained aggregates (:mod:`monq.hub.aggregates`) move in the same
+        transaction: one SELECT of the updated rows' old keys per 5,000 of them,
+        one upsert executemany per aggregate table.
         """
         ins = [self._prepare(r, "insert") for r in inserts]
         ups = [self._prepare(r, "update") for r in updates]
@@ -176,9 +181,13 @@ class TaskStore(TaskStats):
         changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
         if self.fts_table and changed:
             self._fts_forget(conn, changed)
+        groups = _by_keys(ups)
+        deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
         for rows in _by_keys(ins):
             conn.execute(tasks.insert(), rows)
-        self._update(conn, ups)
+        self._update(conn, groups)
+        if deltas is not None:
+            deltas.apply(conn)
         if self.fts_table and (texted or changed):
             self._fts_index(conn, texted + changed)
 
@@ -190,9 +199,9 @@ class TaskStore(TaskStats):
         for chunk in _chunks(ids):
             conn.execute(_FTS_INSERT, {"ids": chunk})
 
-    def _update(self, conn: Connection, ups: list[dict[str, Any]]) -> None:
+    def _update(self, conn: Connection, groups: list[list[dict[str, Any]]]) -> None:
         c = tasks.c
-        for rows in _by_keys(ups):
+        for rows in groups:
             cols = [k for k in rows[0] if k not in ("msg_id", "stored_bytes")]
             values: dict[str, Any] = {k: bindparam(k) for k in cols}
             if "started" in cols or "completed" in cols:
@@ -499,7 +508,10 @@ class TaskStore(TaskStats):
                              .where(which)).scalar()
         if self.fts_table:
             self._fts_forget(conn, ids)
+        deltas = aggregates.delete_deltas(conn, ids) if self.aggregates else None
         n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
+        if deltas is not None:
+            deltas.apply(conn)
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return n

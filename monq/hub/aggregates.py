@@ -1,0 +1,228 @@
+"""Maintained aggregates of the history: counts, a duration histogram, counts per minute.
+
+Three small tables (schema version 3, SQLite only) that the store keeps in
+step with ``tasks`` in the SAME transaction as each write batch and each
+delete, so they are never out of step:
+
+* ``task_counts(status, engine, label, n)``
+* ``duration_hist(engine, label, status, bucket, n)``: tasks with a duration,
+  by log-spaced bucket (:data:`PER_DECADE` buckets per decade from 1 µs;
+  the last one is open-ended, the first takes everything below 1.12 µs)
+* ``minute_counts(minute, status, n)``: tasks by ``floor(submitted / 60)``
+
+A batch's changes are worked out in Python as deltas: an insert adds its
+row's keys, an update moves the row from its old keys (read in one SELECT
+per 5,000 updated msg_ids, before the batch is applied) to its new ones, a
+delete removes the old ones.  The deltas are applied with one
+``INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`` executemany per
+table.  Rows whose count has gone to 0 stay (readers skip them).
+
+The stats queries (:mod:`monq.hub.stats`) read these tables when a query's
+filters are ones the table is keyed by, and the exact SQL over ``tasks``
+otherwise.  Percentiles from the histogram are exact to within the width of
+one bucket (a bucket's upper bound is ~12 % above its lower one).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+from monq.hub.schema import duration_hist, minute_counts, task_counts, tasks
+
+__all__ = ["NO_ENGINE", "NO_LABEL", "PER_DECADE", "Deltas", "bucket", "bucket_upper",
+           "engine_key", "label_key", "minute_of", "rebuild", "unkey_engine", "unkey_label"]
+
+#: the key of a task without an engine / without a label
+NO_ENGINE = -1
+NO_LABEL = "\x00"
+#: histogram buckets per decade of duration, from 1 µs up to past a day
+PER_DECADE = 20
+_LOWEST = 1e-6
+_BUCKETS = 220  # 1 µs * 10 ** (219 / 20) = 89,000 s, more than a day
+#: the last (open-ended) bucket
+LAST_BUCKET = _BUCKETS - 1
+#: _UPPER[b] is bucket b's upper bound (exclusive); the last bucket has none
+_UPPER = [_LOWEST * 10 ** (i / PER_DECADE) for i in range(1, _BUCKETS)]
+#: the columns of a task that the aggregates are keyed by
+STATE_COLUMNS = ("status", "engine", "label", "submitted", "started", "completed",
+                 "duration")
+
+
+def bucket(duration: float) -> int:
+    """The histogram bucket of a duration (seconds): 0 .. 219."""
+    return bisect_right(_UPPER, duration)
+
+
+def bucket_upper(b: int) -> float:
+    """The upper bound of bucket ``b`` (inf for the last one)."""
+    return _UPPER[b] if b < len(_UPPER) else math.inf
+
+
+def minute_of(submitted: float) -> int:
+    """floor(submitted / 60), agreeing with ``60 * m <= submitted < 60 * (m + 1)`` exactly."""
+    m = math.floor(submitted / 60)
+    if m * 60 > submitted:
+        m -= 1
+    elif (m + 1) * 60 <= submitted:
+        m += 1
+    return m
+
+
+def engine_key(engine: int | None) -> int:
+    return NO_ENGINE if engine is None else engine
+
+
+def label_key(label: str | None) -> str:
+    return NO_LABEL if label is None else label
+
+
+def unkey_engine(k: int) -> int | None:
+    return None if k == NO_ENGINE else k
+
+
+def unkey_label(k: str) -> str | None:
+    return None if k == NO_LABEL else k
+
+
+class Deltas:
+    """What a batch changes in the three tables, summed per key."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int, str], int] = defaultdict(int)
+        self.hist: dict[tuple[int, str, str, int], int] = defaultdict(int)
+        self.minutes: dict[tuple[int, str], int] = defaultdict(int)
+
+    def add(self, row: dict[str, Any], sign: int) -> None:
+        """Count a task (its state: :data:`STATE_COLUMNS`) in (+1) or out (-1)."""
+        status = row["status"]
+        eng = engine_key(row.get("engine"))
+        lab = label_key(row.get("label"))
+        self.counts[(status, eng, lab)] += sign
+        d = row.get("duration")
+        if d is not None:
+            self.hist[(eng, lab, status, bucket(d))] += sign
+        s = row.get("submitted")
+        if s is not None:
+            self.minutes[(minute_of(s), status)] += sign
+
+    def apply(self, conn: Connection) -> None:
+        """One upsert executemany per table that changes."""
+        for table, keys, deltas in (
+                (task_counts, ("status", "engine", "label"), self.counts),
+                (duration_hist, ("engine", "label", "status", "bucket"), self.hist),
+                (minute_counts, ("minute", "status"), self.minutes)):
+            rows = [{**dict(zip(keys, k)), "n": n} for k, n in deltas.items() if n]
+            if not rows:
+                continue
+            stmt = sqlite_insert(table)
+            stmt = stmt.on_conflict_do_update(index_elements=list(keys),
+                                              set_={"n": table.c.n + stmt.excluded.n})
+            conn.execute(stmt, rows)
+
+
+#: msg_ids per IN (...) list: SQLite before 3.32 binds at most 999 variables, later 32,766
+_CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 500
+
+
+def read_states(conn: Connection, ids: Iterable[str], chunk: int = _CHUNK
+                ) -> dict[str, dict[str, Any]]:
+    """The aggregate-keyed columns of the stored rows among ``ids``, by msg_id."""
+    ids = list(ids)
+    cols = [tasks.c.msg_id] + [tasks.c[k] for k in STATE_COLUMNS]
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), chunk):
+        for r in conn.execute(select(*cols).where(tasks.c.msg_id.in_(ids[i:i + chunk]))
+                              ).mappings():
+            out[r["msg_id"]] = {k: r[k] for k in STATE_COLUMNS}
+    return out
+
+
+def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
+                 update_groups: Sequence[Sequence[dict[str, Any]]]) -> Deltas:
+    """The deltas of a write batch, read before it is applied.
+
+    ``update_groups`` are the updates in the order the store executes them
+    (one executemany per key set), so that two updates of one task in one
+    batch end where the database ends.
+    """
+    deltas = Deltas()
+    state: dict[str, dict[str, Any]] = {}
+    for r in ins:
+        row: dict[str, Any] = {k: r.get(k) for k in STATE_COLUMNS}
+        state[r["msg_id"]] = row
+        deltas.add(row, +1)
+    stored_ids = {r["msg_id"] for g in update_groups for r in g} - state.keys()
+    if not stored_ids:
+        before: dict[str, dict[str, Any]] = {}
+    else:
+        before = read_states(conn, stored_ids)
+    for msg_id, row in before.items():
+        deltas.add(row, -1)
+        state[msg_id] = dict(row)
+    touched: set[str] = set()
+    for group in update_groups:
+        for r in group:
+            found = state.get(r["msg_id"])
+            if found is None:
+                continue  # an update of an unknown task changes nothing
+            row = found
+            if r["msg_id"] not in before:
+                if r["msg_id"] not in touched:  # an insert of this batch: move it
+                    deltas.add(row, -1)
+            touched.add(r["msg_id"])
+            for k in ("status", "engine", "label", "submitted", "started", "completed"):
+                if k in r:
+                    row[k] = r[k]
+            if "started" in r or "completed" in r:
+                s, c = row["started"], row["completed"]
+                row["duration"] = None if s is None or c is None else c - s
+    for msg_id in touched | before.keys():
+        deltas.add(state[msg_id], +1)
+    return deltas
+
+
+def delete_deltas(conn: Connection, ids: Sequence[str]) -> Deltas:
+    """The deltas of deleting the rows ``ids`` (read before they go)."""
+    deltas = Deltas()
+    for row in read_states(conn, ids).values():
+        deltas.add(row, -1)
+    return deltas
+
+
+def rebuild(conn: Connection) -> None:
+    """Fill the three tables from ``tasks`` (SQLite): one INSERT ... SELECT ... GROUP BY each.
+
+    The bucket and minute are the Python functions above, registered on the
+    connection, so a rebuilt table is exactly what the writes keep.
+    """
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    dbapi.create_function("monq_bucket", 1, bucket, deterministic=True)
+    dbapi.create_function("monq_minute", 1, minute_of, deterministic=True)
+    c = tasks.c
+    eng = func.coalesce(c.engine, NO_ENGINE)
+    lab = func.coalesce(c.label, NO_LABEL)
+    n = func.count()
+    for table in (task_counts, duration_hist, minute_counts):
+        conn.execute(table.delete())
+    conn.execute(task_counts.insert().from_select(
+        ["status", "engine", "label", "n"],
+        select(c.status, eng, lab, n).group_by(c.status, eng, lab)))
+    b = func.monq_bucket(c.duration)
+    conn.execute(duration_hist.insert().from_select(
+        ["engine", "label", "status", "bucket", "n"],
+        select(eng, lab, c.status, b, n).where(c.duration.is_not(None))
+        .group_by(eng, lab, c.status, b)))
+    m = func.monq_minute(c.submitted)
+    conn.execute(minute_counts.insert().from_select(
+        ["minute", "status", "n"],
+        select(m, c.status, n).where(c.submitted.is_not(None)).group_by(m, c.status)))
