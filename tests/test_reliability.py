@@ -493,3 +493,15 @@ def test_100000_tasks_in_a_burst_are_all_recorded(tmp_path: Path) -> None:
         assert {r["msg_id"] for r in rows} == {f.msg_id for f in futures}
         assert all(r["status"] == "ok" and r["submitted"] and r["completed"] for r in rows)
         assert c.cluster_status()["rejected"] == {}
+
+
+def test_bad_retries_or_timeout_is_a_clear_error_at_once(client: monq.Client) -> None:
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="retries"):
+            client.load_balanced_view(retries=bad)  # type: ignore[arg-type]
+    for bad_t in (0, -3.0):
+        with pytest.raises(ValueError, match="timeout"):
+            client.load_balanced_view(timeout=bad_t)
+        with pytest.raises(ValueError, match="timeout"):
+            client.direct_view(timeout=bad_t)
+    assert client.load_balanced_view(retries=1, timeout=5).apply_sync(abs, -2) == 2
