@@ -78,7 +78,8 @@ class Client:
         self._pipe.connect(pipe_url)
         try:
             reply = self._query("connect_request", {}, timeout=timeout, connecting=True)
-        except errors.TimeoutError:
+        except (errors.TimeoutError, errors.NoClusterError):
+            # no answer, or the request could not even leave (a refused connection)
             self.close()
             refusal = security.handshake_refusal(self.info)
             if refusal is not None:
