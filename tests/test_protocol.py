@@ -487,10 +487,11 @@ def test_reject_stale_date(offset):
     rx.feed(frames)
 
 
-def test_stale_date_nan_rejected():
+def test_nan_date_rejected():
+    # NaN is not JSON: a signed header carrying one is refused as malformed (never "fresh")
     tx, rx = pair()
     hdr = valid_header(tx, date=float("nan"))
-    assert_rejected(rx, signed_frames(tx, [dumps(hdr), b"{}", b"{}", b"{}"]), "stale")
+    assert_rejected(rx, signed_frames(tx, [dumps(hdr), b"{}", b"{}", b"{}"]), "malformed")
 
 
 def test_hostile_unsigned_json_never_escapes_as_other_exception():
