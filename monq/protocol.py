@@ -97,8 +97,6 @@ def _as_bytes(frame: Any) -> bytes:
 
 #: non-string keys become strings, as with the json module
 _JSON_OPTS = orjson.OPT_NON_STR_KEYS
-#: parts up to this size are joined and signed in one call; bigger ones are fed in turn
-_JOIN_MAX = 64 * 1024
 _EMPTY = b"{}"
 
 
@@ -200,6 +198,7 @@ class Session:
         if not key:
             raise ValueError("a cluster key is required")
         self.key = key
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self.session_id = session_id or new_id()
         self._new_msg_id = _Ids()
         self.replay = ReplayGuard(replay_window)
@@ -209,10 +208,8 @@ class Session:
     # -- outgoing -----------------------------------------------------------
 
     def sign(self, parts: Sequence[Buffer]) -> bytes:
-        if sum(_nbytes(p) for p in parts) <= _JOIN_MAX:
-            # one C call on the joined parts costs far less than an hmac object per message
-            return hmac.digest(self.key, b"".join(parts), "sha256").hex().encode()
-        h = hmac.new(self.key, digestmod=hashlib.sha256)
+        # a copy of a keyed HMAC skips the key setup and the digest lookup of a new one
+        h = self._mac.copy()
         for p in parts:
             h.update(p)
         return h.hexdigest().encode()

@@ -65,7 +65,7 @@ class HubConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     heartbeat_max_missed: int = 3
-    flush_interval: float = 0.005
+    flush_interval: float = 0.02
     flush_rows: int = 2000
     payload_cap: int = 1 << 20
     #: undecided load-balanced requests older than this are settled with probes
