@@ -63,12 +63,47 @@ def _dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool]) -> 
         return f.getvalue()
 
 
+_ATOMS = frozenset({type(None), bool, int, float, complex, str})
+_CONTAINERS = frozenset({tuple, list, dict})
+#: the most elements the plain-type walk looks at before leaving the object to cloudpickle
+_PLAIN_BUDGET = 64
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` is small and made of built-in types only (exact types, not
+    subclasses, which may live in ``__main__``): plain pickle then gives the same
+    stream as cloudpickle, without its Pickler set-up (most task arguments and
+    results, such as ``()``, ``(i,)`` or ``None``)."""
+    todo = [obj]
+    budget = _PLAIN_BUDGET
+    while todo:
+        x = todo.pop()
+        t = type(x)
+        if t in _ATOMS:
+            continue
+        if t is bytes:
+            if len(x) >= OOB_THRESHOLD:
+                return False
+            continue
+        if t not in _CONTAINERS:
+            return False
+        budget -= len(x)
+        if budget < 0:
+            return False
+        todo.extend(x.keys() if t is dict else x)
+        if t is dict:
+            todo.extend(x.values())
+    return True
+
+
 def serialize(obj: Any) -> tuple[list[Any], list[bool]]:
     """Pickle ``obj``; return ``(frames, raw_flags)`` with the stream first.
 
     Raises SerializationError (with the original exception as cause) when the
     object cannot be pickled.
     """
+    if _plain(obj):
+        return [pickle.dumps(obj, protocol=5)], [False]
     raws: list[Any] = []
 
     def on_buffer(pb: pickle.PickleBuffer) -> bool:
