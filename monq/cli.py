@@ -28,12 +28,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from monq import cli_history
 from monq.cluster import (
+    POLL as CLUSTER_POLL,
+)
+from monq.cluster import (
     Cluster,
     ClusterConfig,
     ClusterError,
     ClusterRunningError,
     check_not_running,
     log_tail,
+    watch_engines,
 )
 from monq.connection import (
     ConnectionInfo,
@@ -43,7 +47,6 @@ from monq.connection import (
     pid_alive,
 )
 from monq.errors import MonqError, NoClusterError
-from monq.errors import TimeoutError as MonqTimeoutError
 from monq.hub.filters import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -312,25 +315,18 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
                 break
         if time.monotonic() > deadline:
             return fail("the controller was not ready in time")
-        time.sleep(0.05)
+        time.sleep(CLUSTER_POLL)
     _print_info(info, path)
 
-    from monq.client import Client
-
-    n, seen = cfg.n_engines, set[int]()
-    with Client(connection_file=path, timeout=max(1.0, deadline - time.monotonic())) as client:
-        while len(seen) < n:
-            if proc.poll() is not None:
-                return fail(f"the cluster exited with code {proc.returncode} while starting")
-            try:
-                client.wait_for_engines(len(seen) + 1, timeout=0.25)
-            except MonqTimeoutError:
-                if time.monotonic() > deadline:
-                    return fail(f"only {len(seen)} of {n} engines registered in time")
-                continue
-            for eid in sorted(set(client.ids) - seen):
-                seen.add(eid)
-                _out(f"engines ready: {len(seen)}/{n} (engine {eid} registered)")
+    n = cfg.n_engines
+    seen = watch_engines(
+        info, n, deadline,
+        on_engine=lambda eid, k: _out(f"engines ready: {k}/{n} (engine {eid} registered)"),
+        stop=lambda: proc.poll() is not None)
+    if proc.poll() is not None:
+        return fail(f"the cluster exited with code {proc.returncode} while starting")
+    if seen < n:
+        return fail(f"only {seen} of {n} engines registered in time")
     _out(f"cluster {cfg.profile!r} running in the background (supervisor pid {proc.pid}); "
          f"stop it with `monq stop{_profile_hint(cfg.profile)}`")
     return ExitCode.OK

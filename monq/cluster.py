@@ -21,7 +21,9 @@ import ctypes
 import ctypes.util
 import fcntl
 import logging
+import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -40,15 +42,18 @@ from monq.connection import (
     profile_dir,
 )
 from monq.errors import MonqError, NoClusterError
-from monq.errors import TimeoutError as MonqTimeoutError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "supervisor.lock"
 LOG_DIR = "logs"
-#: how often start() looks for the connection file / the supervision loop polls children
-POLL = 0.02
+#: how often start() looks for the connection file (a missing file costs one failed open)
+POLL = 0.005
+#: how often the supervision loop polls children
 SUPERVISE_POLL = 0.1
+#: while waiting for engines: the Hub is asked for them after 20 ms without news, then
+#: after twice as long each time, up to this long
+ENGINES_ASK = 0.25
 
 
 class ClusterError(MonqError):
@@ -202,6 +207,42 @@ def check_not_running(config: ClusterConfig) -> None:
         raise _running_error(config, f"controller pid {info.controller_pid}")
 
 
+def wait_exit(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until every process has exited or ``timeout`` seconds have passed.
+
+    Woken by the exits themselves (Linux pidfds) where it can: ``Popen.wait``
+    with a timeout sleeps in steps of up to 50 ms, and a stop waits twice
+    (the engines, then the controller).
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return
+    deadline = time.monotonic() + timeout
+    fds: dict[int, subprocess.Popen[bytes]] = {}
+    poller = select.poll()
+    try:
+        for p in procs:
+            # only a process not yet reaped: its pid cannot have been reused
+            if p.poll() is None:
+                try:
+                    fd = pidfd_open(p.pid)
+                except OSError:
+                    continue
+                fds[fd] = p
+                poller.register(fd, select.POLLIN)
+        while fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, math.ceil(left * 1000))):
+                poller.unregister(fd)
+                os.close(fd)
+                fds.pop(fd).poll()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     """SIGTERM every process, wait for them up to ``timeout`` seconds, SIGKILL the rest."""
     for p in procs:
@@ -209,6 +250,7 @@ def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    wait_exit(procs, timeout)
     for p in procs:
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
@@ -217,6 +259,82 @@ def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             p.wait()
+
+
+def watch_engines(info: ConnectionInfo, n: int, deadline: float,
+                  on_engine: Callable[[int, int], None] | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> int:
+    """Wait until ``n`` engines have registered with the Hub of ``info``; return how many did.
+
+    ``on_engine(engine_id, count)`` is called as each one registers.  Returns
+    early (with fewer than ``n``) at the monotonic ``deadline`` or when
+    ``stop()`` says so (it may also raise, which ends the wait).
+
+    Driven by the Hub's own news: each registration is published on its
+    notify channel, so the wait ends as the last engine registers.  The Hub
+    is also asked for its engines at first, then again after 20, 40, 80 ...
+    (at most ``ENGINES_ASK``) ms without news: that covers a registration
+    published before this subscription was in place.  Only zmq and the
+    protocol: a supervisor needs no Client (nor what importing one costs).
+    """
+    import zmq
+
+    from monq.errors import ProtocolError
+    from monq.protocol import Session
+    from monq.security import client_socket_setup
+
+    seen: set[int] = set()
+
+    def add(ids: set[int]) -> None:
+        for eid in sorted(ids - seen):
+            seen.add(eid)
+            if on_engine is not None:
+                on_engine(eid, len(seen))
+
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        session = Session(info.key)
+        hub = ctx.socket(zmq.DEALER)
+        sub = ctx.socket(zmq.SUB)
+        for sock in (hub, sub):
+            sock.linger = 0
+            client_socket_setup(sock, info)
+        sub.subscribe(b"notify")
+        sub.connect(info.url("notify"))
+        hub.connect(info.url("hub"))
+        poller = zmq.Poller()
+        poller.register(hub, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        asked = -math.inf
+        every = 0.01
+        while len(seen) < n and not stop():
+            now = time.monotonic()
+            if now > deadline:
+                break
+            if now - asked >= every:
+                session.send(hub, "engines_request", "hub", {})
+                asked = now
+                every = min(2 * every, ENGINES_ASK)
+            wait = min(asked + every, deadline) - now
+            for sock, _ in poller.poll(max(1, math.ceil(wait * 1000))):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = session.feed(frames[1:] if sock is sub else frames)
+                    except ProtocolError:
+                        continue
+                    if msg.msg_type == "engine_registered":
+                        add({int(msg.content["id"])})
+                        asked = time.monotonic()  # news: no need to ask for a while
+                    elif msg.msg_type == "engines_reply" and msg.content.get("status") == "ok":
+                        add({int(k) for k in msg.content.get("engines", {})})
+    finally:
+        ctx.destroy(linger=0)
+    return len(seen)
 
 
 # --- the cluster ------------------------------------------------------------
@@ -284,6 +402,10 @@ class Cluster:
             # its own, and each waits for the connection file that names this controller
             for i in range(cfg.n_engines):
                 self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid))
+            # what waiting for the engines and supervising them need, imported while the
+            # children start rather than after the controller is ready
+            import monq.protocol  # noqa: F401
+            import monq.security  # noqa: F401
             self.info = self._wait_for_controller(ctl, deadline)
             if on_controller is not None:
                 on_controller(self.info)
@@ -387,26 +509,17 @@ class Cluster:
 
     def _wait_for_engines(self, deadline: float,
                           on_engine: Callable[[int, int], None] | None) -> None:
-        from monq.client import Client  # the client pulls in more than the supervisor needs
-
+        assert self.info is not None
         n = len(self.engines)
-        seen: set[int] = set()
-        with Client(connection_file=self.connection_file,
-                    timeout=max(1.0, deadline - time.monotonic())) as client:
-            while len(seen) < n:
-                self._check_started()
-                try:
-                    client.wait_for_engines(len(seen) + 1, timeout=0.25)
-                except MonqTimeoutError:
-                    if time.monotonic() > deadline:
-                        tails = "\n".join(f"{e.log_path}:\n{e.tail()}" for e in self.engines)
-                        raise ClusterError(f"only {len(seen)} of {n} engines registered in "
-                                           f"time\n{tails}") from None
-                    continue
-                for eid in sorted(set(client.ids) - seen):
-                    seen.add(eid)
-                    if on_engine is not None:
-                        on_engine(eid, len(seen))
+
+        def check() -> bool:
+            self._check_started()  # raises when a child died
+            return False
+
+        seen = watch_engines(self.info, n, deadline, on_engine, stop=check)
+        if seen < n:
+            tails = "\n".join(f"{e.log_path}:\n{e.tail()}" for e in self.engines)
+            raise ClusterError(f"only {seen} of {n} engines registered in time\n{tails}")
 
     def _check_started(self) -> None:
         """Fail fast when a child died while the cluster was still starting."""

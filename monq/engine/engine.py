@@ -58,6 +58,10 @@ from monq.serialize import serialize, unpack_apply
 log = logging.getLogger(__name__)
 
 _OUTPUT_CAP = 1 << 20
+#: how often an engine started beside its controller looks for the connection file (a
+#: missing file costs one failed open: polling often is cheap, and the engine registers
+#: sooner after the controller is ready)
+CONNECTION_POLL = 0.005
 
 
 class Stopping(BaseException):
@@ -233,6 +237,9 @@ class Engine:
         self.receipts: collections.deque[str] = collections.deque()
         self._heart: threading.Thread | None = None
         self._link: _Link | None = None
+        #: readable when a signal arrived (main() passes signal.set_wakeup_fd's pipe): the
+        #: loop's poll returns at once instead of at its next timeout, so a stop is quick
+        self.wake_fd: int | None = None
         ident = self.uuid.encode()
         # the link socket (identity = uuid, so the Hub can address it) registers; the
         # main thread keeps its own Hub socket for the few notices it sends itself
@@ -424,7 +431,7 @@ class Engine:
             return self.backlog.popleft() if self.backlog else None
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller = zmq.Poller() if self.wake_fd is None else _WakingPoller(self.wake_fd)
         for s in self.channels:
             poller.register(s, zmq.POLLIN)
         while not self._stop:
@@ -493,6 +500,26 @@ class Engine:
                               idents=msg.idents)
 
 
+class _WakingPoller(zmq.Poller):
+    """A Poller that also returns when ``fd`` (a signal wake-up pipe) is readable; it
+    empties the pipe and leaves it out of what it returns."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.register(fd, zmq.POLLIN)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        events = super().poll(timeout)
+        for i, (sock, _) in enumerate(events):
+            if sock == self.fd:
+                with contextlib.suppress(OSError):
+                    os.read(self.fd, 4096)
+                del events[i]
+                break
+        return events
+
+
 def _timeout(value: Any) -> float | None:
     try:
         t = None if value is None else float(value)
@@ -544,7 +571,7 @@ def _wait_for_connection_file(path: Path, controller_pid: int, timeout: float
         if time.monotonic() > deadline:
             raise RegistrationError(f"no connection file from controller pid {controller_pid} "
                                     f"at {path} within {timeout}s")
-        time.sleep(0.02)
+        time.sleep(CONNECTION_POLL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,6 +602,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a signal also writes to this pipe, which the task loop polls: a SIGTERM wakes an idle
+    # engine at once (the handler alone runs inside the poll, which then waits on)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    engine.wake_fd = wake_r
     try:
         engine.register()
         engine.run()
@@ -585,4 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         engine.close()
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0

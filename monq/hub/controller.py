@@ -106,6 +106,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     hub.on_shutdown = shutdown
     relays: list[Relay] = []
     info: ConnectionInfo | None = None
+    wake: tuple[int, int] | None = None
     try:
         ports = hub.bind(old_ports)
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
@@ -130,8 +131,20 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
         signal.signal(signal.SIGTERM, lambda *_: hub.stop())
         signal.signal(signal.SIGINT, lambda *_: hub.stop())
+        # a signal also writes to this pipe, which the Hub's loop polls: it ends at once
+        # instead of at its next poll timeout (the handler runs inside the poll, which
+        # would otherwise wait on)
+        wake = os.pipe()
+        for fd in wake:
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake[1])
+        hub.wake_fd = wake[0]
         hub.run()
     finally:
+        if wake is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in wake:
+                os.close(fd)
         hub.close()
         if auth is not None:
             auth.stop()

@@ -113,6 +113,9 @@ class Hub:
     #: applied to each tcp socket before it binds, with its inbound size cap (or -1):
     #: CurveZMQ server options and limits, set by the controller (see monq.security)
     socket_setup: Callable[[zmq.Socket, int], None] = staticmethod(lambda sock, max_msg: None)
+    #: a file descriptor the loop also polls, readable when it should look at its stop flag
+    #: at once (the controller's signal.set_wakeup_fd pipe); None: only the poll timeout
+    wake_fd: int | None = None
 
     def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
                  config: HubConfig, db_url: str = "",
@@ -250,6 +253,9 @@ class Hub:
             self.router: self._drain_router,
             self.heart.pong: self._drain_pong,
         }
+        if self.wake_fd is not None:
+            poller.register(self.wake_fd, zmq.POLLIN)
+            handlers[self.wake_fd] = self._drain_wake  # type: ignore[index]
         while not self._stop:
             timeout = 100.0
             if self._dirty:
@@ -282,6 +288,10 @@ class Hub:
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 self._safe_flush()
             self._retain()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.wake_fd or -1, 4096)
 
     def _retain(self) -> None:
         """One bounded retention step when due (see monq.hub.retention); never ends the loop."""
