@@ -28,9 +28,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from monq import cli_history
 from monq.cluster import (
-    POLL as CLUSTER_POLL,
-)
-from monq.cluster import (
     Cluster,
     ClusterConfig,
     ClusterError,
@@ -315,7 +312,7 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
                 break
         if time.monotonic() > deadline:
             return fail("the controller was not ready in time")
-        time.sleep(CLUSTER_POLL)
+        time.sleep(0.01)
     _print_info(info, path)
 
     n = cfg.n_engines

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "supervisor.lock"
 LOG_DIR = "logs"
-#: how often start() looks for the connection file (a missing file costs one failed open)
-POLL = 0.005
+#: how often start() looks for the connection file when the controller's ready pipe says
+#: nothing (see Cluster.start)
+POLL = 0.02
 #: how often the supervision loop polls children
 SUPERVISE_POLL = 0.1
 #: while waiting for engines: the Hub is asked for them after 20 ms without news, then
@@ -155,6 +156,28 @@ class _Child:
 
     def tail(self) -> str:
         return log_tail(self.log_path, self.log_offset)
+
+
+def _no_site_env() -> dict[str, str]:
+    """The environment of a child started with ``python -S``: this process's sys.path.
+
+    The controller runs monq's own code only (zmq, SQLAlchemy, a database
+    driver), so it can skip the ``site`` module: processing site-packages'
+    ``.pth`` files (editable installs' import hooks, certifi patches) took
+    60-200 ms of its start-up, on the path to "ready".  The directories
+    those files add are in this process's sys.path, which the child gets as
+    PYTHONPATH, after the directory of the monq this process runs (so both
+    run the same monq, even one found through an editable install's hook).
+    Engines keep ``site``: user code may need what a ``.pth`` file sets up.
+    """
+    import monq
+
+    paths = [str(Path(monq.__file__).resolve().parent.parent)]
+    for p in sys.path:
+        full = os.path.abspath(p or os.curdir)
+        if full not in paths and os.path.exists(full):
+            paths.append(full)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _hostname() -> str:
@@ -396,23 +419,33 @@ class Cluster:
         cfg.profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.log_dir.mkdir(exist_ok=True, mode=0o700)
         self._lock_profile()
+        # the controller's "ready" pipe: it writes one byte once its connection file is
+        # written, and nobody reads it, so the read end polls readable for everyone at
+        # once (and hangs up if the controller exits first).  This process and the first
+        # engines wait on it: no polling the file system, no delay.
+        ready_r, ready_w = os.pipe()
         try:
-            ctl = self._spawn_controller()
+            try:
+                ctl = self._spawn_controller(ready_fd=ready_w)
+            finally:
+                os.close(ready_w)
             # engines start at once, beside the controller: their start-up (imports) overlaps
             # its own, and each waits for the connection file that names this controller
             for i in range(cfg.n_engines):
-                self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid))
+                self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid, ready_r))
             # what waiting for the engines and supervising them need, imported while the
             # children start rather than after the controller is ready
             import monq.protocol  # noqa: F401
             import monq.security  # noqa: F401
-            self.info = self._wait_for_controller(ctl, deadline)
+            self.info = self._wait_for_controller(ctl, deadline, ready_r)
             if on_controller is not None:
                 on_controller(self.info)
             self._wait_for_engines(deadline, on_engine)
         except BaseException:
             self.stop()
             raise
+        finally:
+            os.close(ready_r)
         log.info("cluster %r up: controller pid %d, %d engines",
                  cfg.profile, self.info.controller_pid, len(self.engines))
         self._watch = threading.Thread(target=self._supervise, name="monq-supervisor",
@@ -447,15 +480,17 @@ class Cluster:
                 os.ftruncate(fd, 0)
             os.close(fd)
 
-    def _spawn(self, name: str, module_args: list[str]) -> _Child:
+    def _spawn(self, name: str, module_args: list[str], no_site: bool = False,
+               pass_fds: tuple[int, ...] = ()) -> _Child:
         log_path = self.config.log_dir / f"{name}.log"
         logf = open(log_path, "ab")  # noqa: SIM115 - the child owns it once started
+        flags, env = (["-S"], _no_site_env()) if no_site else ([], None)
         try:
             offset = logf.tell()
             logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
             logf.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", *module_args],
+                [sys.executable, *flags, "-m", *module_args], env=env, pass_fds=pass_fds,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_child_setup(os.getpid()),
             )
@@ -464,12 +499,14 @@ class Cluster:
         log.debug("started %s: pid %d", name, proc.pid)
         return _Child(name, proc, log_path, offset)
 
-    def _spawn_engine(self, name: str, controller_pid: int) -> _Child:
-        return self._spawn(name, ["monq.engine", "--connection-file", str(self.connection_file),
-                                  "--controller-pid", str(controller_pid),
-                                  "--log-level", self.config.log_level])
+    def _spawn_engine(self, name: str, controller_pid: int, ready_fd: int = -1) -> _Child:
+        args = ["monq.engine", "--connection-file", str(self.connection_file),
+                "--controller-pid", str(controller_pid), "--log-level", self.config.log_level]
+        if ready_fd >= 0:
+            args += ["--ready-fd", str(ready_fd)]
+        return self._spawn(name, args, pass_fds=(ready_fd,) if ready_fd >= 0 else ())
 
-    def _spawn_controller(self) -> _Child:
+    def _spawn_controller(self, ready_fd: int = -1) -> _Child:
         cfg = self.config
         args = ["monq.hub", "--profile-dir", str(cfg.profile_dir), "--profile", cfg.profile,
                 "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
@@ -484,13 +521,27 @@ class Cluster:
                             ("--max-bytes", cfg.max_bytes)):
             if value is not None:
                 args += [flag, str(value)]
-        self.controller = self._spawn("controller", args)
+        if ready_fd >= 0:
+            args += ["--ready-fd", str(ready_fd)]
+        self.controller = self._spawn("controller", args, no_site=True,
+                                      pass_fds=(ready_fd,) if ready_fd >= 0 else ())
         return self.controller
 
-    def _wait_for_controller(self, ctl: _Child, deadline: float) -> ConnectionInfo:
-        # the controller writes the file (atomically) once every socket is bound; a file
-        # naming another pid is a leftover of an earlier run
+    def _wait_for_controller(self, ctl: _Child, deadline: float,
+                             ready_fd: int) -> ConnectionInfo:
+        # the controller writes the file (atomically) once every socket is bound, then a
+        # byte to the ready pipe; a file naming another pid is a leftover of an earlier run
+        ready: select.poll | None = select.poll()
+        ready.register(ready_fd, select.POLLIN)
         while True:
+            if ready is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if ready.poll(max(1, math.ceil(min(left, 1.0) * 1000))):
+                    # readable (ready) or hung up (the controller is exiting): it stays so,
+                    # so from now on the file and the process are looked at every POLL
+                    ready = None
+            else:
+                time.sleep(POLL)
             try:
                 info = load_connection_file(self.connection_file, check_alive=False)
                 if info.controller_pid == ctl.proc.pid:
@@ -505,7 +556,6 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"the controller was not ready in time; "
                                    f"{ctl.log_path}:\n{ctl.tail()}")
-            time.sleep(POLL)
 
     def _wait_for_engines(self, deadline: float,
                           on_engine: Callable[[int, int], None] | None) -> None:

@@ -1,9 +1,16 @@
 import atexit
+import gc
 import os
 import sys
 
-from monq.hub.controller import main
+# No cyclic garbage collection while SQLAlchemy and the rest are imported (they allocate
+# hundreds of thousands of long-lived objects: the collector would walk them again and
+# again, ~15 % of the import time), then freeze them: later collections skip them too.
+gc.disable()
+from monq.hub.controller import main  # noqa: E402
 
+gc.freeze()
+gc.enable()
 code = main()
 # The controller has flushed and closed its store, closed its sockets and removed its
 # connection file: nothing is left to do but the interpreter's teardown, which frees
