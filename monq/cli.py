@@ -33,7 +33,9 @@ from monq.cluster import (
     ClusterError,
     ClusterRunningError,
     check_not_running,
+    hub_request,
     log_tail,
+    wait_gone,
     watch_engines,
 )
 from monq.connection import (
@@ -301,6 +303,10 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
         _err(f"{why}; {log_path}:\n" + "\n".join(tail))
         return ExitCode.START_FAILED
 
+    # what watching the engines register needs, imported while the cluster starts
+    import monq.protocol  # noqa: F401
+    import monq.security  # noqa: F401
+
     deadline = time.monotonic() + args.timeout
     path = cfg.connection_file
     while True:
@@ -330,13 +336,8 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
 
 
 def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
-    """Poll until none of ``pids`` is alive or ``timeout`` passes; return the survivors."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if pid_alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if pid_alive(p)]
-    return left
+    """Wait until none of ``pids`` is alive or ``timeout`` passes; return the survivors."""
+    return wait_gone(list(pids), timeout)
 
 
 def cmd_stop(args: argparse.Namespace, home: Path) -> int:
@@ -351,13 +352,11 @@ def cmd_stop(args: argparse.Namespace, home: Path) -> int:
                              f"(removed the stale {path})")
     # the engines' pids, to make sure none survives whatever happens to the supervisor
     engines: list[int] = []
-    with contextlib.suppress(MonqError, OSError):
-        from monq.client import Client
-
-        with Client(connection_file=path, timeout=2.0) as c:
-            here = socket.gethostname()
-            engines = [int(e["pid"]) for e in c.cluster_status().get("engines", [])
-                       if e.get("pid") and e.get("hostname", here) == here]
+    with contextlib.suppress(MonqError, OSError, ValueError, TypeError):
+        here = socket.gethostname()
+        engines = [int(e["pid"]) for e in
+                   hub_request(info, "status_request", {}, timeout=2.0).get("engines", [])
+                   if e.get("pid") and e.get("hostname", here) == here]
     # the supervisor stops the engines, then the controller, in order; without a
     # supervisor (a controller started by hand) the controller is all we own
     target = sup or ctl

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from monq.connection import (
     CONNECTION_FILE,
@@ -264,6 +265,83 @@ def wait_exit(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` (any processes, not only children) is alive, or
+    ``timeout`` seconds pass; return the survivors.  Woken by the exits themselves
+    (pidfds, Linux 5.3+); elsewhere it looks every 10 ms."""
+    from monq.connection import pid_alive
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if pid_alive(p)]
+    pidfd_open = getattr(os, "pidfd_open", None)
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            break
+        fds: list[int] = []
+        try:
+            if pidfd_open is not None:
+                for p in left:
+                    with contextlib.suppress(OSError):  # gone meanwhile
+                        fds.append(pidfd_open(p))
+            if fds and len(fds) == len(left):
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                poller.poll(max(1, math.ceil(min(wait, 1.0) * 1000)))
+            else:
+                time.sleep(min(wait, 0.01))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        left = [p for p in left if pid_alive(p)]
+    return left
+
+
+def hub_request(info: ConnectionInfo, msg_type: str, content: dict[str, Any],
+                timeout: float) -> dict[str, Any]:
+    """Ask the Hub of ``info`` one question; the content of its answer.
+
+    zmq and the protocol only, for the command line's quick questions (``monq
+    stop`` asks for the engines' pids): no Client, nor what importing one
+    costs.  Raises monq.TimeoutError without an answer in ``timeout`` seconds
+    (a wrong key gets none), HubError when the Hub answers with an error.
+    """
+    import zmq
+
+    from monq.errors import HubError, ProtocolError
+    from monq.errors import TimeoutError as MonqTimeoutError
+    from monq.protocol import Session
+    from monq.security import client_socket_setup
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        client_socket_setup(sock, info)
+        sock.connect(info.url("hub"))
+        session = Session(info.key)
+        hdr = session.send(sock, msg_type, "hub", content)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(max(1, math.ceil(left * 1000))):
+                break
+            try:
+                msg = session.feed(sock.recv_multipart(copy=False))
+            except ProtocolError:
+                continue
+            if msg.parent.get("msg_id") != hdr["msg_id"]:
+                continue
+            if msg.content.get("status") != "ok":
+                raise HubError(f"{msg.content.get('ename', 'error')}: "
+                               f"{msg.content.get('evalue', '')}")
+            return dict(msg.content)
+        raise MonqTimeoutError(f"the Hub at {info.url('hub')} did not answer {msg_type} "
+                               f"within {timeout}s")
+    finally:
+        ctx.destroy(linger=0)
 
 
 def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
