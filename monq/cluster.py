@@ -167,17 +167,22 @@ def _no_site_env() -> dict[str, str]:
     ``.pth`` files (editable installs' import hooks, certifi patches) took
     60-200 ms of its start-up, on the path to "ready".  The directories
     those files add are in this process's sys.path, which the child gets as
-    PYTHONPATH, after the directory of the monq this process runs (so both
-    run the same monq, even one found through an editable install's hook).
+    PYTHONPATH, in the same order (the standard library before
+    site-packages, where a backport could shadow it).  The directory of the
+    monq this process runs goes first when sys.path does not hold it (an
+    editable install's import hook found it): both run the same monq.
     Engines keep ``site``: user code may need what a ``.pth`` file sets up.
     """
     import monq
 
-    paths = [str(Path(monq.__file__).resolve().parent.parent)]
+    paths: list[str] = []
     for p in sys.path:
         full = os.path.abspath(p or os.curdir)
         if full not in paths and os.path.exists(full):
             paths.append(full)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(monq.__file__)))
+    if root not in paths:
+        paths.insert(0, root)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 

@@ -94,3 +94,14 @@ def test_the_supervisor_does_not_poll_for_the_connection_file(
         # running_info when locking, once when it is ready, and one look a second while
         # waiting (a fallback); polling every 20 ms made it 50 a second
         assert len(reads) <= 2 + took, (len(reads), took)
+
+
+def test_the_controller_gets_this_monq_and_the_standard_library_before_site_packages() -> None:
+    import os
+    import sysconfig
+
+    paths = monq.cluster._no_site_env()["PYTHONPATH"].split(os.pathsep)
+    assert os.path.dirname(os.path.dirname(os.path.abspath(monq.__file__))) in paths
+    stdlib, purelib = sysconfig.get_path("stdlib"), sysconfig.get_path("purelib")
+    if stdlib in paths and purelib in paths:
+        assert paths.index(stdlib) < paths.index(purelib)
