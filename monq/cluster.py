@@ -614,8 +614,9 @@ class Cluster:
                              ready_fd: int) -> ConnectionInfo:
         # the controller writes the file (atomically) once every socket is bound, then a
         # byte to the ready pipe; a file naming another pid is a leftover of an earlier run
-        ready: select.poll | None = select.poll()
-        ready.register(ready_fd, select.POLLIN)
+        pipe = select.poll()
+        pipe.register(ready_fd, select.POLLIN)
+        ready: select.poll | None = pipe
         while True:
             if ready is not None:
                 left = max(0.0, deadline - time.monotonic())

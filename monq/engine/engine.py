@@ -510,7 +510,7 @@ class _WakingPoller(zmq.Poller):
         self.fd = fd
         self.register(fd, zmq.POLLIN)
 
-    def poll(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+    def poll(self, timeout: int | None = None) -> list[tuple[Any, int]]:
         events = super().poll(timeout)
         for i, (sock, _) in enumerate(events):
             if sock == self.fd:
