@@ -148,6 +148,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
         signal.set_wakeup_fd(wake[1])
         hub.wake_fd = wake[0]
         hub.run()
+        hub.settle()
     finally:
         if wake is not None:
             signal.set_wakeup_fd(-1)
