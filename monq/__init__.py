@@ -54,11 +54,19 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'monq' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value  # once found, a plain module attribute
-    return value
+    if where is not None:
+        value = getattr(importlib.import_module(where), name)
+        globals()[name] = value  # once found, a plain module attribute
+        return value
+    if not name.startswith("_"):
+        # a submodule (monq.errors, monq.client ...): `import monq` used to load several,
+        # and code may reach them as attributes
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module 'monq' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

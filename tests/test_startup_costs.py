@@ -72,6 +72,9 @@ def test_import_monq_is_light_and_its_names_still_resolve() -> None:
     assert set(monq.__all__) <= set(dir(monq))
     with pytest.raises(AttributeError):
         monq.NoSuchThing  # noqa: B018
+    assert not hasattr(monq, "no_such_module")
+    mods = modules_after("import monq; monq.errors.MonqError, monq.records.TaskRecord")
+    assert {"monq.errors", "monq.records"} <= mods
 
 
 def test_the_supervisor_does_not_poll_for_the_connection_file(
