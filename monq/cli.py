@@ -33,7 +33,10 @@ from monq.cluster import (
     ClusterError,
     ClusterRunningError,
     check_not_running,
+    hub_request,
     log_tail,
+    wait_gone,
+    watch_engines,
 )
 from monq.connection import (
     ConnectionInfo,
@@ -43,7 +46,6 @@ from monq.connection import (
     pid_alive,
 )
 from monq.errors import MonqError, NoClusterError
-from monq.errors import TimeoutError as MonqTimeoutError
 from monq.hub.filters import parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -301,6 +303,10 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
         _err(f"{why}; {log_path}:\n" + "\n".join(tail))
         return ExitCode.START_FAILED
 
+    # what watching the engines register needs, imported while the cluster starts
+    import monq.protocol  # noqa: F401
+    import monq.security  # noqa: F401
+
     deadline = time.monotonic() + args.timeout
     path = cfg.connection_file
     while True:
@@ -312,38 +318,26 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
                 break
         if time.monotonic() > deadline:
             return fail("the controller was not ready in time")
-        time.sleep(0.05)
+        time.sleep(0.01)
     _print_info(info, path)
 
-    from monq.client import Client
-
-    n, seen = cfg.n_engines, set[int]()
-    with Client(connection_file=path, timeout=max(1.0, deadline - time.monotonic())) as client:
-        while len(seen) < n:
-            if proc.poll() is not None:
-                return fail(f"the cluster exited with code {proc.returncode} while starting")
-            try:
-                client.wait_for_engines(len(seen) + 1, timeout=0.25)
-            except MonqTimeoutError:
-                if time.monotonic() > deadline:
-                    return fail(f"only {len(seen)} of {n} engines registered in time")
-                continue
-            for eid in sorted(set(client.ids) - seen):
-                seen.add(eid)
-                _out(f"engines ready: {len(seen)}/{n} (engine {eid} registered)")
+    n = cfg.n_engines
+    seen = watch_engines(
+        info, n, deadline,
+        on_engine=lambda eid, k: _out(f"engines ready: {k}/{n} (engine {eid} registered)"),
+        stop=lambda: proc.poll() is not None)
+    if proc.poll() is not None:
+        return fail(f"the cluster exited with code {proc.returncode} while starting")
+    if seen < n:
+        return fail(f"only {seen} of {n} engines registered in time")
     _out(f"cluster {cfg.profile!r} running in the background (supervisor pid {proc.pid}); "
          f"stop it with `monq stop{_profile_hint(cfg.profile)}`")
     return ExitCode.OK
 
 
 def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
-    """Poll until none of ``pids`` is alive or ``timeout`` passes; return the survivors."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if pid_alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if pid_alive(p)]
-    return left
+    """Wait until none of ``pids`` is alive or ``timeout`` passes; return the survivors."""
+    return wait_gone(list(pids), timeout)
 
 
 def cmd_stop(args: argparse.Namespace, home: Path) -> int:
@@ -358,13 +352,11 @@ def cmd_stop(args: argparse.Namespace, home: Path) -> int:
                              f"(removed the stale {path})")
     # the engines' pids, to make sure none survives whatever happens to the supervisor
     engines: list[int] = []
-    with contextlib.suppress(MonqError, OSError):
-        from monq.client import Client
-
-        with Client(connection_file=path, timeout=2.0) as c:
-            here = socket.gethostname()
-            engines = [int(e["pid"]) for e in c.cluster_status().get("engines", [])
-                       if e.get("pid") and e.get("hostname", here) == here]
+    with contextlib.suppress(MonqError, OSError, ValueError, TypeError):
+        here = socket.gethostname()
+        engines = [int(e["pid"]) for e in
+                   hub_request(info, "status_request", {}, timeout=2.0).get("engines", [])
+                   if e.get("pid") and e.get("hostname", here) == here]
     # the supervisor stops the engines, then the controller, in order; without a
     # supervisor (a controller started by hand) the controller is all we own
     target = sup or ctl

@@ -1,9 +1,21 @@
 """Start, supervise and stop the processes of one cluster: a controller and its engines.
 
 The process that runs :class:`Cluster` is the *supervisor*.  It starts the
-controller (``python -m monq.hub``), waits for the connection file that the
-controller writes once every socket is bound, starts the engines
-(``python -m monq.engine``) and waits until each has registered with the Hub.
+controller (``python -m monq.hub``) and, at the same time, the engines
+(``python -m monq.engine``), whose start-up (interpreter, imports) overlaps
+the controller's.  The controller writes the connection file once every
+socket is bound, then one byte to a "ready" pipe the supervisor gave it; the
+supervisor and the engines wait on that pipe (no polling), read the file, and
+the engines register with the Hub, which announces each registration on its
+notify channel, where the supervisor counts them.
+
+Start-up time is mostly the controller's imports (SQLAlchemy), on a machine
+whose cores the three processes share: each process imports only what it
+needs (tests/test_startup_costs.py counts it), the controller runs without
+the ``site`` module (see :func:`_no_site_env`), and both children import with
+the cyclic gc off.  A stop wakes the engines' and the Hub's loops at once
+(signal wake-up pipes), exits are awaited on pidfds, and the controller skips
+the interpreter's teardown once it has closed everything.
 
 Resource handling: the Cluster owns every child process it starts and the
 profile's lock file; :meth:`Cluster.stop` (also called by ``__exit__`` and
@@ -21,7 +33,9 @@ import ctypes
 import ctypes.util
 import fcntl
 import logging
+import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -31,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from monq.connection import (
     CONNECTION_FILE,
@@ -40,15 +55,19 @@ from monq.connection import (
     profile_dir,
 )
 from monq.errors import MonqError, NoClusterError
-from monq.errors import TimeoutError as MonqTimeoutError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "supervisor.lock"
 LOG_DIR = "logs"
-#: how often start() looks for the connection file / the supervision loop polls children
+#: how often start() looks for the connection file when the controller's ready pipe says
+#: nothing (see Cluster.start)
 POLL = 0.02
+#: how often the supervision loop polls children
 SUPERVISE_POLL = 0.1
+#: while waiting for engines: the Hub is asked for them after 20 ms without news, then
+#: after twice as long each time, up to this long
+ENGINES_ASK = 0.25
 
 
 class ClusterError(MonqError):
@@ -152,6 +171,33 @@ class _Child:
         return log_tail(self.log_path, self.log_offset)
 
 
+def _no_site_env() -> dict[str, str]:
+    """The environment of a child started with ``python -S``: this process's sys.path.
+
+    The controller runs monq's own code only (zmq, SQLAlchemy, a database
+    driver), so it can skip the ``site`` module: processing site-packages'
+    ``.pth`` files (editable installs' import hooks, certifi patches) took
+    60-200 ms of its start-up, on the path to "ready".  The directories
+    those files add are in this process's sys.path, which the child gets as
+    PYTHONPATH, in the same order (the standard library before
+    site-packages, where a backport could shadow it).  The directory of the
+    monq this process runs goes first when sys.path does not hold it (an
+    editable install's import hook found it): both run the same monq.
+    Engines keep ``site``: user code may need what a ``.pth`` file sets up.
+    """
+    import monq
+
+    paths: list[str] = []
+    for p in sys.path:
+        full = os.path.abspath(p or os.curdir)
+        if full not in paths and os.path.exists(full):
+            paths.append(full)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(monq.__file__)))
+    if root not in paths:
+        paths.insert(0, root)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def _hostname() -> str:
     import socket
 
@@ -202,6 +248,119 @@ def check_not_running(config: ClusterConfig) -> None:
         raise _running_error(config, f"controller pid {info.controller_pid}")
 
 
+def wait_exit(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until every process has exited or ``timeout`` seconds have passed.
+
+    Woken by the exits themselves (Linux pidfds) where it can: ``Popen.wait``
+    with a timeout sleeps in steps of up to 50 ms, and a stop waits twice
+    (the engines, then the controller).
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return
+    deadline = time.monotonic() + timeout
+    fds: dict[int, subprocess.Popen[bytes]] = {}
+    poller = select.poll()
+    try:
+        for p in procs:
+            # only a process not yet reaped: its pid cannot have been reused
+            if p.poll() is None:
+                try:
+                    fd = pidfd_open(p.pid)
+                except OSError:
+                    continue
+                fds[fd] = p
+                poller.register(fd, select.POLLIN)
+        while fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd, _ in poller.poll(max(1, math.ceil(left * 1000))):
+                poller.unregister(fd)
+                os.close(fd)
+                fds.pop(fd).poll()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` (any processes, not only children) is alive, or
+    ``timeout`` seconds pass; return the survivors.  Woken by the exits themselves
+    (pidfds, Linux 5.3+); elsewhere it looks every 10 ms."""
+    from monq.connection import pid_alive
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if pid_alive(p)]
+    pidfd_open = getattr(os, "pidfd_open", None)
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            break
+        fds: list[int] = []
+        try:
+            if pidfd_open is not None:
+                for p in left:
+                    with contextlib.suppress(OSError):  # gone meanwhile
+                        fds.append(pidfd_open(p))
+            if fds and len(fds) == len(left):
+                poller = select.poll()
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                poller.poll(max(1, math.ceil(min(wait, 1.0) * 1000)))
+            else:
+                time.sleep(min(wait, 0.01))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        left = [p for p in left if pid_alive(p)]
+    return left
+
+
+def hub_request(info: ConnectionInfo, msg_type: str, content: dict[str, Any],
+                timeout: float) -> dict[str, Any]:
+    """Ask the Hub of ``info`` one question; the content of its answer.
+
+    zmq and the protocol only, for the command line's quick questions (``monq
+    stop`` asks for the engines' pids): no Client, nor what importing one
+    costs.  Raises monq.TimeoutError without an answer in ``timeout`` seconds
+    (a wrong key gets none), HubError when the Hub answers with an error.
+    """
+    import zmq
+
+    from monq.errors import HubError, ProtocolError
+    from monq.errors import TimeoutError as MonqTimeoutError
+    from monq.protocol import Session
+    from monq.security import client_socket_setup
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        client_socket_setup(sock, info)
+        sock.connect(info.url("hub"))
+        session = Session(info.key)
+        hdr = session.send(sock, msg_type, "hub", content)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(max(1, math.ceil(left * 1000))):
+                break
+            try:
+                msg = session.feed(sock.recv_multipart(copy=False))
+            except ProtocolError:
+                continue
+            if msg.parent.get("msg_id") != hdr["msg_id"]:
+                continue
+            if msg.content.get("status") != "ok":
+                raise HubError(f"{msg.content.get('ename', 'error')}: "
+                               f"{msg.content.get('evalue', '')}")
+            return dict(msg.content)
+        raise MonqTimeoutError(f"the Hub at {info.url('hub')} did not answer {msg_type} "
+                               f"within {timeout}s")
+    finally:
+        ctx.destroy(linger=0)
+
+
 def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     """SIGTERM every process, wait for them up to ``timeout`` seconds, SIGKILL the rest."""
     for p in procs:
@@ -209,6 +368,7 @@ def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    wait_exit(procs, timeout)
     for p in procs:
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
@@ -217,6 +377,82 @@ def terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             p.wait()
+
+
+def watch_engines(info: ConnectionInfo, n: int, deadline: float,
+                  on_engine: Callable[[int, int], None] | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> int:
+    """Wait until ``n`` engines have registered with the Hub of ``info``; return how many did.
+
+    ``on_engine(engine_id, count)`` is called as each one registers.  Returns
+    early (with fewer than ``n``) at the monotonic ``deadline`` or when
+    ``stop()`` says so (it may also raise, which ends the wait).
+
+    Driven by the Hub's own news: each registration is published on its
+    notify channel, so the wait ends as the last engine registers.  The Hub
+    is also asked for its engines at first, then again after 20, 40, 80 ...
+    (at most ``ENGINES_ASK``) ms without news: that covers a registration
+    published before this subscription was in place.  Only zmq and the
+    protocol: a supervisor needs no Client (nor what importing one costs).
+    """
+    import zmq
+
+    from monq.errors import ProtocolError
+    from monq.protocol import Session
+    from monq.security import client_socket_setup
+
+    seen: set[int] = set()
+
+    def add(ids: set[int]) -> None:
+        for eid in sorted(ids - seen):
+            seen.add(eid)
+            if on_engine is not None:
+                on_engine(eid, len(seen))
+
+    ctx = zmq.Context()
+    ctx.linger = 0
+    try:
+        session = Session(info.key)
+        hub = ctx.socket(zmq.DEALER)
+        sub = ctx.socket(zmq.SUB)
+        for sock in (hub, sub):
+            sock.linger = 0
+            client_socket_setup(sock, info)
+        sub.subscribe(b"notify")
+        sub.connect(info.url("notify"))
+        hub.connect(info.url("hub"))
+        poller = zmq.Poller()
+        poller.register(hub, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        asked = -math.inf
+        every = 0.01
+        while len(seen) < n and not stop():
+            now = time.monotonic()
+            if now > deadline:
+                break
+            if now - asked >= every:
+                session.send(hub, "engines_request", "hub", {})
+                asked = now
+                every = min(2 * every, ENGINES_ASK)
+            wait = min(asked + every, deadline) - now
+            for sock, _ in poller.poll(max(1, math.ceil(wait * 1000))):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = session.feed(frames[1:] if sock is sub else frames)
+                    except ProtocolError:
+                        continue
+                    if msg.msg_type == "engine_registered":
+                        add({int(msg.content["id"])})
+                        asked = time.monotonic()  # news: no need to ask for a while
+                    elif msg.msg_type == "engines_reply" and msg.content.get("status") == "ok":
+                        add({int(k) for k in msg.content.get("engines", {})})
+    finally:
+        ctx.destroy(linger=0)
+    return len(seen)
 
 
 # --- the cluster ------------------------------------------------------------
@@ -278,19 +514,33 @@ class Cluster:
         cfg.profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.log_dir.mkdir(exist_ok=True, mode=0o700)
         self._lock_profile()
+        # the controller's "ready" pipe: it writes one byte once its connection file is
+        # written, and nobody reads it, so the read end polls readable for everyone at
+        # once (and hangs up if the controller exits first).  This process and the first
+        # engines wait on it: no polling the file system, no delay.
+        ready_r, ready_w = os.pipe()
         try:
-            ctl = self._spawn_controller()
+            try:
+                ctl = self._spawn_controller(ready_fd=ready_w)
+            finally:
+                os.close(ready_w)
             # engines start at once, beside the controller: their start-up (imports) overlaps
             # its own, and each waits for the connection file that names this controller
             for i in range(cfg.n_engines):
-                self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid))
-            self.info = self._wait_for_controller(ctl, deadline)
+                self.engines.append(self._spawn_engine(f"engine-{i}", ctl.proc.pid, ready_r))
+            # what waiting for the engines and supervising them need, imported while the
+            # children start rather than after the controller is ready
+            import monq.protocol  # noqa: F401
+            import monq.security  # noqa: F401
+            self.info = self._wait_for_controller(ctl, deadline, ready_r)
             if on_controller is not None:
                 on_controller(self.info)
             self._wait_for_engines(deadline, on_engine)
         except BaseException:
             self.stop()
             raise
+        finally:
+            os.close(ready_r)
         log.info("cluster %r up: controller pid %d, %d engines",
                  cfg.profile, self.info.controller_pid, len(self.engines))
         self._watch = threading.Thread(target=self._supervise, name="monq-supervisor",
@@ -325,15 +575,17 @@ class Cluster:
                 os.ftruncate(fd, 0)
             os.close(fd)
 
-    def _spawn(self, name: str, module_args: list[str]) -> _Child:
+    def _spawn(self, name: str, module_args: list[str], no_site: bool = False,
+               pass_fds: tuple[int, ...] = ()) -> _Child:
         log_path = self.config.log_dir / f"{name}.log"
         logf = open(log_path, "ab")  # noqa: SIM115 - the child owns it once started
+        flags, env = (["-S"], _no_site_env()) if no_site else ([], None)
         try:
             offset = logf.tell()
             logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
             logf.flush()
             proc = subprocess.Popen(
-                [sys.executable, "-m", *module_args],
+                [sys.executable, *flags, "-m", *module_args], env=env, pass_fds=pass_fds,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_child_setup(os.getpid()),
             )
@@ -342,12 +594,14 @@ class Cluster:
         log.debug("started %s: pid %d", name, proc.pid)
         return _Child(name, proc, log_path, offset)
 
-    def _spawn_engine(self, name: str, controller_pid: int) -> _Child:
-        return self._spawn(name, ["monq.engine", "--connection-file", str(self.connection_file),
-                                  "--controller-pid", str(controller_pid),
-                                  "--log-level", self.config.log_level])
+    def _spawn_engine(self, name: str, controller_pid: int, ready_fd: int = -1) -> _Child:
+        args = ["monq.engine", "--connection-file", str(self.connection_file),
+                "--controller-pid", str(controller_pid), "--log-level", self.config.log_level]
+        if ready_fd >= 0:
+            args += ["--ready-fd", str(ready_fd)]
+        return self._spawn(name, args, pass_fds=(ready_fd,) if ready_fd >= 0 else ())
 
-    def _spawn_controller(self) -> _Child:
+    def _spawn_controller(self, ready_fd: int = -1) -> _Child:
         cfg = self.config
         args = ["monq.hub", "--profile-dir", str(cfg.profile_dir), "--profile", cfg.profile,
                 "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
@@ -362,13 +616,28 @@ class Cluster:
                             ("--max-bytes", cfg.max_bytes)):
             if value is not None:
                 args += [flag, str(value)]
-        self.controller = self._spawn("controller", args)
+        if ready_fd >= 0:
+            args += ["--ready-fd", str(ready_fd)]
+        self.controller = self._spawn("controller", args, no_site=True,
+                                      pass_fds=(ready_fd,) if ready_fd >= 0 else ())
         return self.controller
 
-    def _wait_for_controller(self, ctl: _Child, deadline: float) -> ConnectionInfo:
-        # the controller writes the file (atomically) once every socket is bound; a file
-        # naming another pid is a leftover of an earlier run
+    def _wait_for_controller(self, ctl: _Child, deadline: float,
+                             ready_fd: int) -> ConnectionInfo:
+        # the controller writes the file (atomically) once every socket is bound, then a
+        # byte to the ready pipe; a file naming another pid is a leftover of an earlier run
+        pipe = select.poll()
+        pipe.register(ready_fd, select.POLLIN)
+        ready: select.poll | None = pipe
         while True:
+            if ready is not None:
+                left = max(0.0, deadline - time.monotonic())
+                if ready.poll(max(1, math.ceil(min(left, 1.0) * 1000))):
+                    # readable (ready) or hung up (the controller is exiting): it stays so,
+                    # so from now on the file and the process are looked at every POLL
+                    ready = None
+            else:
+                time.sleep(POLL)
             try:
                 info = load_connection_file(self.connection_file, check_alive=False)
                 if info.controller_pid == ctl.proc.pid:
@@ -383,30 +652,20 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"the controller was not ready in time; "
                                    f"{ctl.log_path}:\n{ctl.tail()}")
-            time.sleep(POLL)
 
     def _wait_for_engines(self, deadline: float,
                           on_engine: Callable[[int, int], None] | None) -> None:
-        from monq.client import Client  # the client pulls in more than the supervisor needs
-
+        assert self.info is not None
         n = len(self.engines)
-        seen: set[int] = set()
-        with Client(connection_file=self.connection_file,
-                    timeout=max(1.0, deadline - time.monotonic())) as client:
-            while len(seen) < n:
-                self._check_started()
-                try:
-                    client.wait_for_engines(len(seen) + 1, timeout=0.25)
-                except MonqTimeoutError:
-                    if time.monotonic() > deadline:
-                        tails = "\n".join(f"{e.log_path}:\n{e.tail()}" for e in self.engines)
-                        raise ClusterError(f"only {len(seen)} of {n} engines registered in "
-                                           f"time\n{tails}") from None
-                    continue
-                for eid in sorted(set(client.ids) - seen):
-                    seen.add(eid)
-                    if on_engine is not None:
-                        on_engine(eid, len(seen))
+
+        def check() -> bool:
+            self._check_started()  # raises when a child died
+            return False
+
+        seen = watch_engines(self.info, n, deadline, on_engine, stop=check)
+        if seen < n:
+            tails = "\n".join(f"{e.log_path}:\n{e.tail()}" for e in self.engines)
+            raise ClusterError(f"only {seen} of {n} engines registered in time\n{tails}")
 
     def _check_started(self) -> None:
         """Fail fast when a child died while the cluster was still starting."""

@@ -198,7 +198,8 @@ def _start_foreground(home: Path, tmp_path: Path,
         proc = subprocess.Popen([sys.executable, "-m", "monq", "start", "-n", str(n)],
                                 env=monq_env(), stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
-    wait_until(lambda: proc.poll() is not None or b"ready" in out.read_bytes(),
+    # "ready with": "engines ready: 1/2" comes first, once per engine
+    wait_until(lambda: proc.poll() is not None or b"ready with" in out.read_bytes(),
                START_TIMEOUT, "the cluster to be ready")
     assert proc.poll() is None, out.read_text()
     return proc, out

@@ -61,6 +61,8 @@ class Client:
         self._engines: dict[int, str] = {}
         self._closed = False
         self._listeners: list[Callable[[str, int, str], None]] = []
+        #: set by the I/O thread when the Hub announces an engine (wait_for_engines)
+        self._engine_news = threading.Event()
         #: the session of the controller's Hub; another one means it restarted
         self._hub_session: str | None = None
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
@@ -252,6 +254,7 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
+            self._engine_news.set()
             self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
@@ -428,13 +431,17 @@ class Client:
         """Wait until at least ``n`` engines are registered; return their ids."""
         deadline = time.monotonic() + timeout
         while True:
+            self._engine_news.clear()
             ids = self.ids
             if len(ids) >= n:
                 return ids
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left < 0:
                 raise errors.TimeoutError(
                     f"{len(ids)} of {n} engines registered after {timeout}s")
-            time.sleep(0.05)
+            # woken by the Hub's announcement of a registration; asking again every 0.25 s
+            # covers one announced before this client's subscription was in place
+            self._engine_news.wait(min(0.25, left))
 
     def load_balanced_view(self, block: bool = False, label: str | None = None,
                            retries: int = 0, timeout: float | None = None

@@ -35,7 +35,9 @@ import errno
 import io
 import json
 import logging
+import math
 import os
+import select
 import signal
 import socket as _socket
 import sys
@@ -58,6 +60,9 @@ from monq.serialize import serialize, unpack_apply
 log = logging.getLogger(__name__)
 
 _OUTPUT_CAP = 1 << 20
+#: how often an engine looks for its controller's connection file when no ready pipe
+#: tells it (see _wait_for_connection_file)
+CONNECTION_POLL = 0.02
 
 
 class Stopping(BaseException):
@@ -233,6 +238,9 @@ class Engine:
         self.receipts: collections.deque[str] = collections.deque()
         self._heart: threading.Thread | None = None
         self._link: _Link | None = None
+        #: readable when a signal arrived (main() passes signal.set_wakeup_fd's pipe): the
+        #: loop's poll returns at once instead of at its next timeout, so a stop is quick
+        self.wake_fd: int | None = None
         ident = self.uuid.encode()
         # the link socket (identity = uuid, so the Hub can address it) registers; the
         # main thread keeps its own Hub socket for the few notices it sends itself
@@ -424,7 +432,7 @@ class Engine:
             return self.backlog.popleft() if self.backlog else None
 
     def run(self) -> None:
-        poller = zmq.Poller()
+        poller = zmq.Poller() if self.wake_fd is None else _WakingPoller(self.wake_fd)
         for s in self.channels:
             poller.register(s, zmq.POLLIN)
         while not self._stop:
@@ -493,6 +501,26 @@ class Engine:
                               idents=msg.idents)
 
 
+class _WakingPoller(zmq.Poller):
+    """A Poller that also returns when ``fd`` (a signal wake-up pipe) is readable; it
+    empties the pipe and leaves it out of what it returns."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.register(fd, zmq.POLLIN)
+
+    def poll(self, timeout: int | None = None) -> list[tuple[Any, int]]:
+        events = super().poll(timeout)
+        for i, (sock, _) in enumerate(events):
+            if sock == self.fd:
+                with contextlib.suppress(OSError):
+                    os.read(self.fd, 4096)
+                del events[i]
+                break
+        return events
+
+
 def _timeout(value: Any) -> float | None:
     try:
         t = None if value is None else float(value)
@@ -527,24 +555,46 @@ def _error_content(e: BaseException, skip_frames: bool = True) -> dict[str, Any]
             "traceback": "".join(lines)}
 
 
-def _wait_for_connection_file(path: Path, controller_pid: int, timeout: float
-                              ) -> ConnectionInfo:
-    """Read the connection file; with a controller pid, wait until that controller wrote it."""
+def _wait_for_connection_file(path: Path, controller_pid: int, timeout: float,
+                              ready_fd: int = -1) -> ConnectionInfo:
+    """Read the connection file; with a controller pid, wait until that controller wrote it.
+
+    ``ready_fd``: the read end of the controller's ready pipe (see
+    monq.cluster), which polls readable once the file is written: the wait
+    then costs nothing and ends at once.  Without it (or once it has said
+    something) the file is looked at every CONNECTION_POLL seconds.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = ConnectionInfo.from_json(json.loads(path.read_text()))
-            if not controller_pid or info.controller_pid == controller_pid:
-                return info
-        except (OSError, ValueError, KeyError, TypeError):
-            if not controller_pid:
-                raise RegistrationError(f"cannot read the connection file {path}") from None
-        if controller_pid and not pid_alive(controller_pid):
-            raise RegistrationError(f"controller pid {controller_pid} exited before it was ready")
-        if time.monotonic() > deadline:
-            raise RegistrationError(f"no connection file from controller pid {controller_pid} "
-                                    f"at {path} within {timeout}s")
-        time.sleep(0.02)
+    ready: select.poll | None = None
+    if ready_fd >= 0:
+        ready = select.poll()
+        ready.register(ready_fd, select.POLLIN)
+    try:
+        while True:
+            try:
+                info = ConnectionInfo.from_json(json.loads(path.read_text()))
+                if not controller_pid or info.controller_pid == controller_pid:
+                    return info
+            except (OSError, ValueError, KeyError, TypeError):
+                if not controller_pid:
+                    raise RegistrationError(f"cannot read the connection file {path}") from None
+            if controller_pid and not pid_alive(controller_pid):
+                raise RegistrationError(f"controller pid {controller_pid} exited before it "
+                                        "was ready")
+            left = deadline - time.monotonic()
+            if left < 0:
+                raise RegistrationError(f"no connection file from controller pid "
+                                        f"{controller_pid} at {path} within {timeout}s")
+            if ready is not None:
+                # readable (written) or hung up (the controller is exiting): it stays so,
+                # so from now on the file is looked at every CONNECTION_POLL
+                if ready.poll(max(1, math.ceil(min(left, 1.0) * 1000))):
+                    ready = None
+            else:
+                time.sleep(CONNECTION_POLL)
+    finally:
+        if ready_fd >= 0:
+            os.close(ready_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,12 +605,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controller-pid", type=int, default=0,
                    help="wait for a connection file written by this controller")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-fd", type=int, default=-1,
+                   help="the read end of the controller's ready pipe (inherited)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
     try:
         info = _wait_for_connection_file(a.connection_file, a.controller_pid,
-                                         EngineConfig().registration_timeout)
+                                         EngineConfig().registration_timeout, a.ready_fd)
     except RegistrationError as e:
         log.error("%s", e)
         return 3
@@ -575,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # a signal also writes to this pipe, which the task loop polls: a SIGTERM wakes an idle
+    # engine at once (the handler alone runs inside the poll, which then waits on)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    engine.wake_fd = wake_r
     try:
         engine.register()
         engine.run()
@@ -585,4 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         engine.close()
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0

@@ -86,7 +86,14 @@ SWITCH_INTERVAL = 0.0005
 
 
 def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig,
-          supervisor_pid: int = 0, restarted: bool = False, curve: bool = False) -> int:
+          supervisor_pid: int = 0, restarted: bool = False, curve: bool = False,
+          ready_fd: int = -1) -> int:
+    """Run the controller until SIGTERM / SIGINT (or a client's shutdown request).
+
+    ``ready_fd``: a pipe to write one byte to (then close) once the connection
+    file is written: the supervisor and the engines started beside this
+    controller wait on it instead of polling for the file.
+    """
     profile_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn_path = profile_dir / CONNECTION_FILE
     key, old_ports = _previous(conn_path)
@@ -114,6 +121,7 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
     hub.on_shutdown = shutdown
     relays: list[Relay] = []
     info: ConnectionInfo | None = None
+    wake: tuple[int, int] | None = None
     try:
         ports = hub.bind(old_ports)
         for name, kind in (("task", zmq.DEALER), ("direct", zmq.ROUTER)):
@@ -135,11 +143,25 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
                               heartbeat_period=config.heartbeat_period, restarted=restarted,
                               curve=keys.to_json() if keys else None)
         write_connection_file(conn_path, info)
+        _tell_ready(ready_fd)
         log.info("controller ready: connection file %s, history %s", conn_path, db_url)
         signal.signal(signal.SIGTERM, lambda *_: hub.stop())
         signal.signal(signal.SIGINT, lambda *_: hub.stop())
+        # a signal also writes to this pipe, which the Hub's loop polls: it ends at once
+        # instead of at its next poll timeout (the handler runs inside the poll, which
+        # would otherwise wait on)
+        wake = os.pipe()
+        for fd in wake:
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake[1])
+        hub.wake_fd = wake[0]
         hub.run()
+        hub.settle()
     finally:
+        if wake is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in wake:
+                os.close(fd)
         hub.close()
         if auth is not None:
             auth.stop()
@@ -150,6 +172,17 @@ def serve(profile_dir: Path, profile: str, db_url: str | None, config: HubConfig
             conn_path.unlink(missing_ok=True)
         log.info("controller stopped")
     return 0
+
+
+def _tell_ready(fd: int) -> None:
+    if fd < 0:
+        return
+    try:
+        os.write(fd, b"1")
+    except OSError as e:  # nobody listens any more: the connection file still tells
+        log.debug("ready pipe: %s", e)
+    finally:
+        os.close(fd)
 
 
 def _connect_ip(ip: str) -> str:
@@ -176,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", action="store_true",
                    help="CurveZMQ on every channel (keys kept in the connection file)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-fd", type=int, default=-1,
+                   help="write a byte to this (inherited) pipe once the connection file is written")
     p.add_argument("--retain", default=None, type=parse_duration, metavar="DURATION",
                    help="delete finished tasks completed longer ago (7d, 12h, 30m)")
     p.add_argument("--max-tasks", default=None, type=int, metavar="N",
@@ -188,4 +223,4 @@ def main(argv: list[str] | None = None) -> int:
     retention = RetentionPolicy(retain=a.retain, max_tasks=a.max_tasks, max_bytes=a.max_bytes)
     return serve(a.profile_dir, a.profile, a.db,
                  HubConfig(ip=a.ip, heartbeat_period=a.heartbeat_period, retention=retention),
-                 a.supervisor_pid, a.restarted, curve=a.curve)
+                 a.supervisor_pid, a.restarted, curve=a.curve, ready_fd=a.ready_fd)

@@ -113,6 +113,9 @@ class Hub:
     #: applied to each tcp socket before it binds, with its inbound size cap (or -1):
     #: CurveZMQ server options and limits, set by the controller (see monq.security)
     socket_setup: Callable[[zmq.Socket, int], None] = staticmethod(lambda sock, max_msg: None)
+    #: a file descriptor the loop also polls, readable when it should look at its stop flag
+    #: at once (the controller's signal.set_wakeup_fd pipe); None: only the poll timeout
+    wake_fd: int | None = None
 
     def __init__(self, ctx: zmq.Context, session: Session, store: TaskStore,
                  config: HubConfig, db_url: str = "",
@@ -250,6 +253,9 @@ class Hub:
             self.router: self._drain_router,
             self.heart.pong: self._drain_pong,
         }
+        if self.wake_fd is not None:
+            poller.register(self.wake_fd, zmq.POLLIN)
+            handlers[self.wake_fd] = self._drain_wake  # type: ignore[index]
         while not self._stop:
             timeout = 100.0
             if self._dirty:
@@ -282,6 +288,45 @@ class Hub:
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
                 self._safe_flush()
             self._retain()
+
+    def settle(self, quiet: float = 0.05, limit: float = 1.0) -> None:
+        """After the loop, before :meth:`close`: take in what is still arriving.
+
+        A stop wakes the loop at once; the last replies' monitor copies and the
+        engines' goodbyes may still be on their way through the relays (an
+        engine stopped mid-task answers ``aborted`` just before it exits).
+        Handle the monitor and the router until nothing is expected (no engine
+        still registered, no task unfinished, nor one just recorded lost: its
+        engine's goodbye can overtake its reply, which then corrects it), or
+        neither has had anything for ``quiet`` seconds, or ``limit`` seconds
+        have passed.  An idle cluster's stop waits for nothing.
+        """
+        poller = zmq.Poller()
+        handlers = {self.monitor: self._drain_monitor, self.router: self._drain_router}
+        for sock in handlers:
+            poller.register(sock, zmq.POLLIN)
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            if not any(e.status == "alive" for e in self._engines.values()) and \
+                    not any(st.status not in TERMINAL or st.status == "lost"
+                            for st in self._inflight.values()):
+                # one last look: a copy may have come with the goodbyes
+                self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+                return
+            try:
+                events = poller.poll(max(1, math.ceil(min(quiet, left) * 1000)))
+            except zmq.ZMQError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            if not events:
+                return
+            for sock, _ in events:
+                handlers[sock]()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.wake_fd or -1, 4096)
 
     def _retain(self) -> None:
         """One bounded retention step when due (see monq.hub.retention); never ends the loop."""

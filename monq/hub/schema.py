@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
     or_,
     select,
     text,
@@ -90,8 +91,15 @@ Index("ix_tasks_engine_duration", tasks.c.engine, tasks.c.duration)
 Index("ix_tasks_label_duration", tasks.c.label, tasks.c.duration)
 #: retention evicts payloads oldest-completed first: only rows that still hold one
 HAS_PAYLOAD = or_(tasks.c.request.is_not(None), tasks.c.result.is_not(None))
-Index("ix_tasks_payload_completed", tasks.c.completed,
-      sqlite_where=HAS_PAYLOAD, postgresql_where=HAS_PAYLOAD)
+_PAYLOAD_INDEX = Index("ix_tasks_payload_completed", tasks.c.completed, sqlite_where=HAS_PAYLOAD)
+
+
+@event.listens_for(_PAYLOAD_INDEX, "before_create")
+def _postgresql_where(index: Index, connection: Connection, **kw: Any) -> None:
+    # set here, not as postgresql_where= above: naming a dialect's option makes SQLAlchemy
+    # import that dialect to check it, ~50 ms of every controller's start-up
+    if connection.dialect.name == "postgresql":
+        index.dialect_options["postgresql"]["where"] = HAS_PAYLOAD
 
 engines_table = Table(
     "engines", metadata,
