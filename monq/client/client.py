@@ -29,6 +29,7 @@ from monq.hub.filters import TIME_FILTERS, parse_duration
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
 from monq.serialize import deserialize, func_name, pack_apply
+from monq.shm import ClientShm
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Client:
         self._listeners: list[Callable[[str, int, str], None]] = []
         #: the session of the controller's Hub; another one means it restarted
         self._hub_session: str | None = None
+        #: large buffers through shared memory with engines on this host (monq.shm)
+        self.shm = ClientShm(self.info.key)
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
@@ -91,6 +94,7 @@ class Client:
             self.close()
             raise
         self._set_engines(reply["engines"])
+        self.shm.set_hosts(reply.get("hosts"))
         self._hub_session = reply.get("hub_session")
 
     # -- lifecycle --------------------------------------------------------------
@@ -121,6 +125,7 @@ class Client:
                 fut.set_exception(err)
         self._tasks.clear()
         self._queries.clear()
+        self.shm.close()
 
     def __enter__(self) -> Client:
         return self
@@ -168,6 +173,7 @@ class Client:
             md["timeout"] = float(timeout)
         if retries:
             md["retries"] = int(retries)
+        buffers, raw, seg = self.shm.offload(buffers, raw, md, engine)
         holder: list[TaskFuture] = []
 
         def register(hdr: dict[str, Any]) -> None:
@@ -177,8 +183,14 @@ class Client:
                 fut.retries_left = int(retries)
             self._tasks[hdr["msg_id"]] = fut
             holder.append(fut)
+            self.shm.track(fut, seg)
 
-        self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+        try:
+            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+        except BaseException:
+            if not holder:
+                self.shm.drop(seg)
+            raise
         return holder[0]
 
     def _resend(self, fut: TaskFuture, why: str) -> bool:
@@ -215,6 +227,12 @@ class Client:
     def _on_reply(self, msg: Message) -> None:
         fut = self._tasks.pop(str(msg.parent.get("msg_id", "")), None)
         if fut is None or fut.done():
+            self.shm.discard_reply(msg)
+            return
+        try:
+            buffers = self.shm.on_reply(msg)  # shared-memory buffers mapped in place
+        except errors.SerializationError as e:
+            fut.set_exception(e)
             return
         md = msg.metadata
         fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
@@ -226,7 +244,7 @@ class Client:
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
-        self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
+        self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],
                  engine: int | None) -> None:
@@ -252,9 +270,11 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
+            self.shm.hosts[int(c["id"])] = str(c.get("host", ""))
             self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
+            self.shm.hosts.pop(int(c["id"]), None)
             self._tell("unregistered", int(c["id"]), str(c.get("reason", "")))
         elif msg.msg_type == "task_lost":
             self._on_lost(c)
@@ -414,7 +434,9 @@ class Client:
         self._engines = {int(k): v for k, v in engines.items()}
 
     def _refresh_engines(self) -> None:
-        self._set_engines(self._query("engines_request", {})["engines"])
+        reply = self._query("engines_request", {})
+        self._set_engines(reply["engines"])
+        self.shm.set_hosts(reply.get("hosts"))
 
     # -- engines and views ------------------------------------------------------------------
 
