@@ -330,8 +330,9 @@ class ClientShm:
         self.cid = cluster_id(key)
         self.pid = os.getpid()
         self.host = host_id() if supported() else ""
-        #: host id of each engine, by engine id (from the Hub)
+        #: host id of each engine, by engine id (from the Hub; see engine_added)
         self.hosts: dict[int, str] = {}
+        self._all_local = False
         self.lock = threading.Lock()
         self._tasks: dict[str, Segment] = {}
         self._mine: dict[str, Segment] = {}  # every live segment of ours, by name
@@ -342,16 +343,31 @@ class ClientShm:
     # engines
 
     def set_hosts(self, hosts: Any) -> None:
+        """The live engines' host ids, as the Hub gives them (``{id: host}``)."""
         if isinstance(hosts, dict):
             self.hosts = {int(k): str(v) for k, v in hosts.items()}
+            self._update()
+
+    def engine_added(self, engine: int, host: str) -> None:
+        self.hosts[engine] = host
+        self._update()
+
+    def engine_removed(self, engine: int) -> None:
+        self.hosts.pop(engine, None)
+        self._update()
+
+    def _update(self) -> None:
+        hosts = list(self.hosts.values())
+        self._all_local = bool(hosts) and all(h == self.host for h in hosts)
 
     def local(self, engine: int | None) -> bool:
-        """Whether a task for ``engine`` (None: load-balanced) may use shared memory."""
+        """Whether a task for ``engine`` (None: load-balanced: every engine must be on this
+        host, as any may take it) may use shared memory."""
         if not (self.config.enabled and self.host):
             return False
         if engine is not None:
             return self.hosts.get(engine) == self.host
-        return bool(self.hosts) and all(h == self.host for h in self.hosts.values())
+        return self._all_local
 
     # sending
 
@@ -557,7 +573,17 @@ class EngineShm:
     def reply(self, msg: Any, buffers: list[Any], raw: list[bool], metadata: dict[str, Any]
               ) -> tuple[list[Any], list[bool]]:
         """Large result buffers as handles: into an argument segment when the result is a
-        view of it, else into a new segment; unchanged when the client is not local."""
+        view of it, else into a new segment; unchanged when the client is not local (or
+        anything goes wrong: the frames always work)."""
+        try:
+            return self._reply(msg, buffers, raw, metadata)
+        except Exception:
+            log.exception("could not answer through shared memory: sending frames")
+            metadata.pop("shm", None)
+            return buffers, raw
+
+    def _reply(self, msg: Any, buffers: list[Any], raw: list[bool], metadata: dict[str, Any]
+               ) -> tuple[list[Any], list[bool]]:
         spec = msg.metadata.get("shm")
         if not (self.config.enabled and self.host and isinstance(spec, dict) and
                 spec.get("host") == self.host):

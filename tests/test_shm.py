@@ -177,7 +177,7 @@ def test_fallback_when_disabled_or_not_local(sc: monq.Client) -> None:
             sc.shm.config.enabled = False
         else:
             sc.shm.config.enabled = True
-            sc.shm.hosts = {k: "another-host" for k in sc.shm.hosts}
+            sc.shm.set_hosts({k: "another-host" for k in sc.shm.hosts})
         before = payload_bytes(sc)
         r = lb.apply_sync(ident, a)
         assert np.array_equal(r, a) and not _mapped(r)
@@ -196,7 +196,7 @@ def test_tampered_handle_is_rejected_by_the_mac() -> None:
     key = os.urandom(32)
     cs = shm.ClientShm(key, shm.ShmConfig(pool_bytes=0))
     try:
-        cs.hosts = {0: cs.host}
+        cs.set_hosts({0: cs.host})
         bufs, raw = pack_apply(ident, (np.ones(MB),), {})
         md: dict[str, Any] = {}
         bufs, raw, seg = cs.offload(bufs, raw, md, None)

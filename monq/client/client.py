@@ -270,11 +270,11 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
-            self.shm.hosts[int(c["id"])] = str(c.get("host", ""))
+            self.shm.engine_added(int(c["id"]), str(c.get("host", "")))
             self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
-            self.shm.hosts.pop(int(c["id"]), None)
+            self.shm.engine_removed(int(c["id"]))
             self._tell("unregistered", int(c["id"]), str(c.get("reason", "")))
         elif msg.msg_type == "task_lost":
             self._on_lost(c)
