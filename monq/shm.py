@@ -185,7 +185,15 @@ def _addr(buf: Any) -> int:
 class Segment:
     """A segment this process created and may write; ``fd`` stays open while it lives."""
 
-    def __init__(self, cid: str, owner: int, kind: str) -> None:
+    def __init__(self, cid: str, owner: int, kind: str, adopt: tuple[str, int, int] | None = None
+                 ) -> None:
+        self.released = False
+        self.refs = 0
+        self.waiting = False
+        self.idle_since = 0.0
+        if adopt is not None:  # an existing segment: (name, open fd, size)
+            self.name, self.fd, self.size = adopt
+            return
         for _ in range(8):
             name = f"monq-{cid}-{owner}-{kind}-{secrets.token_hex(8)}"
             try:
@@ -198,14 +206,11 @@ class Segment:
             raise OSError("could not create a shared-memory segment")
         self.name = name
         self.fd = fd
+        #: bytes written so far (the file's size)
         self.size = 0
-        #: the engine said it no longer maps it (set per reply)
-        self.released = False
-        #: result views this client handed out that still map it
-        self.refs = 0
-        #: the task ended while refs > 0: return to the pool when they go
-        self.waiting = False
-        self.idle_since = 0.0
+        # released: the engine said it no longer maps it (set per reply); refs: result
+        # views this client handed out that still map it; waiting: the task ended while
+        # refs > 0 (back to the pool when they go)
 
     def write(self, bufs: Sequence[Any]) -> list[int]:
         """Write ``bufs`` one after the other (aligned); return their offsets."""
@@ -268,6 +273,21 @@ def _map(name: str, cid: str) -> tuple[mmap.mmap, int]:
             st.st_size
     finally:
         os.close(fd)
+
+
+def _open_rw(name: str, cid: str) -> tuple[int, int]:
+    """Open an existing segment of this cluster for writing, with the same checks."""
+    _check_name(name, cid)
+    fd = os.open(_path(name), os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ShmError(f"refused shared-memory segment {name}: not a private file of "
+                           "this user")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
 
 
 def _entries(spec: Any) -> list[tuple[int, str, int, int]]:
@@ -334,7 +354,7 @@ class ClientShm:
         self.hosts: dict[int, str] = {}
         self._all_local = False
         self.lock = threading.Lock()
-        self._tasks: dict[str, Segment] = {}
+        self._tasks: dict[str, list[Segment]] = {}
         self._mine: dict[str, Segment] = {}  # every live segment of ours, by name
         self._free: list[Segment] = []
         self._timer: threading.Timer | None = None
@@ -372,9 +392,14 @@ class ClientShm:
     # sending
 
     def offload(self, buffers: list[Any], raw: list[bool], md: dict[str, Any],
-                engine: int | None) -> tuple[list[Any], list[bool], Segment | None]:
+                engine: int | None) -> tuple[list[Any], list[bool], list[Segment] | None]:
         """Move large raw buffers into a segment; handles (and this client's host, so the
-        engine may answer through shared memory) go into ``md["shm"]``."""
+        engine may answer through shared memory) go into ``md["shm"]``.
+
+        With a large argument, an idle pooled segment is lent to the engine as
+        ``spare``: it writes a large result there (warm pages) instead of into a
+        new segment.
+        """
         if not self.local(engine):
             return buffers, raw, None
         spec: dict[str, Any] = {"host": self.host, "pid": self.pid,
@@ -394,20 +419,25 @@ class ClientShm:
                 self._forget(seg)
             return buffers, raw, None
         spec["bufs"] = [[i, seg.name, off, _nbytes(buffers[i])] for i, off in zip(big, offsets)]
+        segs = [seg]
+        spare = self._lend()
+        if spare is not None:
+            spec["spare"] = spare.name
+            segs.append(spare)
         drop = set(big)
-        return _without(buffers, drop), _without(raw, drop), seg
+        return _without(buffers, drop), _without(raw, drop), segs
 
-    def track(self, fut: Any, seg: Segment | None) -> None:
-        """The task ``fut`` uses ``seg`` until it is done (any way it ends)."""
-        if seg is None:
+    def track(self, fut: Any, segs: list[Segment] | None) -> None:
+        """The task ``fut`` uses ``segs`` until it is done (any way it ends)."""
+        if not segs:
             return
         with self.lock:
-            self._tasks[fut.msg_id] = seg
+            self._tasks[fut.msg_id] = segs
         fut.add_done_callback(self._task_done)
 
-    def drop(self, seg: Segment | None) -> None:
-        """A segment whose message was never sent."""
-        if seg is not None:
+    def drop(self, segs: list[Segment] | None) -> None:
+        """Segments whose message was never sent."""
+        for seg in segs or ():
             self._forget(seg)
 
     # receiving
@@ -422,21 +452,61 @@ class ClientShm:
         spec = msg.metadata.get("shm")
         if not spec:
             return list(msg.buffers)
-        seg = self._tasks.get(str(msg.parent.get("msg_id", "")))
-        if seg is not None:
-            rel = spec.get("released") if isinstance(spec, dict) else None
-            seg.released = isinstance(rel, list) and seg.name in rel
+        segs = self._tasks.get(str(msg.parent.get("msg_id", ""))) or ()
+        rel = spec.get("released") if isinstance(spec, dict) else None
+        for i, seg in enumerate(segs):
+            # the argument segment, when the engine unmapped it; a spare is never mapped
+            seg.released = i > 0 or (isinstance(rel, list) and seg.name in rel)
         try:
             frames, maps = attach(msg.buffers, spec, self.cid)
-        finally:
+        except BaseException:
             self.discard_reply(msg)
-        with self.lock:
-            for name, mm in maps.items():
-                own = self._mine.get(name)
-                if own is not None:
-                    own.refs += 1
-                    weakref.finalize(mm, self._unref, own)
+            raise
+        for name, mm in maps.items():
+            own = self._mine.get(name)
+            if own is None:
+                own = self._adopt(name, len(mm))  # an engine's result segment
+                if own is None:
+                    continue
+            with self.lock:
+                own.size = max(own.size, len(mm))
+                own.refs += 1
+            weakref.finalize(mm, self._unref, own)
         return frames
+
+    def _adopt(self, name: str, size: int) -> Segment | None:
+        """Take over a result segment an engine made for us: unlinked when pooling is off,
+        else renamed into this client's namespace and pooled once its views are gone."""
+        m = _NAME.match(name)
+        if not (m and m.group(1) == self.cid and m.group(3).startswith("r") and
+                int(m.group(2)) == self.pid):
+            return None
+        if not self.config.pool_bytes or size > self.config.pool_bytes or self._closed:
+            _unlink(name)
+            return None
+        new = f"monq-{self.cid}-{self.pid}-c-{secrets.token_hex(8)}"
+        try:
+            os.link(_path(name), _path(new))  # never replaces an existing name
+            _unlink(name)
+            fd, st_size = _open_rw(new, self.cid)
+        except (OSError, ShmError):
+            _unlink(name)
+            _unlink(new)
+            return None
+        seg = Segment(self.cid, self.pid, "c", adopt=(new, fd, max(size, st_size)))
+        seg.released = seg.waiting = True  # no task holds it: pooled when its views go
+        with self.lock:
+            self._mine[new] = seg
+        return seg
+
+    def _lend(self) -> Segment | None:
+        """An idle pooled segment to lend an engine for a large result (None if none)."""
+        with self.lock:
+            if not self._free:
+                return None
+            seg = max(self._free, key=lambda s: s.size)
+            self._free.remove(seg)
+            return seg
 
     def discard_reply(self, msg: Any) -> None:
         """Unlink the result segments an engine made for a reply (mapped or not wanted)."""
@@ -452,16 +522,18 @@ class ClientShm:
 
     def _task_done(self, fut: Any) -> None:
         with self.lock:
-            seg = self._tasks.pop(fut.msg_id, None)
-            if seg is None:
-                return
-            if seg.released and not self._closed and self.config.pool_bytes:
-                if seg.refs:
-                    seg.waiting = True
-                    return
-                if self._give(seg):
-                    return
-        self._forget(seg)
+            segs = self._tasks.pop(fut.msg_id, None) or []
+            done = []
+            for seg in segs:
+                if seg.released and not self._closed and self.config.pool_bytes:
+                    if seg.refs:
+                        seg.waiting = True
+                        continue
+                    if self._give(seg):
+                        continue
+                done.append(seg)
+        for seg in done:
+            self._forget(seg)
 
     def _unref(self, seg: Segment) -> None:
         with self.lock:
@@ -479,7 +551,6 @@ class ClientShm:
             if fits:
                 seg = min(fits, key=lambda s: s.size)
                 self._free.remove(seg)
-                seg.released = False
                 return seg
         seg = Segment(self.cid, self.pid, "c")
         with self.lock:
@@ -488,6 +559,7 @@ class ClientShm:
 
     def _give(self, seg: Segment) -> bool:
         """Into the pool (caller holds the lock); False when it does not fit."""
+        seg.released = seg.waiting = False
         cap = self.config.pool_bytes
         if seg.size > cap:
             return False
@@ -608,12 +680,15 @@ class EngineShm:
         seg = None
         if fresh:
             try:
-                seg = Segment(self.cid, owner, f"r{msg_id}")
+                seg = self._spare(spec.get("spare"), owner) or \
+                    Segment(self.cid, owner, f"r{msg_id}")
                 offsets = seg.write([buffers[i] for i in fresh])
             except OSError as e:
                 # the fresh ones go as raw frames; handles into argument segments still hold
                 log.warning("shared memory unavailable (%s): result sent as frames", e)
-                if seg is not None:
+                if seg is not None and seg.name == spec.get("spare"):
+                    os.close(seg.fd)  # the client's spare: not ours to unlink
+                elif seg is not None:
                     seg.destroy()
             else:
                 entries += [[i, seg.name, off, _nbytes(buffers[i])]
@@ -626,6 +701,17 @@ class EngineShm:
         metadata["shm"] = {"bufs": entries}
         drop = {e[0] for e in entries}
         return _without(buffers, drop), _without(raw, drop)
+
+    def _spare(self, name: Any, owner: int) -> Segment | None:
+        """The segment the client lent for this result (its pages are warm), if usable."""
+        m = _NAME.match(name) if isinstance(name, str) else None
+        if m is None or m.group(1) != self.cid or m.group(3) != "c" or int(m.group(2)) != owner:
+            return None
+        try:
+            fd, size = _open_rw(name, self.cid)
+        except (OSError, ShmError):
+            return None
+        return Segment(self.cid, owner, "c", adopt=(name, fd, 0))
 
     def _locate(self, buf: Any) -> tuple[str, int] | None:
         if not self._maps:

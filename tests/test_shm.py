@@ -169,6 +169,28 @@ def test_pool_reuses_one_segment_then_close_frees_it(shm_cluster: Cluster) -> No
     assert held.sum() == a.sum()  # the mapping outlives the name
 
 
+def test_new_results_reuse_pooled_segments(shm_cluster: Cluster) -> None:
+    """A task that makes a new large result: the engine writes it into a segment the
+    client lent it, which the client pools again; a result still held is never reused."""
+    with monq.Client(connection_file=shm_cluster.connection_file, timeout=10.0) as c:
+        c.wait_for_engines(2, timeout=30)
+        key = c.info.key
+        lb = c.load_balanced_view()
+        a = np.ones(2 * MB)
+        for i in range(6):
+            r = lb.apply_sync(plus_one, a)
+            assert r.sum() == 2 * a.sum() and _mapped(r)
+            del r
+        # the first result's segment was adopted, then lent back: two segments in all,
+        # and no engine-made segment is left behind
+        assert len(c.shm.segments()) == 2
+        assert not [n for n in cluster_segments(key) if "-r" in n]
+        held = [lb.apply_sync(plus_one, a + i) for i in range(3)]
+        assert [float(h[0]) for h in held] == [2.0, 3.0, 4.0]
+    assert cluster_segments(key) == []
+    assert [float(h[-1]) for h in held] == [2.0, 3.0, 4.0]
+
+
 def test_fallback_when_disabled_or_not_local(sc: monq.Client) -> None:
     lb = sc.load_balanced_view()
     a = np.arange(2 * MB, dtype=np.float64)
@@ -195,12 +217,13 @@ def test_fallback_when_disabled_or_not_local(sc: monq.Client) -> None:
 def test_tampered_handle_is_rejected_by_the_mac() -> None:
     key = os.urandom(32)
     cs = shm.ClientShm(key, shm.ShmConfig(pool_bytes=0))
+    segs = None
     try:
         cs.set_hosts({0: cs.host})
         bufs, raw = pack_apply(ident, (np.ones(MB),), {})
         md: dict[str, Any] = {}
-        bufs, raw, seg = cs.offload(bufs, raw, md, None)
-        assert seg is not None and md["shm"]["bufs"][0][1] == seg.name
+        bufs, raw, segs = cs.offload(bufs, raw, md, None)
+        assert segs is not None and md["shm"]["bufs"][0][1] == segs[0].name
         sender, receiver = Session(key), Session(key)
         _, frames = sender.serialize("apply_request", "task", {}, metadata=md, buffers=bufs,
                                      raw=raw)
@@ -217,7 +240,7 @@ def test_tampered_handle_is_rejected_by_the_mac() -> None:
             Session(key).feed(other)
     finally:
         cs.close()
-        if seg is not None:
+        for seg in segs or ():
             seg.destroy()
 
 
@@ -276,8 +299,8 @@ def test_segment_gone_is_a_clean_task_error(sc: monq.Client) -> None:
 
     def offload_then_unlink(*a: Any) -> Any:
         out = orig(*a)
-        if out[2] is not None:
-            out[2].destroy()  # as if swept away before the engine mapped it
+        for seg in out[2] or ():
+            seg.destroy()  # as if swept away before the engine mapped it
         return out
 
     sc.shm.offload = offload_then_unlink  # type: ignore[method-assign]

@@ -173,7 +173,7 @@ class Client:
             md["timeout"] = float(timeout)
         if retries:
             md["retries"] = int(retries)
-        buffers, raw, seg = self.shm.offload(buffers, raw, md, engine)
+        buffers, raw, segs = self.shm.offload(buffers, raw, md, engine)
         holder: list[TaskFuture] = []
 
         def register(hdr: dict[str, Any]) -> None:
@@ -183,13 +183,13 @@ class Client:
                 fut.retries_left = int(retries)
             self._tasks[hdr["msg_id"]] = fut
             holder.append(fut)
-            self.shm.track(fut, seg)
+            self.shm.track(fut, segs)
 
         try:
             self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
         except BaseException:
             if not holder:
-                self.shm.drop(seg)
+                self.shm.drop(segs)
             raise
         return holder[0]
 
