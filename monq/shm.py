@@ -450,13 +450,13 @@ class ClientShm:
         pool while the view lives) and unlinks result segments the engine made.
         """
         spec = msg.metadata.get("shm")
-        if not spec:
-            return list(msg.buffers)
         segs = self._tasks.get(str(msg.parent.get("msg_id", ""))) or ()
         rel = spec.get("released") if isinstance(spec, dict) else None
         for i, seg in enumerate(segs):
             # the argument segment, when the engine unmapped it; a spare is never mapped
             seg.released = i > 0 or (isinstance(rel, list) and seg.name in rel)
+        if not spec:
+            return list(msg.buffers)
         try:
             frames, maps = attach(msg.buffers, spec, self.cid)
         except BaseException:
@@ -625,7 +625,8 @@ class EngineShm:
     def __init__(self, key: bytes, config: ShmConfig | None = None) -> None:
         self.config = config or ShmConfig.from_env()
         self.cid = cluster_id(key)
-        self.host = host_id() if supported() else ""
+        #: registered with the Hub: '' (off here, or no /dev/shm) makes clients send frames
+        self.host = host_id() if supported() and self.config.enabled else ""
         #: this task's mappings: (name, weak mmap, start address, size)
         self._maps: list[tuple[str, weakref.ref[mmap.mmap], int, int]] = []
 
@@ -657,7 +658,7 @@ class EngineShm:
     def _reply(self, msg: Any, buffers: list[Any], raw: list[bool], metadata: dict[str, Any]
                ) -> tuple[list[Any], list[bool]]:
         spec = msg.metadata.get("shm")
-        if not (self.config.enabled and self.host and isinstance(spec, dict) and
+        if not (self.host and isinstance(spec, dict) and
                 spec.get("host") == self.host):
             return buffers, raw
         try:

@@ -206,7 +206,10 @@ def test_fallback_when_disabled_or_not_local(sc: monq.Client) -> None:
         after = payload_bytes(sc)
         assert after.get("shm", 0) == before.get("shm", 0)
         assert after.get("wire", 0) - before.get("wire", 0) >= 2 * a.nbytes
-    assert shm.ShmConfig.from_env({"MONQ_SHM": "0"}).enabled is False
+    off = shm.ShmConfig.from_env({"MONQ_SHM": "0"})
+    assert off.enabled is False
+    # an engine with it off registers no host: clients send it frames both ways
+    assert shm.EngineShm(b"k" * 32, off).host == ""
     cfg = shm.ShmConfig.from_env({"MONQ_SHM_THRESHOLD": "4MB", "MONQ_SHM_POOL": "0"})
     assert cfg.enabled and cfg.threshold == 4_000_000 and cfg.pool_bytes == 0
 
