@@ -29,7 +29,6 @@ from monq.cluster import Cluster, ClusterConfig
 from monq.errors import ProtocolError
 from monq.protocol import Session
 from monq.serialize import pack_apply
-
 from tests.conftest import REPO, START_TIMEOUT, wait_until
 
 pytestmark = pytest.mark.skipif(not shm.supported(), reason="no writable /dev/shm")
@@ -177,7 +176,7 @@ def test_new_results_reuse_pooled_segments(shm_cluster: Cluster) -> None:
         key = c.info.key
         lb = c.load_balanced_view()
         a = np.ones(2 * MB)
-        for i in range(6):
+        for _ in range(6):
             r = lb.apply_sync(plus_one, a)
             assert r.sum() == 2 * a.sum() and _mapped(r)
             del r
@@ -272,7 +271,7 @@ def test_foreign_or_unsafe_segments_are_refused(tmp_path: Path) -> None:
         assert bytes(frames[1]) == b"\0" * 4096
         del frames, maps
         for bad_name in (f"monq-{other}-{os.getpid()}-c-{rnd}",  # another cluster
-                         f"../../etc/passwd", f"monq-{cid}-1-c-{rnd}/../x"):
+                         "../../etc/passwd", f"monq-{cid}-1-c-{rnd}/../x"):
             with pytest.raises(shm.ShmError):
                 shm.attach([b"s"], spec(bad_name), cid)
         loose = make(f"monq-{cid}-{os.getpid()}-c-{os.urandom(8).hex()}", mode=0o644)

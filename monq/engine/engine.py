@@ -493,7 +493,7 @@ class Engine:
                 content["evalue"] = f"the task's result cannot be sent back: {e}"
                 metadata["status"] = content["status"]
         # drop the task's objects, then say which shared-memory arguments are unmapped
-        f = args = kwargs = result = None
+        f = args = kwargs = result = None  # type: ignore[assignment]
         self.shm.finish(metadata)
         with self.lock:
             self.session.send(item.sock, "apply_reply", item.channel, content,

@@ -39,8 +39,8 @@ from typing import Any
 
 import zmq
 
-from monq.errors import HubError, ProtocolError
 from monq import shm
+from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
 from monq.hub.filters import FILTER_KEYS, split_filters
 from monq.hub.heart import HeartMonitor
