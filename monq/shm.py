@@ -9,7 +9,8 @@ signed metadata (``metadata["shm"]``).  The receiver maps the segment
 read-only and hands pickle a view of the mapping: the engine's argument is a
 numpy array over shared memory, with no copy.  An engine whose result is (a
 view of) one of its argument segments answers with a handle to that segment;
-any other large result is written into a new segment by the engine.
+any other large result is written by the engine into an idle pooled segment
+the client lent it with the request (``spare``), else into a new segment.
 
 Safety
 ------
@@ -17,17 +18,19 @@ Safety
   message's HMAC: a forged or altered handle is rejected by
   :class:`monq.protocol.Session` before anything is mapped.  dtype and shape
   stay in the (signed) pickle stream.
-- *Names.*  ``monq-<cluster>-<owner pid>-<kind>-<64 random bits>``; cluster is
-  a digest of the cluster key (other clusters' names never match), the owner
-  is the client's pid, kind is ``c`` (a client's argument segment) or
-  ``r<msg_id>`` (an engine's result segment for that task).  Segments are
+- *Names.*  ``monq-<cluster>-<host tag>-<owner pid>-<kind>-<64 random bits>``;
+  cluster is a digest of the cluster key (other clusters' names never match),
+  the host tag a digest of the host id below, the owner the client's pid,
+  kind is ``c`` (a client's segment) or ``r<msg_id>`` (an engine's result
+  segment for that task).  Segments are
   created with ``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600; a receiver opens only
   names of its own cluster that match the pattern, with ``O_NOFOLLOW``, and
   maps only a regular file owned by its own uid, private to it (no group or
   other bits), at least as large as the handle says.
-- *Same host only.*  Engines register a host id (the kernel's boot id and the
-  device and inode of ``/dev/shm``: the same machine *and* the same shm
-  mount, so two containers do not mistake each other for local).  A client
+- *Same host only.*  Engines register a host id (the kernel's boot id, the
+  device and inode of ``/dev/shm`` and the pid namespace: the same machine,
+  shm mount and pids, so two containers do not mistake each other for local,
+  and a sweeper only judges owner pids of its own namespace).  A client
   uses shared memory for a load-balanced task only when every live engine
   has its host id, for a direct task when the target has; an engine writes
   a result into shared memory only when the request carries its host id.
@@ -44,13 +47,15 @@ Lifetime
   here: filling fresh tmpfs pages (about 3x a plain copy, see bench).
 - A result segment created by an engine is unlinked by the client right after
   mapping it (the mapping stays valid on Linux), or at once if the task was
-  already settled.
+  already settled; with the pool on, it is instead renamed into the client's
+  namespace (``c``) and pooled once the result views are gone.
 - If a process dies: the Hub sweeps its host's ``/dev/shm`` once per
   heartbeat (:class:`Sweeper`) and unlinks a segment of its cluster whose
   owner pid is gone, or a result segment whose task ended more than
   ``MONQ_SHM_GRACE`` seconds ago (an engine killed between writing a result
-  and sending it).  Stopping the cluster removes every segment of the
-  cluster (:func:`remove_all`).
+  and sending it).  An engine that starts removes the segments of dead
+  owners too (a host without the controller).  Stopping the cluster removes
+  every segment of the cluster (:func:`remove_all`).
 
 Configuration (environment, read when a Client or engine starts; a client's
 ``client.shm.config`` can be changed at run time): ``MONQ_SHM=0`` turns it
@@ -84,7 +89,9 @@ log = logging.getLogger(__name__)
 DIR = "/dev/shm"
 #: buffers are placed at offsets aligned to this in a segment
 ALIGN = 64
-_NAME = re.compile(r"monq-([0-9a-f]{16})-([0-9]{1,10})-(c|r[0-9a-f]{1,64})-[0-9a-f]{16}\Z")
+#: monq-<cluster>-<host tag>-<owner pid>-<kind>-<random>
+_NAME = re.compile(r"monq-([0-9a-f]{16})-([0-9a-f]{8})-([0-9]{1,10})-(c|r[0-9a-f]{1,64})"
+                   r"-[0-9a-f]{16}\Z")
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -145,10 +152,30 @@ def host_id() -> str:
             with open("/proc/sys/kernel/random/boot_id") as f:
                 boot = f.read().strip()
             st = os.stat(DIR)
-            _host = f"{boot}:{st.st_dev:x}:{st.st_ino:x}" if supported() else ""
+            # the pid namespace too: owner pids mean something only inside it (the sweep)
+            ns = os.stat("/proc/self/ns/pid").st_ino
+            _host = f"{boot}:{st.st_dev:x}:{st.st_ino:x}:{ns:x}" if supported() else ""
         except OSError:
             _host = ""
     return _host
+
+
+def host_tag() -> str:
+    """A short digest of :func:`host_id`, part of every segment name made here."""
+    return hashlib.blake2b(host_id().encode(), digest_size=4).hexdigest()
+
+
+def seg_name(cid: str, owner: int, kind: str) -> str:
+    """A new segment name: ``kind`` is ``c`` (a client's) or ``r<msg_id>`` (a result)."""
+    return f"monq-{cid}-{host_tag()}-{owner}-{kind}-{secrets.token_hex(8)}"
+
+
+def parse_name(name: Any, cid: str) -> tuple[str, int, str] | None:
+    """(host tag, owner pid, kind) of a segment name of this cluster; None otherwise."""
+    m = _NAME.match(name) if isinstance(name, str) else None
+    if m is None or m.group(1) != cid:
+        return None
+    return m.group(2), int(m.group(3)), m.group(4)
 
 
 def cluster_id(key: bytes) -> str:
@@ -197,7 +224,7 @@ class Segment:
             self.name, self.fd, self.size = adopt
             return
         for _ in range(8):
-            name = f"monq-{cid}-{owner}-{kind}-{secrets.token_hex(8)}"
+            name = seg_name(cid, owner, kind)
             try:
                 fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
                              _O_CLOEXEC, 0o600)
@@ -507,14 +534,13 @@ class ClientShm:
     def _adopt(self, name: str, size: int) -> Segment | None:
         """Take over a result segment an engine made for us: unlinked when pooling is off,
         else renamed into this client's namespace and pooled once its views are gone."""
-        m = _NAME.match(name)
-        if not (m and m.group(1) == self.cid and m.group(3).startswith("r") and
-                int(m.group(2)) == self.pid):
+        parts = parse_name(name, self.cid)
+        if not (parts and parts[2].startswith("r") and parts[1] == self.pid):
             return None
         if not self.config.pool_bytes or size > self.config.pool_bytes or self._closed:
             _unlink(name)
             return None
-        new = f"monq-{self.cid}-{self.pid}-c-{secrets.token_hex(8)}"
+        new = seg_name(self.cid, self.pid, "c")
         try:
             os.link(_path(name), _path(new))  # never replaces an existing name
             _unlink(name)
@@ -543,9 +569,8 @@ class ClientShm:
         spec = msg.metadata.get("shm")
         with contextlib.suppress(ShmError):
             for _, name, _, _ in _entries(spec):
-                m = _NAME.match(name)
-                if m and m.group(1) == self.cid and m.group(3).startswith("r") and \
-                        name not in self._mine:
+                parts = parse_name(name, self.cid)
+                if parts and parts[2].startswith("r") and name not in self._mine:
                     _unlink(name)
 
     # lifetime
@@ -659,6 +684,9 @@ class EngineShm:
         self.host = host_id() if supported() and self.config.enabled else ""
         #: this task's mappings: (name, weak mmap, start address, size)
         self._maps: list[tuple[str, weakref.ref[mmap.mmap], int, int]] = []
+        if self.host:
+            with contextlib.suppress(Exception):  # what dead clients left on this host
+                Sweeper(key).tick(lambda msg_id: None)
 
     def attach(self, msg: Any) -> list[Any]:
         """The request's frames, its shared-memory arguments mapped in place (no copy)."""
@@ -735,8 +763,8 @@ class EngineShm:
 
     def _spare(self, name: Any, owner: int) -> Segment | None:
         """The segment the client lent for this result (its pages are warm), if usable."""
-        m = _NAME.match(name) if isinstance(name, str) else None
-        if m is None or m.group(1) != self.cid or m.group(3) != "c" or int(m.group(2)) != owner:
+        parts = parse_name(name, self.cid)
+        if parts is None or parts[0] != host_tag() or parts[1:] != (owner, "c"):
             return None
         try:
             fd, size = _open_rw(name, self.cid)
@@ -782,6 +810,7 @@ class Sweeper:
     def __init__(self, key: bytes, grace: float | None = None) -> None:
         self.prefix = f"monq-{cluster_id(key)}-"
         self.cid = cluster_id(key)
+        self.tag = host_tag()
         if grace is None:
             try:
                 grace = float(os.environ.get("MONQ_SHM_GRACE", "30"))
@@ -803,11 +832,12 @@ class Sweeper:
         n = 0
         now = time.time()
         for name in names:
-            m = _NAME.match(name)
-            if m is None or m.group(1) != self.cid:
+            parts = parse_name(name, self.cid)
+            if parts is None:
                 continue
-            owner, kind = int(m.group(2)), m.group(3)
-            gone = not pid_alive(owner)
+            tag, owner, kind = parts
+            # an owner's pid is only meaningful in this host's pid namespace
+            gone = tag == self.tag and not pid_alive(owner)
             if not gone and kind.startswith("r"):
                 try:
                     ended = task_end(kind[1:])

@@ -250,6 +250,7 @@ def test_foreign_or_unsafe_segments_are_refused(tmp_path: Path) -> None:
     key = os.urandom(32)
     cid = shm.cluster_id(key)
     other = shm.cluster_id(os.urandom(32))
+    tag = shm.host_tag()
     made: list[str] = []
 
     def make(name: str, mode: int = 0o600, size: int = 4096) -> str:
@@ -266,18 +267,18 @@ def test_foreign_or_unsafe_segments_are_refused(tmp_path: Path) -> None:
 
     rnd = os.urandom(8).hex()
     try:
-        good = make(f"monq-{cid}-{os.getpid()}-c-{rnd}")
+        good = make(f"monq-{cid}-{tag}-{os.getpid()}-c-{rnd}")
         frames, maps = shm.attach([b"stream"], spec(good), cid)
         assert bytes(frames[1]) == b"\0" * 4096
         del frames, maps
-        for bad_name in (f"monq-{other}-{os.getpid()}-c-{rnd}",  # another cluster
-                         "../../etc/passwd", f"monq-{cid}-1-c-{rnd}/../x"):
+        for bad_name in (f"monq-{other}-{tag}-{os.getpid()}-c-{rnd}",  # another cluster
+                         "../../etc/passwd", f"monq-{cid}-{tag}-1-c-{rnd}/../x"):
             with pytest.raises(shm.ShmError):
                 shm.attach([b"s"], spec(bad_name), cid)
-        loose = make(f"monq-{cid}-{os.getpid()}-c-{os.urandom(8).hex()}", mode=0o644)
+        loose = make(f"monq-{cid}-{tag}-{os.getpid()}-c-{os.urandom(8).hex()}", mode=0o644)
         with pytest.raises(shm.ShmError, match="private"):
             shm.attach([b"s"], spec(loose), cid)
-        link = f"monq-{cid}-{os.getpid()}-c-{os.urandom(8).hex()}"
+        link = f"monq-{cid}-{tag}-{os.getpid()}-c-{os.urandom(8).hex()}"
         os.symlink(os.path.join(shm.DIR, good), os.path.join(shm.DIR, link))
         made.append(os.path.join(shm.DIR, link))
         with pytest.raises(shm.ShmError):
@@ -285,11 +286,40 @@ def test_foreign_or_unsafe_segments_are_refused(tmp_path: Path) -> None:
         with pytest.raises(shm.ShmError, match="range"):
             shm.attach([b"s"], spec(good, off=1, n=4096), cid)
         with pytest.raises(shm.ShmError, match="gone"):
-            shm.attach([b"s"], spec(f"monq-{cid}-{os.getpid()}-c-{os.urandom(8).hex()}"), cid)
+            shm.attach([b"s"], spec(f"monq-{cid}-{tag}-{os.getpid()}-c-{os.urandom(8).hex()}"), cid)
     finally:
         for p in made:
             if os.path.lexists(p):
                 os.unlink(p)
+
+
+def test_sweeper_judges_only_owners_of_its_own_host() -> None:
+    key = os.urandom(32)
+    cid = shm.cluster_id(key)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)  # a pid that has exited (and been reaped)
+    ours = shm.seg_name(cid, dead.pid, "c")
+    foreign = f"monq-{cid}-{'0' * 8 if shm.host_tag() != '0' * 8 else '1' * 8}-{dead.pid}-c-" \
+        f"{os.urandom(8).hex()}"
+    alive = shm.seg_name(cid, os.getpid(), "c")
+    ended = shm.seg_name(cid, os.getpid(), "r" + "ab" * 16)
+    running = shm.seg_name(cid, os.getpid(), "r" + "cd" * 16)
+    names = [ours, foreign, alive, ended, running]
+    try:
+        for n in names:
+            os.close(os.open(os.path.join(shm.DIR, n), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+        sweeper = shm.Sweeper(key, grace=0.0)
+        ends = {"ab" * 16: 1.0, "cd" * 16: None}
+        assert sweeper.tick(lambda msg_id: ends.get(msg_id)) == 2
+        left = set(cluster_segments(key))
+        # a dead owner here, and a result whose task ended, go; a pid of another pid
+        # namespace, a live owner and a running task's result stay
+        assert left == {foreign, alive, running}
+        assert shm.remove_all(key) == 3 and cluster_segments(key) == []
+    finally:
+        for n in names:
+            if os.path.exists(os.path.join(shm.DIR, n)):
+                os.unlink(os.path.join(shm.DIR, n))
 
 
 def test_segment_gone_is_a_clean_task_error(sc: monq.Client) -> None:
@@ -392,7 +422,7 @@ def test_engine_killed_mid_task_leaves_no_segment(sc: monq.Client, tmp_path: Pat
                         str(pid_file))
     args_seg = sc.shm.segments()
     assert len(args_seg) == 1
-    result_seg = f"monq-{shm.cluster_id(key)}-{os.getpid()}-r{ar.msg_id}-{os.urandom(8).hex()}"
+    result_seg = shm.seg_name(shm.cluster_id(key), os.getpid(), f"r{ar.msg_id}")
     name_file.write_text(result_seg)
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60,
                          "the task to start"))
