@@ -200,6 +200,18 @@ def _unlink(name: str) -> None:
         os.unlink(_path(name))
 
 
+def _remove_ours(name: str) -> bool:
+    """Unlink a name in /dev/shm if it is a file of this user (never raises)."""
+    try:
+        st = os.lstat(_path(name))
+        if st.st_uid != os.geteuid():
+            return False  # someone else's (a decoy under our prefix): not ours to judge
+        os.unlink(_path(name))
+        return True
+    except OSError:
+        return False
+
+
 def _addr(buf: Any) -> int:
     import numpy as np
 
@@ -821,8 +833,16 @@ class Sweeper:
         self.enabled = supported()
 
     def tick(self, task_end: Callable[[str], float | None]) -> int:
+        """One sweep; how many segments it removed.  Never raises (it runs in the Hub's loop)."""
         if not self.enabled:
             return 0
+        try:
+            return self._tick(task_end)
+        except Exception:
+            log.exception("shared-memory sweep failed")
+            return 0
+
+    def _tick(self, task_end: Callable[[str], float | None]) -> int:
         from monq.connection import pid_alive
 
         try:
@@ -844,8 +864,7 @@ class Sweeper:
                 except Exception:
                     ended = None
                 gone = ended is not None and now - ended > self.grace
-            if gone:
-                _unlink(name)
+            if gone and _remove_ours(name):
                 n += 1
         if n:
             log.info("removed %d shared-memory segment(s) left by dead processes or ended "
@@ -874,7 +893,6 @@ def remove_all(key: bytes) -> int:
     n = 0
     with contextlib.suppress(OSError):
         for name in os.listdir(DIR):
-            if name.startswith(prefix):
-                _unlink(name)
+            if name.startswith(prefix) and _remove_ours(name):
                 n += 1
     return n
