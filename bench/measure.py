@@ -141,6 +141,10 @@ def data(adapter: System, plan: Plan, fig: dict[str, Any]) -> None:
         t = adapter.roundtrip(mb * MB, plan.repeat)
         if t is not None:
             fig[f"data_{mb}MB_MBps"] = 2 * mb / t  # bytes out and back over the round trip
+        # other paths of the same system, in the same run (monq: shared memory off)
+        variants = getattr(adapter, "roundtrip_variants", None)
+        for name, tv in (variants(mb * MB, plan.repeat) if variants else {}).items():
+            fig[f"data_{mb}MB_{name}_MBps"] = 2 * mb / tv
     big = max(plan.sizes_mb)
     t = adapter.pair_roundtrip(big * MB, plan.repeat)
     if t is not None:

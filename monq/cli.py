@@ -376,6 +376,9 @@ def cmd_stop(args: argparse.Namespace, home: Path) -> int:
     with contextlib.suppress(NoClusterError, FileNotFoundError):
         if load_connection_file(path, check_alive=False).controller_pid == info.controller_pid:
             path.unlink()
+    from monq.shm import remove_all
+
+    remove_all(info.key)  # every shared-memory segment of the cluster
     _out(f"cluster {args.profile!r} stopped")
     return ExitCode.OK
 

@@ -795,6 +795,10 @@ class Cluster:
                 self._remove_connection_file(self.controller.proc.pid)
         finally:
             self._unlock_profile()
+            if self.info is not None:
+                from monq.shm import remove_all
+
+                remove_all(self.info.key)  # every shared-memory segment of this cluster
         if self.controller is not None:
             log.info("cluster %r stopped", self.config.profile)
 

@@ -92,9 +92,22 @@ class Adapter(System):
         return seconds
 
     def roundtrip(self, nbytes: int, repeat: int) -> float:
+        """Through shared memory when it is on (the default; client and engines share this
+        host): only a handle crosses the relay."""
         arr = np.ones(nbytes // 8)
         assert self.lb.apply_sync(self.ident, arr).shape == arr.shape
         return median_time(lambda: self.lb.apply_sync(self.ident, arr), repeat)
+
+    def roundtrip_variants(self, nbytes: int, repeat: int) -> dict[str, float]:
+        """The same with shared memory off: raw frames through the relay (the TCP path)."""
+        assert self.client is not None
+        cfg = self.client.shm.config
+        was = cfg.enabled
+        cfg.enabled = False
+        try:
+            return {"raw": self.roundtrip(nbytes, repeat)}
+        finally:
+            cfg.enabled = was
 
     def history(self, rows: int, repeat: int) -> dict[str, Any]:
         from systems.monq_history import run_history

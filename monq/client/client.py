@@ -29,6 +29,7 @@ from monq.hub.filters import TIME_FILTERS, parse_duration
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
 from monq.serialize import deserialize, func_name, pack_apply
+from monq.shm import ClientShm
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Client:
         self._engine_news = threading.Event()
         #: the session of the controller's Hub; another one means it restarted
         self._hub_session: str | None = None
+        #: large buffers through shared memory with engines on this host (monq.shm)
+        self.shm = ClientShm(self.info.key)
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
@@ -93,6 +96,7 @@ class Client:
             self.close()
             raise
         self._set_engines(reply["engines"])
+        self.shm.set_hosts(reply.get("hosts"))
         self._hub_session = reply.get("hub_session")
 
     # -- lifecycle --------------------------------------------------------------
@@ -123,6 +127,7 @@ class Client:
                 fut.set_exception(err)
         self._tasks.clear()
         self._queries.clear()
+        self.shm.close()
 
     def __enter__(self) -> Client:
         return self
@@ -170,6 +175,7 @@ class Client:
             md["timeout"] = float(timeout)
         if retries:
             md["retries"] = int(retries)
+        buffers, raw, segs = self.shm.offload(buffers, raw, md, engine)
         holder: list[TaskFuture] = []
 
         def register(hdr: dict[str, Any]) -> None:
@@ -179,8 +185,14 @@ class Client:
                 fut.retries_left = int(retries)
             self._tasks[hdr["msg_id"]] = fut
             holder.append(fut)
+            self.shm.track(fut, segs)
 
-        self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+        try:
+            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+        except BaseException:
+            if not holder:
+                self.shm.drop(segs)
+            raise
         return holder[0]
 
     def _resend(self, fut: TaskFuture, why: str) -> bool:
@@ -217,6 +229,12 @@ class Client:
     def _on_reply(self, msg: Message) -> None:
         fut = self._tasks.pop(str(msg.parent.get("msg_id", "")), None)
         if fut is None or fut.done():
+            self.shm.discard_reply(msg)
+            return
+        try:
+            buffers = self.shm.on_reply(msg)  # shared-memory buffers mapped in place
+        except errors.SerializationError as e:
+            fut.set_exception(e)
             return
         md = msg.metadata
         fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
@@ -228,7 +246,7 @@ class Client:
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
-        self._resolve(fut, msg.content, msg.buffers, md.get("engine"))
+        self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],
                  engine: int | None) -> None:
@@ -254,10 +272,12 @@ class Client:
         c = msg.content
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
+            self.shm.engine_added(int(c["id"]), str(c.get("host", "")))
             self._engine_news.set()
             self._tell("registered", int(c["id"]), "")
         elif msg.msg_type == "engine_unregistered":
             self._engines.pop(int(c["id"]), None)
+            self.shm.engine_removed(int(c["id"]))
             self._tell("unregistered", int(c["id"]), str(c.get("reason", "")))
         elif msg.msg_type == "task_lost":
             self._on_lost(c)
@@ -417,7 +437,9 @@ class Client:
         self._engines = {int(k): v for k, v in engines.items()}
 
     def _refresh_engines(self) -> None:
-        self._set_engines(self._query("engines_request", {})["engines"])
+        reply = self._query("engines_request", {})
+        self._set_engines(reply["engines"])
+        self.shm.set_hosts(reply.get("hosts"))
 
     # -- engines and views ------------------------------------------------------------------
 

@@ -38,6 +38,13 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
             "stdout": "", "stderr": "",
         }
 
+    def _invoke_callbacks(self) -> None:
+        super()._invoke_callbacks()  # type: ignore[misc]
+        # they ran once and never run again: dropping them breaks the cycle with the
+        # AsyncResult that waits on this future, so a large result (or the shared memory
+        # it views, see monq.shm) is freed as soon as the caller drops it, not at the next GC
+        self._done_callbacks: list[Any] = []
+
 
 def _dt(t: float | None) -> datetime | None:
     """Epoch seconds to an aware UTC datetime, as TaskRecord has them."""

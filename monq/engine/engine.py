@@ -56,6 +56,7 @@ from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import Message, Session
 from monq.security import client_socket_setup
 from monq.serialize import serialize, unpack_apply
+from monq.shm import EngineShm
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ class Engine:
         self.uuid = _uuid.uuid4().hex
         self.id: int | None = None
         self.session = Session(info.key)
+        #: large arguments and results through shared memory with local clients (monq.shm)
+        self.shm = EngineShm(info.key)
         self.ctx = zmq.Context()
         self.ctx.linger = 0
         self._stop = False
@@ -269,7 +272,7 @@ class Engine:
         with contextlib.suppress(RuntimeError):  # the main thread may change it meanwhile
             holding += [item.msg.msg_id for item in list(self.backlog)]
         return {"uuid": self.uuid, "hostname": _socket.gethostname(), "pid": os.getpid(),
-                "id": self.id, "holding": holding}
+                "id": self.id, "holding": holding, "host_id": self.shm.host}
 
     def _connect_direct(self, timeout: float) -> None:
         """Join the direct relay and wait until it knows this engine's identity.
@@ -462,7 +465,7 @@ class Engine:
         result: Any = None
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                f, args, kwargs = unpack_apply(msg.buffers)
+                f, args, kwargs = unpack_apply(self.shm.attach(msg))
                 self.busy = True
                 alarm = timeout is not None and _arm_alarm(timeout)
                 try:
@@ -484,17 +487,22 @@ class Engine:
         self.current = None
         buffers: list[Any] = []
         raw: list[bool] = []
-        if content["status"] == "ok":
-            try:
-                buffers, raw = serialize(result)
-            except SerializationError as e:
-                content = _error_content(e, skip_frames=False)
-                content["evalue"] = f"the task's result cannot be sent back: {e}"
         metadata = {
             "engine": self.id, "engine_uuid": self.uuid, "status": content["status"],
             "received": item.received, "started": started, "completed": completed,
             "stdout": out.text(), "stderr": err.text(),
         }
+        if content["status"] == "ok":
+            try:
+                buffers, raw = serialize(result)
+                buffers, raw = self.shm.reply(msg, buffers, raw, metadata)
+            except SerializationError as e:
+                content = _error_content(e, skip_frames=False)
+                content["evalue"] = f"the task's result cannot be sent back: {e}"
+                metadata["status"] = content["status"]
+        # drop the task's objects, then say which shared-memory arguments are unmapped
+        f = args = kwargs = result = None  # type: ignore[assignment]
+        self.shm.finish(metadata)
         with self.lock:
             self.session.send(item.sock, "apply_reply", item.channel, content,
                               parent=msg.header, metadata=metadata, buffers=buffers, raw=raw,

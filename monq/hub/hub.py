@@ -39,6 +39,7 @@ from typing import Any
 
 import zmq
 
+from monq import shm
 from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
 from monq.hub.filters import FILTER_KEYS, split_filters
@@ -151,6 +152,10 @@ class Hub:
         #: engines asked to register again, by uuid: when (bounded; see _on_pong)
         self._asked: dict[bytes, float] = {}
         self.retention = Retention(store, config.retention)
+        #: bytes of payload seen, on the wire and as shared-memory handles (monq.shm)
+        self.payload_bytes: Counter[str] = Counter()
+        self._hosts: dict[str, str] = {}  # engine host ids, by uuid (monq.shm)
+        self.shm_sweeper = shm.Sweeper(session.key)
         for row in store.engines():
             if row.get("status") == "alive":
                 # the previous controller ended without saying; they re-register if alive
@@ -283,6 +288,7 @@ class Hub:
                 self._publish("hub_beat", {"beat": self.heart.beat,
                                            "hub": self.session.session_id})
                 self._periodic()
+                self.shm_sweeper.tick(lambda msg_id: shm.hub_task_end(self, msg_id))
             self._settle_orphans()
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
@@ -492,6 +498,12 @@ class Hub:
 
     def _payload(self, msg: Message) -> tuple[bytes | None, int]:
         size = blobs.total_size(msg.buffers)
+        in_shm = shm.payload_bytes(msg.metadata)  # handles count as their size, unread
+        self.payload_bytes["wire"] += size
+        if in_shm:
+            # the segment is freed when the task ends: keep the size only
+            self.payload_bytes["shm"] += in_shm
+            return None, size + in_shm
         if size > self.config.payload_cap:
             return None, size
         return blobs.pack(msg.buffers, msg.raw_flags), size
@@ -682,12 +694,14 @@ class Hub:
                       time.time())
         self._engines[uuid] = eng
         self._by_id[eid] = eng
+        self._hosts[uuid] = _short(c.get("host_id"), 200) or ""
         self.heart.add(uuid.encode())
         self.store.upsert_engine({"id": eid, "uuid": uuid, "hostname": eng.hostname,
                                   "pid": eng.pid, "registered": eng.registered,
                                   "unregistered": None, "status": "alive"})
         log.info("engine %d registered (pid %d on %s)", eid, eng.pid, eng.hostname)
-        self._publish("engine_registered", {"id": eid, "uuid": uuid})
+        self._publish("engine_registered", {"id": eid, "uuid": uuid,
+                                            "host": self._hosts[uuid]})
         return {"status": "ok", "id": eid}
 
     def _engine_gone(self, uuid: str, reason: str, kill: bool = False) -> None:
@@ -795,10 +809,16 @@ class Hub:
     # -- queries --------------------------------------------------------------------
 
     def _q_connect(self, msg: Message) -> dict[str, Any]:
-        return {"engines": self._alive(), "hub_session": self.session.session_id}
+        return {"engines": self._alive(), "hub_session": self.session.session_id,
+                "hosts": self._engine_hosts()}
 
     def _q_engines(self, msg: Message) -> dict[str, Any]:
-        return {"engines": self._alive()}
+        return {"engines": self._alive(), "hosts": self._engine_hosts()}
+
+    def _engine_hosts(self) -> dict[str, str]:
+        """Host id of each live engine (a client uses shared memory with local ones)."""
+        return {str(e.id): self._hosts.get(e.uuid, "") for e in self._engines.values()
+                if e.status == "alive"}
 
     def _queue_status(self) -> dict[str, Any]:
         counts = self.store.counts()
@@ -836,6 +856,8 @@ class Hub:
             "rejected": dict(rejected),
             "received": dict(self.received),
             "in_flight": len(self._inflight),
+            "payload_bytes": dict(self.payload_bytes),
+            "shm_swept": self.shm_sweeper.swept,
             "db_url": _hide_password(self.db_url),
             "hostname": _socket.gethostname(),
         }
