@@ -566,10 +566,11 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path: Path) -> None:
         assert dict(s.task_stats("status")) == {"ok": 2, "pending": 1}  # aggregates built
         assert s.task_stats("minute") == [(0, 3)]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                            ).fetchone() == ("4",)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert "ix_tasks_engine" not in names and "ix_tasks_engine_submitted" in names
-    with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 3
+    with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 4
         assert len(s.hub_history()) == 3
 
 

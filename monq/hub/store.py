@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from monq.errors import HubError
-from monq.hub import aggregates, schema
+from monq.hub import aggregates, payloads, schema
 from monq.hub import query as q
 from monq.hub.filters import TaskFilter, decode_cursor, encode_cursor
 from monq.hub.schema import (
@@ -50,6 +51,7 @@ from monq.hub.schema import (
     engines_table,
     fts_table,
     metadata,
+    payloads_table,
     tasks,
 )
 from monq.hub.stats import TaskStats
@@ -67,7 +69,8 @@ PAYLOADS = {"request": "request_bytes", "result": "result_bytes"}
 #: captured text: counted in a record's stored_bytes, searched by ``search=``
 TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
-DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted"})
+DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted", "request_key",
+                     "result_key"})
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
 #: a range filter matching at most this many rows is read through its own index
@@ -77,6 +80,17 @@ _TASK_COLUMNS = frozenset(c.name for c in tasks.columns)
 _ENGINE_COLUMNS = frozenset(c.name for c in engines_table.columns)
 _LISTED = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS]
 _ROWID: Any = literal_column("tasks.rowid")
+
+
+def _kept(col: str) -> Any:
+    """SQL: the bytes of a payload a row keeps, inline or shared (0 if none)."""
+    p = payloads_table.c
+    shared = select(func.length(p.data)).where(p.key == tasks.c[payloads.KEYS[col]])
+    return func.coalesce(func.length(tasks.c[col]), shared.scalar_subquery(), 0)
+
+
+#: SQL: the payload bytes a row keeps
+_KEPT_SIZE = _kept("request") + _kept("result")
 
 
 class TaskStore(TaskStats):
@@ -110,8 +124,14 @@ class TaskStore(TaskStats):
                 self.fts_table = schema.prepare(conn, url, self.dialect, fts)
             #: searches use it (else escaped LIKE)
             self.fts = self.fts_table and fts
-            #: the maintained aggregates (monq.hub.aggregates) are kept and read: SQLite
+            #: the maintained aggregates (monq.hub.aggregates) are kept and read, payloads
+            #: are stored once (monq.hub.payloads) and the time bounds kept: SQLite
             self.aggregates = self.dialect == "sqlite"
+            #: the time bounds this store last read or wrote (it is the only writer)
+            self._bounds: aggregates.TimeBounds | None = None
+            if self.aggregates:
+                with self._engine.connect() as conn:
+                    self._bounds = aggregates.read_time_bounds(conn)
         except SQLAlchemyError as e:
             self._engine.dispose()
             raise HubError(f"cannot open the history database {url}: {e}") from e
@@ -160,7 +180,7 @@ class TaskStore(TaskStats):
             return
         try:
             with self._engine.begin() as conn:
-                self._write(conn, ins, ups)
+                bounds = self._write(conn, ins, ups)
         except IntegrityError:
             # A msg_id already stored (a relay copy seen twice, a controller
             # restart): a failed batch must not lose the other rows, so redo
@@ -168,19 +188,32 @@ class TaskStore(TaskStats):
             log.warning("task batch hit a duplicate msg_id; retrying as upserts", exc_info=True)
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
-                self._write(conn, ins, extra + ups)
+                bounds = self._write(conn, ins, extra + ups)
+        self._bounds = bounds  # committed: only now are they what the database holds
         if self._stored_total is not None:
             self._stored_total += sum(_stored_size(r) for r in ins) + \
                 sum(_stored_size(r) for r in ups)
 
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
-               ups: list[dict[str, Any]]) -> None:
+               ups: list[dict[str, Any]]) -> aggregates.TimeBounds | None:
+        """One batch in ``conn``'s transaction; the time bounds once it commits."""
         # full-text index: forget the old text of rows whose text changes, and
         # index the new text once the rows are written (only rows with text)
         texted = [r["msg_id"] for r in ins if _has_text(r)]
         changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
         if self.fts_table and changed:
             self._fts_forget(conn, changed)
+        bounds = self._bounds
+        if self.aggregates:
+            # payloads stored once: the rows get keys (copies: a retried batch starts over)
+            ins = [dict(r) for r in ins]
+            ups = [dict(r, stored_bytes=_stored_size(r)) for r in ups]
+            set_payload = [r for r in ups if any(col in r for col in payloads.KEYS)]
+            payloads.store_refs(conn, ins + set_payload)
+            for r in set_payload:  # what the row held before goes, inline or shared
+                for col, kcol in payloads.KEYS.items():
+                    if col in r:
+                        r.setdefault(kcol, None)
         groups = _by_keys(ups)
         deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
         for rows in _by_keys(ins):
@@ -188,8 +221,20 @@ class TaskStore(TaskStats):
         self._update(conn, groups)
         if deltas is not None:
             deltas.apply(conn)
+            released: set[tuple[str, str]] = set()
+            old: list[int | None] = []
+            for r in ups:
+                before = deltas.before.get(r["msg_id"])
+                for kcol in payloads.KEYS.values():
+                    if before is not None and kcol in r and (r["msg_id"], kcol) not in released:
+                        released.add((r["msg_id"], kcol))  # each old reference once
+                        old.append(before.get(kcol))
+            payloads.forget(conn, old)
+            if deltas.gaps:
+                bounds = aggregates.merge_time_bounds(conn, deltas.gaps, bounds)
         if self.fts_table and (texted or changed):
             self._fts_index(conn, texted + changed)
+        return bounds
 
     def _fts_forget(self, conn: Connection, ids: list[str]) -> None:
         for chunk in _chunks(ids):
@@ -212,7 +257,8 @@ class TaskStore(TaskStats):
                 values["duration"] = done - began
             values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
             stmt = tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
-            conn.execute(stmt, [{"b_msg_id": r["msg_id"], "b_stored": _stored_size(r),
+            conn.execute(stmt, [{"b_msg_id": r["msg_id"],
+                                 "b_stored": r.get("stored_bytes", _stored_size(r)),
                                  **{k: r[k] for k in cols}} for r in rows])
 
     def _split_existing(self, conn: Connection, ins: list[dict[str, Any]]
@@ -328,6 +374,70 @@ class TaskStore(TaskStats):
                 out.add("search:common")
         return frozenset(out)
 
+    def _plan(self, f: TaskFilter, order: str) -> _Plan:
+        """How a history page reads the database (SQLite; elsewhere the planner decides).
+
+        - A range filter matching few rows (:meth:`_selective`) drives through
+          its own index; the matches are sorted on (rowid, sort key) only, and
+          just the page's rows are read whole.
+        - A started/completed range matching many rows, in an order by
+          submitted: the range it implies on submitted (the time bounds,
+          :func:`monq.hub.query.implied_submitted`) lets the submitted-led
+          indexes seek to it and walk it in order.
+        - "status in (rare ones) AND engine/label": the partial index of rare
+          statuses, which carries engine and label, when the maintained counts
+          say those statuses are the smaller set to walk.
+        """
+        sel = set(self._selective(f, order))
+        plan = _Plan()
+        if self.dialect != "sqlite":
+            plan.selective = frozenset(sel)
+            return plan
+        key, _ = q.parse_order(order)
+        ranges = set(q.range_probes(tasks, f))
+        driven = ranges & sel
+        if key == "submitted" and not driven and ranges & {"started", "completed"}:
+            bounds = self._time_bounds()
+            if bounds is not None:
+                plan.bound = q.implied_submitted(f, bounds)
+                if plan.bound is not None:
+                    sel |= {"demote:started", "demote:completed"}
+        plan.narrow = bool(driven)
+        if not driven and self._rare_status_first(f):
+            plan.index = "ix_tasks_unusual"
+        plan.selective = frozenset(sel)
+        return plan
+
+    def _time_bounds(self) -> aggregates.TimeBounds | None:
+        """The stored time bounds (read each time: another process may be the writer)."""
+        try:
+            with self._engine.connect() as conn:
+                return aggregates.read_time_bounds(conn)
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+    def _rare_status_first(self, f: TaskFilter) -> bool:
+        """Whether "status AND engine/label" is best read through ix_tasks_unusual."""
+        if f.status is None or "ok" in f.status or (f.engine is None and f.label is None) \
+                or f.client is not None or f.msg_id is not None or not self.aggregates:
+            return False
+        from monq.hub.aggregates import engine_key, label_key
+        from monq.hub.schema import task_counts
+
+        n = func.coalesce(func.sum(task_counts.c.n), 0)
+        by_status = int(self._scalar(select(n).where(task_counts.c.status.in_(f.status))) or 0)
+        others = []
+        if f.engine is not None:
+            others.append(select(n).where(task_counts.c.engine.in_(
+                [engine_key(e) for e in f.engine])))
+        if f.label is not None:
+            others.append(select(n).where(task_counts.c.label.in_(
+                [label_key(lab) for lab in f.label])))
+        smallest = min(int(self._scalar(o) or 0) for o in others)
+        # an entry of the partial index is tested without reading its row: several
+        # times cheaper than a step of another index, which reads the row
+        return by_status <= 4 * smallest
+
     def history(self, *, limit: int | None = None, order: str = "-submitted",
                 cursor: str | None = None, **filters: Any) -> list[dict[str, Any]]:
         """Task rows without payloads (sizes kept), filtered and sorted, then limited.
@@ -349,28 +459,45 @@ class TaskStore(TaskStats):
         f = TaskFilter.from_dict(filters)
         key, _ = q.parse_order(order)
         n = q.check_limit(limit)
-        stages: list[Any] = [true()]
-        if cursor is not None:
-            value, last = decode_cursor(cursor, order)
-            stages = q.keyset_stages(tasks, order, value, last, self.dialect)
+        plan = self._plan(f, order)
         rows: list[dict[str, Any]] = []
-        selective = self._selective(f, order)
-        for stage in stages:
+        for stage in self._stages(order, cursor, plan):
             want = None if n is None else n + 1 - len(rows)  # one more: is there a next page?
             if want == 0:
                 break
-            rows += self._rows(self._page_stmt(f, order, stage, want, selective))
+            rows += self._rows(self._page_stmt(f, order, stage, want, plan))
         ties = [r.pop("_tie") for r in rows]
         if n is None or len(rows) <= n or n == 0:
             return rows[:n] if n is not None else rows, None
         rows = rows[:n]
         return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
 
+    def _stages(self, order: str, cursor: str | None, plan: _Plan) -> list[Any]:
+        """The WHERE clauses a page reads in turn (see :func:`monq.hub.query.keyset_stages`)."""
+        decoded = decode_cursor(cursor, order) if cursor is not None else None
+        if plan.bound is not None:
+            return q.bounded_stages(tasks, order, decoded, plan.bound, self.dialect)
+        if decoded is None:
+            return [true()]
+        return q.keyset_stages(tasks, order, *decoded, self.dialect)
+
     def _page_stmt(self, f: TaskFilter, order: str, stage: Any, limit: int | None,
-                   selective: frozenset[str] = frozenset()) -> Any:
+                   plan: _Plan | None = None) -> Any:
+        plan = plan or _Plan()
         tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
-        stmt = (select(*_LISTED, tie).where(self.where(f, selective), stage)
-                .order_by(*q.order_clause(tasks, order, self.dialect)))
+        where = [self.where(f, plan.selective), stage]
+        if plan.index == "ix_tasks_unusual":
+            where.append(schema.UNUSUAL)  # the partial index's own condition, as written
+        sort = q.order_clause(tasks, order, self.dialect)
+        if plan.narrow and limit is not None:
+            # the range's index drives and its matches must be sorted: sort only
+            # (key, rowid), then read the page's rows whole
+            inner = select(_ROWID).where(*where).order_by(*sort).limit(limit)
+            return select(*_LISTED, tie).where(_ROWID.in_(inner.scalar_subquery())) \
+                .order_by(*sort)
+        stmt = select(*_LISTED, tie).where(*where).order_by(*sort)
+        if plan.index is not None:
+            stmt = stmt.with_hint(tasks, f"INDEXED BY {plan.index}", "sqlite")
         return stmt if limit is None else stmt.limit(limit)
 
     def iter_history(self, *, order: str = "-submitted", page: int = 1000,
@@ -388,8 +515,18 @@ class TaskStore(TaskStats):
         """ipyparallel-style query (see :func:`monq.hub.query.db_query_clause`), by submitted."""
         cols = [tasks.c[k] for k in q.check_keys(tasks, keys)]
         where = q.db_query_clause(tasks, query, self.dialect)
-        stmt = select(*cols).where(where).order_by(tasks.c.submitted.asc(), tasks.c.msg_id)
-        return self._rows(stmt)
+        sort = (tasks.c.submitted.asc(), tasks.c.msg_id)
+        implied = q.db_query_time_filter(query)
+        bounds = self._time_bounds() if implied is not None and self.aggregates else None
+        bound = q.implied_submitted(implied, bounds) if bounds is not None else None
+        if bound is None:
+            return self._rows(select(*cols).where(where).order_by(*sort))
+        # a range on started/completed implies one on submitted (the time bounds): the
+        # submitted-led indexes seek to it; rows without a submitted time come first
+        sub = tasks.c.submitted
+        return (self._rows(select(*cols).where(where, sub.is_(None)).order_by(*sort))
+                + self._rows(select(*cols).where(where, q.submitted_range(tasks, bound))
+                             .order_by(*sort)))
 
     def hub_history(self) -> list[str]:
         """Every msg_id the Hub knows, oldest submission first."""
@@ -408,9 +545,26 @@ class TaskStore(TaskStats):
         """One task row (payloads included only if asked), or None if unknown."""
         if not isinstance(msg_id, str):
             raise HubError(f"msg_id must be a string, not {type(msg_id).__name__}")
-        cols = list(tasks.columns) if with_payload else _LISTED
-        rows = self._rows(select(*cols).where(tasks.c.msg_id == msg_id))
-        return rows[0] if rows else None
+        if not with_payload:
+            rows = self._rows(select(*_LISTED).where(tasks.c.msg_id == msg_id))
+            return rows[0] if rows else None
+        try:
+            with self._engine.connect() as conn:
+                found = conn.execute(select(tasks).where(tasks.c.msg_id == msg_id)
+                                     ).mappings().first()
+                if found is None:
+                    return None
+                row = dict(found)
+                keys = {row[k] for col, k in payloads.KEYS.items()
+                        if row[col] is None and row[k] is not None}
+                shared = payloads.load(conn, keys) if keys else {}
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+        for col, k in payloads.KEYS.items():
+            key = row.pop(k)
+            if row[col] is None and key is not None:
+                row[col] = shared.get(key)
+        return row
 
     def find_task(self, prefix: str) -> dict[str, Any]:
         """The one task whose msg_id is or starts with ``prefix`` (HubError if none or several)."""
@@ -512,6 +666,8 @@ class TaskStore(TaskStats):
         n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
         if deltas is not None:
             deltas.apply(conn)
+            payloads.forget(conn, [r.get(k) for r in deltas.before.values()
+                                   for k in payloads.KEYS.values()])
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return n
@@ -520,14 +676,18 @@ class TaskStore(TaskStats):
         """Drop the payloads of rows by msg_id (one chunk); their sizes stay, dated."""
         which = tasks.c.msg_id.in_(ids)
         c = tasks.c
-        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
-        freed = conn.execute(select(func.coalesce(func.sum(size), 0)).where(which)).scalar()
+        size = _KEPT_SIZE
+        held = conn.execute(select(size, c.request_key, c.result_key)
+                            .where(which, HAS_PAYLOAD)).all()
+        freed = sum(int(r[0] or 0) for r in held)
         stamp = time.time() if now is None else now
         conn.execute(tasks.update().where(which, HAS_PAYLOAD).values(
-            request=None, result=None, payload_evicted=stamp,
+            request=None, result=None, request_key=None, result_key=None,
+            payload_evicted=stamp,
             stored_bytes=func.max(func.coalesce(c.stored_bytes, 0) - size, 0)
             if self.dialect == "sqlite" else
             func.greatest(func.coalesce(c.stored_bytes, 0) - size, 0)))
+        payloads.forget(conn, [k for r in held for k in r[1:]])  # after: sizes read them
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return len(ids)
@@ -550,8 +710,7 @@ class TaskStore(TaskStats):
         At most ``n`` tasks, and no more than it takes to free ``free`` bytes.
         """
         c = tasks.c
-        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
-        stmt = (select(c.msg_id, size).where(HAS_PAYLOAD, c.completed.is_not(None),
+        stmt = (select(c.msg_id, _KEPT_SIZE).where(HAS_PAYLOAD, c.completed.is_not(None),
                                              c.status.in_(FINISHED))
                 .order_by(c.completed.asc()).limit(n))
         with self._engine.begin() as conn:
@@ -590,12 +749,9 @@ class TaskStore(TaskStats):
                           cursor: str | None = None, **filters: Any) -> Any:
         """The (first) SELECT :meth:`history_page` runs (for EXPLAIN)."""
         f = TaskFilter.from_dict(filters)
-        stage: Any = true()
-        if cursor is not None:
-            stage = q.keyset_stages(tasks, order, *decode_cursor(cursor, order),
-                                    self.dialect)[0]
-        return self._page_stmt(f, order, stage, None if limit is None else limit + 1,
-                               self._selective(f, order))
+        plan = self._plan(f, order)
+        stage = self._stages(order, cursor, plan)[0]
+        return self._page_stmt(f, order, stage, None if limit is None else limit + 1, plan)
 
     def _scalar(self, stmt: Any) -> Any:
         try:
@@ -610,6 +766,20 @@ class TaskStore(TaskStats):
                 return [dict(r) for r in conn.execute(stmt).mappings()]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+
+@dataclass
+class _Plan:
+    """How a history page reads (:meth:`TaskStore._plan`)."""
+
+    #: filter_clause's hints: selective ranges, "search:common", "demote:<column>"
+    selective: frozenset[str] = frozenset()
+    #: the range on submitted that the started/completed ranges imply (lo, hi)
+    bound: tuple[float | None, float | None] | None = None
+    #: INDEXED BY this index
+    index: str | None = None
+    #: sort (rowid, key) of the matches, then read the page's rows
+    narrow: bool = False
 
 
 _HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in schema.FTS_COLUMNS)
@@ -691,6 +861,15 @@ def _make_engine(url: str) -> Engine:
             _touch_private(Path(db))
         engine = create_engine(url, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _sqlite_pragmas)
+    # SQLAlchemy renders no table hints for SQLite; this engine's compiler renders
+    # ``with_hint(tasks, "INDEXED BY ...", "sqlite")`` after the table name
+    base = engine.dialect.statement_compiler
+
+    class _HintingCompiler(base):  # type: ignore[valid-type, misc]
+        def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+            return text
+
+    engine.dialect.statement_compiler = _HintingCompiler  # type: ignore[misc]
     return engine
 
 
