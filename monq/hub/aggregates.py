@@ -192,8 +192,10 @@ def merge_time_bounds(conn: Connection, gaps: TimeBounds, known: TimeBounds | No
 
 #: bounds start at 1 s and grow by powers of two: raising them is rare (a statement each time)
 _MIN_BOUND = 1.0
-#: what a new database starts with
-INITIAL_TIME_BOUNDS = {k: [_MIN_BOUND, _MIN_BOUND] for k in ("started", "completed")}
+#: what a new database starts with: submitted after started (clock skew only) by up to
+#: 1 s, before it (queue wait, run time) by up to 64 s; wider gaps raise them (one
+#: statement each time they double)
+INITIAL_TIME_BOUNDS = {k: [_MIN_BOUND, 64.0] for k in ("started", "completed")}
 
 
 def _headroom(gap: float) -> float:
