@@ -329,3 +329,45 @@ def test_a_version_3_history_is_upgraded_in_place(tmp_path: Path) -> None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"ix_tasks_unusual", "ix_tasks_payload_completed"} <= names
         assert conn.execute("SELECT COUNT(*) FROM payloads").fetchone()[0] == 0
+
+
+# -- common searches walk the full-text matches by rowid -----------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"status": "error"}, {"engine": 1, "until": 2500.0}])
+def test_a_common_search_pages_exactly_when_rows_come_out_of_order(
+        tmp_path: Path, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import monq.hub.store as store_module
+
+    monkeypatch.setattr(store_module, "_PROBE", 5)  # every search counts as common
+    rnd = random.Random(11)
+    rows = []
+    for i in range(1200):
+        # written in batches whose submission times overlap: rowid order is submitted
+        # order up to ~40 s, and a few rows have no submitted time at all
+        sub = 1000.0 + i + rnd.uniform(-40.0, 40.0)
+        rows.append({"msg_id": f"s{i:05d}", "status": "error" if i % 4 == 0 else "ok",
+                     "engine": i % 3, "submitted": None if i % 101 == 7 else sub,
+                     "stdout": "alpha beta" if i % 3 else "gamma"})
+    path = tmp_path / "h.db"
+    with TaskStore(f"sqlite:///{path}") as s:
+        for i in range(0, len(rows), 200):
+            s.write(rows[i:i + 200], [])
+        slack = json.loads(_count(path, "SELECT value FROM meta WHERE key = 'time_bounds'"))
+        assert 64.0 <= slack["rowid"][0] <= 128.0
+        assert s._plan(s_filter({"search": "alpha", **kwargs}), "-submitted").search_slack
+        got: list[str] = []
+        cursor = None
+        while True:
+            page, cursor = s.history_page(limit=23, cursor=cursor, search="alpha beta",
+                                          **kwargs)
+            got += _ids(page)
+            if cursor is None:
+                break
+
+        def keep(r: dict[str, Any]) -> bool:
+            return "alpha" in r["stdout"] and all(
+                (r["submitted"] is not None and r["submitted"] < v) if k == "until"
+                else r[k] == v for k, v in kwargs.items())
+
+        assert got == _expected(rows, keep)

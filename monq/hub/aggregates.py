@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
@@ -195,7 +195,8 @@ _MIN_BOUND = 1.0
 #: what a new database starts with: submitted after started (clock skew only) by up to
 #: 1 s, before it (queue wait, run time) by up to 64 s; wider gaps raise them (one
 #: statement each time they double)
-INITIAL_TIME_BOUNDS = {k: [_MIN_BOUND, 64.0] for k in ("started", "completed")}
+INITIAL_TIME_BOUNDS = {**{k: [_MIN_BOUND, 64.0] for k in ("started", "completed")},
+                       "rowid": [_MIN_BOUND, _MIN_BOUND]}
 
 
 def _headroom(gap: float) -> float:
@@ -223,6 +224,13 @@ def rebuild_time_bounds(conn: Connection) -> None:
                                  ).one()
         out[name] = [_MIN_BOUND, _MIN_BOUND] if lead is None else \
             [_headroom(float(lead)), _headroom(float(lag))]
+    # rowid order against submitted order: how much later than a row written after it a
+    # row was submitted (the running maximum of the rows before it, minus its own)
+    prev = func.max(c.submitted).over(order_by=literal_column("tasks.rowid"),
+                                      rows=(None, -1))
+    inner = select((prev - c.submitted).label("late")).subquery()
+    late = conn.execute(select(func.max(inner.c.late))).scalar()
+    out["rowid"] = [_MIN_BOUND if late is None else _headroom(float(late)), _MIN_BOUND]
     conn.execute(meta_table.delete().where(meta_table.c.key == "time_bounds"))
     conn.execute(meta_table.insert(), {"key": "time_bounds", "value": json.dumps(out)})
 

@@ -18,6 +18,7 @@ or ``monq history`` in another process, do not block the writer) and a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -29,10 +30,12 @@ from typing import Any
 from sqlalchemy import (
     and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
     literal_column,
+    or_,
     select,
     text,
     true,
@@ -129,9 +132,14 @@ class TaskStore(TaskStats):
             self.aggregates = self.dialect == "sqlite"
             #: the time bounds this store last read or wrote (it is the only writer)
             self._bounds: aggregates.TimeBounds | None = None
+            #: the newest submitted time written; see _rowid_slack
+            self._top_submitted: float | None = None
+            self._pending_top: float | None = None
             if self.aggregates:
                 with self._engine.connect() as conn:
                     self._bounds = aggregates.read_time_bounds(conn)
+                    top = conn.execute(select(func.max(tasks.c.submitted))).scalar()
+                    self._top_submitted = -math.inf if top is None else float(top)
         except SQLAlchemyError as e:
             self._engine.dispose()
             raise HubError(f"cannot open the history database {url}: {e}") from e
@@ -190,6 +198,8 @@ class TaskStore(TaskStats):
                 ins, extra = self._split_existing(conn, ins)
                 bounds = self._write(conn, ins, extra + ups)
         self._bounds = bounds  # committed: only now are they what the database holds
+        if self._pending_top is not None:
+            self._top_submitted, self._pending_top = self._pending_top, None
         if self._stored_total is not None:
             self._stored_total += sum(_stored_size(r) for r in ins) + \
                 sum(_stored_size(r) for r in ups)
@@ -216,7 +226,10 @@ class TaskStore(TaskStats):
                         r.setdefault(kcol, None)
         groups = _by_keys(ups)
         deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
-        for rows in _by_keys(ins):
+        ins_groups = _by_keys(ins)
+        if deltas is not None:  # before the rows are in: it reads the newest submitted time
+            self._rowid_slack(conn, ins_groups, ups, deltas)
+        for rows in ins_groups:
             conn.execute(tasks.insert(), rows)
         self._update(conn, groups)
         if deltas is not None:
@@ -235,6 +248,36 @@ class TaskStore(TaskStats):
         if self.fts_table and (texted or changed):
             self._fts_index(conn, texted + changed)
         return bounds
+
+    def _rowid_slack(self, conn: Connection, ins_groups: list[list[dict[str, Any]]],
+                     ups: list[dict[str, Any]], deltas: aggregates.Deltas) -> None:
+        """How much later than a task written after it a task may have been submitted.
+
+        Rows get rowids in the order they are written, and submission times
+        follow that order up to a slack: for rows a before b (by rowid),
+        ``submitted(a) - submitted(b) <= slack``.  Kept in the time bounds
+        (key "rowid") and used by searches, whose full-text matches come in
+        rowid order (:meth:`_search_walk`).  The newest submitted time is
+        read when the store opens and then followed here (it is the one writer); an
+        update that moves a submitted time counts against every row.
+        """
+        top = -math.inf if self._top_submitted is None else self._top_submitted
+        slack = -math.inf
+        for rows in ins_groups:  # in the order they got their rowids
+            for r in rows:
+                sub = r.get("submitted")
+                if sub is not None:
+                    slack = max(slack, top - sub)
+                    top = max(top, sub)
+        moved = [r["submitted"] for r in ups if r.get("submitted") is not None]
+        if moved:
+            low = conn.execute(select(func.min(tasks.c.submitted))).scalar()
+            for sub in moved:
+                slack = max(slack, top - sub, sub - (sub if low is None else low))
+                top = max(top, sub)
+        self._pending_top = top
+        if slack > -math.inf:
+            deltas.gaps["rowid"] = [slack, 0.0]
 
     def _fts_forget(self, conn: Connection, ids: list[str]) -> None:
         for chunk in _chunks(ids):
@@ -402,6 +445,11 @@ class TaskStore(TaskStats):
                 plan.bound = q.implied_submitted(f, bounds)
                 if plan.bound is not None:
                     sel |= {"demote:started", "demote:completed"}
+        if f.search is not None and "search:common" in sel and order == "-submitted" \
+                and not driven and plan.bound is None:
+            bounds = self._time_bounds()
+            if bounds is not None and "rowid" in bounds:
+                plan.search_slack = bounds["rowid"][0]
         plan.narrow = bool(driven)
         if not driven and self._rare_status_first(f):
             plan.index = "ix_tasks_unusual"
@@ -461,6 +509,13 @@ class TaskStore(TaskStats):
         n = q.check_limit(limit)
         plan = self._plan(f, order)
         rows: list[dict[str, Any]] = []
+        if plan.search_slack is not None and n is not None:
+            rows = self._search_walk(f, order, cursor, n + 1, plan.search_slack)
+            ties = [r.pop("_tie") for r in rows]
+            if len(rows) <= n or n == 0:
+                return rows[:n], None
+            rows = rows[:n]
+            return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
         for stage in self._stages(order, cursor, plan):
             want = None if n is None else n + 1 - len(rows)  # one more: is there a next page?
             if want == 0:
@@ -471,6 +526,88 @@ class TaskStore(TaskStats):
             return rows[:n] if n is not None else rows, None
         rows = rows[:n]
         return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
+
+    def _search_walk(self, f: TaskFilter, order: str, cursor: str | None, want: int,
+                     slack: float) -> list[dict[str, Any]]:
+        """A page of a search whose words match many tasks, newest submitted first.
+
+        FTS5 hands its matches out newest rowid first, cheaply, a few at a
+        time; rowid order is submitted order up to ``slack`` (a row written
+        before another was submitted at most ``slack`` seconds after it, see
+        :meth:`_rowid_slack`).  So matches are read by rowid, newest first,
+        in growing chunks, each tested against the other filters, until
+        the page's rows are known: ``want`` candidates, and every row not yet
+        read was submitted (at most ``slack`` after the earliest read) before
+        the last of them.  Only the page's rows are then read whole.
+        """
+        import dataclasses
+
+        assert f.search is not None
+        rest = dataclasses.replace(f, search=None)
+        stages: list[Any] = [true()]
+        decoded = decode_cursor(cursor, order) if cursor is not None else None
+        if decoded is not None:
+            stages = q.keyset_stages(tasks, order, *decoded, self.dialect)
+        passes = case((and_(self.where(rest), or_(*stages)), 1), else_=0)
+        fr = fts_table.c.rowid
+        match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(q.fts_query(f.search))
+        sub = tasks.c.submitted
+        found: list[tuple[float | None, int]] = []  # (submitted, rowid) of the candidates
+        earliest = math.inf  # the earliest submitted time read
+        edge: int | None = None  # the oldest rowid read
+        chunk = max(4 * want, 256)
+        with self._engine.connect() as conn:
+            if decoded is not None and decoded[0] is not None:
+                edge = self._search_start(conn, float(decoded[0]), slack)
+            start = edge
+            exhausted = False
+            while True:
+                ids = select(fr).where(match, fr < edge if edge is not None else true()) \
+                    .order_by(fr.desc()).limit(chunk)
+                got = conn.execute(select(_ROWID, sub, passes)
+                                   .where(_ROWID.in_(ids.scalar_subquery()))).all()
+                for rowid, when, ok in got:
+                    edge = rowid if edge is None else min(edge, rowid)
+                    if when is not None:
+                        earliest = min(earliest, when)
+                    if ok:
+                        found.append((when, rowid))
+                if len(got) < chunk:
+                    exhausted = True  # every match read
+                    break
+                timed = sorted((x for x in found if x[0] is not None), reverse=True)
+                if len(timed) >= want and earliest + slack <= timed[want - 1][0]:
+                    break  # no match left unread can make the page
+                chunk = min(chunk * 4, 16_384)
+            if exhausted and start is not None:
+                # rows without a submitted time sort last, wherever they were written: those
+                # above the start of the walk, one full-text test each (they are few)
+                hit = select(literal_column("1")).select_from(fts_table).where(
+                    match, fr == _ROWID).exists()
+                found += [(None, rowid) for rowid in conn.execute(
+                    select(_ROWID).where(sub.is_(None), _ROWID >= start, passes == 1, hit)
+                ).scalars()]
+            found.sort(key=lambda x: (x[0] is not None, x[0] or 0.0, x[1]), reverse=True)
+            page = [rowid for _, rowid in found[:want]]
+            if not page:
+                return []
+            tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
+            stmt = select(*_LISTED, tie).where(_ROWID.in_(page)).order_by(
+                *q.order_clause(tasks, order, self.dialect))
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def _search_start(self, conn: Connection, value: float, slack: float) -> int | None:
+        """The rowid a cursor page's walk can start below (None: from the newest).
+
+        The page wants rows submitted at or before the cursor's time ``value``;
+        every row written after one submitted later than ``value + slack`` was
+        submitted after ``value``: the walk starts below such a row (the one
+        submitted first after that time, found by the submitted index).
+        """
+        sub = tasks.c.submitted
+        found = conn.execute(select(_ROWID).where(sub > value + slack)
+                             .order_by(sub.asc()).limit(1)).scalar()
+        return None if found is None else int(found)
 
     def _stages(self, order: str, cursor: str | None, plan: _Plan) -> list[Any]:
         """The WHERE clauses a page reads in turn (see :func:`monq.hub.query.keyset_stages`)."""
@@ -780,6 +917,8 @@ class _Plan:
     index: str | None = None
     #: sort (rowid, key) of the matches, then read the page's rows
     narrow: bool = False
+    #: a common search by newest submitted: walk the matches by rowid (this slack)
+    search_slack: float | None = None
 
 
 _HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in schema.FTS_COLUMNS)
