@@ -26,21 +26,21 @@ def _count(path: Path, sql: str) -> Any:
 def test_the_same_payload_is_stored_once_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "h.db"
     fn = b"pickled function" * 30
+    none = b"pickled None, as long as a shared payload must be" * 2
     with TaskStore(f"sqlite:///{path}") as s:
         s.write([{"msg_id": f"m{i}", "status": "pending", "submitted": float(i), "request": fn}
                  for i in range(100)], [])
         s.write([], [{"msg_id": f"m{i}", "status": "ok", "started": i + 0.1,
-                      "completed": i + 0.2, "result": b"None" if i % 2 else b"r%d" % i}
+                      "completed": i + 0.2, "result": none if i % 2 else b"r%064d" % i}
                      for i in range(100)])
         assert _count(path, "SELECT COUNT(*) FROM payloads") == 1 + 1 + 50
         assert _count(path, "SELECT refs FROM payloads WHERE length(data) = 480") == 100
         assert _count(path, "SELECT COUNT(*) FROM tasks WHERE request IS NOT NULL") == 0
         got = s.get_task("m7", with_payload=True)
-        assert got is not None and got["request"] == fn and got["result"] == b"None"
+        assert got is not None and got["request"] == fn and got["result"] == none
         assert "request_key" not in got and "request_key" not in s.get_task("m7")  # type: ignore
-        assert s.get_task("m8", with_payload=True)["result"] == b"r8"  # type: ignore[index]
-        total = s.stored_total()
-        assert total == 100 * len(fn) + 50 * 4 + sum(len(b"r%d" % i) for i in range(0, 100, 2))
+        assert s.get_task("m8", with_payload=True)["result"] == b"r%064d" % 8  # type: ignore
+        assert s.stored_total() == 100 * len(fn) + 50 * len(none) + 50 * 65
         # purge half: the shared payloads lose references, the unique ones of those go
         assert s.purge(msg_ids=[f"m{i}" for i in range(50)]) == 50
         assert _count(path, "SELECT refs FROM payloads WHERE length(data) = 480") == 50
@@ -57,19 +57,26 @@ def test_the_same_payload_is_stored_once_and_counted(tmp_path: Path) -> None:
 def test_a_new_payload_replaces_the_old_one(tmp_path: Path) -> None:
     path = tmp_path / "h.db"
     with TaskStore(f"sqlite:///{path}") as s:
-        s.write([{"msg_id": "a", "status": "pending", "request": b"first"},
-                 {"msg_id": "b", "status": "pending", "request": b"first"}], [])
-        s.write([], [{"msg_id": "a", "status": "pending", "request": b"second"}])  # a new try
-        assert s.get_task("a", with_payload=True)["request"] == b"second"  # type: ignore
-        assert s.get_task("b", with_payload=True)["request"] == b"first"  # type: ignore
+        first, second = b"1" * 100, b"2" * 100
+        s.write([{"msg_id": "a", "status": "pending", "request": first},
+                 {"msg_id": "b", "status": "pending", "request": first}], [])
+        s.write([], [{"msg_id": "a", "status": "pending", "request": second}])  # a new try
+        assert s.get_task("a", with_payload=True)["request"] == second  # type: ignore
+        assert s.get_task("b", with_payload=True)["request"] == first  # type: ignore
         with sqlite3.connect(path) as conn:
             refs = dict(conn.execute("SELECT data, refs FROM payloads"))
-        assert refs == {b"first": 1, b"second": 1}
+        assert refs == {first: 1, second: 1}
         # an insert of a known msg_id (a relay copy seen twice) becomes an update
-        s.write([{"msg_id": "b", "status": "pending", "request": b"second"}], [])
+        s.write([{"msg_id": "b", "status": "pending", "request": second}], [])
         with sqlite3.connect(path) as conn:
             refs = dict(conn.execute("SELECT data, refs FROM payloads"))
-        assert refs == {b"second": 2}
+        assert refs == {second: 2}
+        # a short payload stays in its row, and replaces a shared one
+        s.write([], [{"msg_id": "b", "status": "pending", "request": b"short"}])
+        assert s.get_task("b", with_payload=True)["request"] == b"short"  # type: ignore
+        with sqlite3.connect(path) as conn:
+            refs = dict(conn.execute("SELECT data, refs FROM payloads"))
+        assert refs == {second: 1}
 
 
 def test_a_hash_collision_keeps_the_payload_inline(tmp_path: Path,
@@ -77,11 +84,12 @@ def test_a_hash_collision_keeps_the_payload_inline(tmp_path: Path,
     path = tmp_path / "h.db"
     monkeypatch.setattr(payloads, "key_of", lambda data: 42)  # every payload collides
     with TaskStore(f"sqlite:///{path}") as s:
-        s.write([{"msg_id": "a", "status": "ok", "request": b"one"},
-                 {"msg_id": "b", "status": "ok", "request": b"two"}], [])
-        s.write([{"msg_id": "c", "status": "ok", "request": b"three"},
-                 {"msg_id": "d", "status": "ok", "request": b"one"}], [])
-        for m, want in (("a", b"one"), ("b", b"two"), ("c", b"three"), ("d", b"one")):
+        one, two, three = b"1" * 64, b"2" * 64, b"3" * 64
+        s.write([{"msg_id": "a", "status": "ok", "request": one},
+                 {"msg_id": "b", "status": "ok", "request": two}], [])
+        s.write([{"msg_id": "c", "status": "ok", "request": three},
+                 {"msg_id": "d", "status": "ok", "request": one}], [])
+        for m, want in (("a", one), ("b", two), ("c", three), ("d", one)):
             assert s.get_task(m, with_payload=True)["request"] == want  # type: ignore[index]
         # only the first payload holds the key; the others (a clash with the stored one,
         # or with another of their own batch) stay in their rows

@@ -20,6 +20,9 @@ sent, finds which keys hold other bytes, and stores those payloads inline
 in the task row as before version 4.  Readers take ``request`` if it is set,
 else the payload under ``request_key``.
 
+Payloads under :data:`SHARE_MIN` bytes stay inline: sharing them would cost
+about what it saves.
+
 Counting errs on the safe side: a reference never taken away keeps a payload
 that could have gone; one never counted cannot happen (every reference a
 batch writes is counted in the same transaction).
@@ -41,6 +44,10 @@ __all__ = ["KEYS", "forget", "key_of", "load", "store_refs"]
 
 #: payload column -> the column that keeps its key
 KEYS = {"request": "request_key", "result": "result_key"}
+#: payloads shorter than this stay in their row: a key and a row of ``payloads`` cost
+#: about as much, and shared or not, a short payload is cheap to keep (a no-op's
+#: pickled None is 13 bytes; its pickled function, 551)
+SHARE_MIN = 64
 #: keys per IN (...) list
 _CHUNK = 500
 
@@ -71,7 +78,7 @@ def store_refs(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     for r in rows:
         for col, kcol in KEYS.items():
             data = r.get(col)
-            if data is None:
+            if data is None or len(data) < SHARE_MIN:
                 continue
             k = key_of(data)
             entry = found.get(k)
