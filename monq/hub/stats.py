@@ -268,7 +268,10 @@ class TaskStats:
                         where, tasks.c[by].is_(None) if key is None else tasks.c[by] == key)
                     cum = _cumulative(hists[key])
                     # min and max (exact): seeks into their buckets' range of the index
-                    hint = by is None and f.engine is None and f.label is None
+                    # the duration index, within one bucket's range: no index ends in
+                    # duration for engine or label (schema version 4), and SQLite would
+                    # otherwise take the status index and sort
+                    hint = True
                     lo = _edge(conn, gwhere, d, cum[0][1], False, hint)
                     if lo is None:  # a write came between: seek the whole range
                         lo = _nth(conn, gwhere, d, count, 0)
