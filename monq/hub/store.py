@@ -389,7 +389,7 @@ class TaskStore(TaskStats):
         return q.filter_clause(tasks, f, self.dialect, fts_table if self.fts else None,
                                _ROWID, selective)
 
-    def _selective(self, f: TaskFilter, order: str) -> frozenset[str]:
+    def _selective(self, f: TaskFilter, order: str, search: bool = True) -> frozenset[str]:
         """Which range filters match few rows (their index beats the sort order's).
 
         A bounded count on each one's own index (at most :data:`_PROBE` + 1
@@ -408,7 +408,7 @@ class TaskStore(TaskStats):
                 select(tasks.c[name]).where(cond).limit(_PROBE + 1).subquery())
             if int(self._scalar(probe) or 0) <= _PROBE:
                 out.add(name)
-        if f.search is not None and self.fts:
+        if f.search is not None and self.fts and search:
             match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
                 q.fts_query(f.search))
             probe = select(func.count()).select_from(
@@ -431,12 +431,15 @@ class TaskStore(TaskStats):
           statuses, which carries engine and label, when the maintained counts
           say those statuses are the smaller set to walk.
         """
-        sel = set(self._selective(f, order))
         plan = _Plan()
         if self.dialect != "sqlite":
-            plan.selective = frozenset(sel)
+            plan.selective = self._selective(f, order)
             return plan
         key, _ = q.parse_order(order)
+        # newest first, a search walks its matches by rowid whether they are many or
+        # few (few: it reads them all, as the rare-word plan would): no need to count them
+        walk = f.search is not None and self.fts and order == "-submitted"
+        sel = set(self._selective(f, order, search=not walk))
         ranges = set(q.range_probes(tasks, f))
         driven = ranges & sel
         if key == "submitted" and not driven and ranges & {"started", "completed"}:
@@ -445,8 +448,7 @@ class TaskStore(TaskStats):
                 plan.bound = q.implied_submitted(f, bounds)
                 if plan.bound is not None:
                     sel |= {"demote:started", "demote:completed"}
-        if f.search is not None and "search:common" in sel and order == "-submitted" \
-                and not driven and plan.bound is None:
+        if walk and not driven and plan.bound is None:
             bounds = self._time_bounds()
             if bounds is not None and "rowid" in bounds:
                 plan.search_slack = bounds["rowid"][0]
@@ -529,7 +531,7 @@ class TaskStore(TaskStats):
 
     def _search_walk(self, f: TaskFilter, order: str, cursor: str | None, want: int,
                      slack: float) -> list[dict[str, Any]]:
-        """A page of a search whose words match many tasks, newest submitted first.
+        """A page of a search, newest submitted first (its words matching many tasks or few).
 
         FTS5 hands its matches out newest rowid first, cheaply, a few at a
         time; rowid order is submitted order up to ``slack`` (a row written
@@ -562,10 +564,7 @@ class TaskStore(TaskStats):
             start = edge
             exhausted = False
             while True:
-                ids = select(fr).where(match, fr < edge if edge is not None else true()) \
-                    .order_by(fr.desc()).limit(chunk)
-                got = conn.execute(select(_ROWID, sub, passes)
-                                   .where(_ROWID.in_(ids.scalar_subquery()))).all()
+                got = conn.execute(_walk_chunk(match, passes, edge, chunk)).all()
                 for rowid, when, ok in got:
                     edge = rowid if edge is None else min(edge, rowid)
                     if when is not None:
@@ -887,6 +886,11 @@ class TaskStore(TaskStats):
         """The (first) SELECT :meth:`history_page` runs (for EXPLAIN)."""
         f = TaskFilter.from_dict(filters)
         plan = self._plan(f, order)
+        if plan.search_slack is not None and f.search is not None:
+            # a search walk: its first chunk of matches
+            match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
+                q.fts_query(f.search))
+            return _walk_chunk(match, literal_column("1"), None, 256)
         stage = self._stages(order, cursor, plan)[0]
         return self._page_stmt(f, order, stage, None if limit is None else limit + 1, plan)
 
@@ -903,6 +907,15 @@ class TaskStore(TaskStats):
                 return [dict(r) for r in conn.execute(stmt).mappings()]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+
+def _walk_chunk(match: Any, passes: Any, edge: int | None, chunk: int) -> Any:
+    """The next ``chunk`` full-text matches below rowid ``edge``, newest first: their
+    rowid, submitted time and whether they pass the other filters."""
+    fr = fts_table.c.rowid
+    ids = select(fr).where(match, fr < edge if edge is not None else true()) \
+        .order_by(fr.desc()).limit(chunk)
+    return select(_ROWID, tasks.c.submitted, passes).where(_ROWID.in_(ids.scalar_subquery()))
 
 
 @dataclass
