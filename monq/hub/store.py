@@ -389,7 +389,8 @@ class TaskStore(TaskStats):
         return q.filter_clause(tasks, f, self.dialect, fts_table if self.fts else None,
                                _ROWID, selective)
 
-    def _selective(self, f: TaskFilter, order: str, search: bool = True) -> frozenset[str]:
+    def _selective(self, f: TaskFilter, order: str, search: bool = True,
+                   skip: frozenset[str] = frozenset()) -> frozenset[str]:
         """Which range filters match few rows (their index beats the sort order's).
 
         A bounded count on each one's own index (at most :data:`_PROBE` + 1
@@ -402,8 +403,8 @@ class TaskStore(TaskStats):
         key, _ = q.parse_order(order)
         out = set()
         for name, cond in q.range_probes(tasks, f).items():
-            if name == key:
-                continue  # sorting by it already reads its index
+            if name == key or name in skip:
+                continue  # sorting by it already reads its index; or the caller knows
             probe = select(func.count()).select_from(
                 select(tasks.c[name]).where(cond).limit(_PROBE + 1).subquery())
             if int(self._scalar(probe) or 0) <= _PROBE:
@@ -439,15 +440,19 @@ class TaskStore(TaskStats):
         # newest first, a search walks its matches by rowid whether they are many or
         # few (few: it reads them all, as the rare-word plan would): no need to count them
         walk = f.search is not None and self.fts and order == "-submitted"
-        sel = set(self._selective(f, order, search=not walk))
         ranges = set(q.range_probes(tasks, f))
+        timed = ranges & {"started", "completed"}
+        bounds = self._time_bounds() if key == "submitted" and timed else None
+        implied = q.implied_submitted(f, bounds) if bounds is not None else None
+        # a window on submitted hardly wider than the range itself: walk it in order,
+        # whatever the range matches (no need to count)
+        tight = implied is not None and bounds is not None and _tight(f, bounds)
+        sel = set(self._selective(f, order, search=not walk,
+                                  skip=frozenset(timed) if tight else frozenset()))
         driven = ranges & sel
-        if key == "submitted" and not driven and ranges & {"started", "completed"}:
-            bounds = self._time_bounds()
-            if bounds is not None:
-                plan.bound = q.implied_submitted(f, bounds)
-                if plan.bound is not None:
-                    sel |= {"demote:started", "demote:completed"}
+        if implied is not None and not driven:
+            plan.bound = implied
+            sel |= {"demote:started", "demote:completed"}
         if walk and not driven and plan.bound is None:
             bounds = self._time_bounds()
             if bounds is not None and "rowid" in bounds:
@@ -907,6 +912,21 @@ class TaskStore(TaskStats):
                 return [dict(r) for r in conn.execute(stmt).mappings()]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+
+def _tight(f: TaskFilter, bounds: aggregates.TimeBounds) -> bool:
+    """Whether the window on submitted that the started/completed ranges imply is at
+    most a minute (or the range's own width) wider than each range: then walking it
+    in submitted order reads little besides matches, however many or few they are."""
+    for name, a, b in (("started", f.started_since, f.started_until),
+                       ("completed", f.completed_since, f.completed_until)):
+        if a is None and b is None:
+            continue
+        lead, lag = bounds.get(name, (math.inf, math.inf))
+        width = b - a if a is not None and b is not None else 0.0
+        if lead + lag > max(60.0, width):
+            return False
+    return True
 
 
 def _walk_chunk(match: Any, passes: Any, edge: int | None, chunk: int) -> Any:
