@@ -269,7 +269,7 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_rare_status_with_engine_and_label_walks_the_partial_index(many: Path) -> None:
     with TaskStore(f"sqlite:///{many}") as s:
-        kw = {"status": "error", "engine": 3, "label": "bx"}
+        kw: dict[str, Any] = {"status": "error", "engine": 3, "label": "bx"}
         plan = s.explain(s.history_statement(limit=100, **kw))
         assert plan[0] == "SEARCH tasks USING INDEX ix_tasks_unusual (status=?)", plan
         got = s.history(limit=100, **kw)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import RSSSampler, timed
+
 import monq
 from monq.cluster import Cluster, ClusterConfig
 from monq.hub.store import DERIVED, TaskStore

@@ -76,7 +76,7 @@ def store_refs(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     found: dict[int, list[Any]] = {}  # key -> [data, refs]
     where: list[tuple[dict[str, Any], str, int]] = []
     for r in rows:
-        for col, kcol in KEYS.items():
+        for col in KEYS:
             data = r.get(col)
             if data is None or len(data) < SHARE_MIN:
                 continue

@@ -579,8 +579,8 @@ class TaskStore(TaskStats):
                 if len(got) < chunk:
                     exhausted = True  # every match read
                     break
-                timed = sorted((x for x in found if x[0] is not None), reverse=True)
-                if len(timed) >= want and earliest + slack <= timed[want - 1][0]:
+                timed = sorted((x[0] for x in found if x[0] is not None), reverse=True)
+                if len(timed) >= want and earliest + slack <= timed[want - 1]:
                     break  # no match left unread can make the page
                 chunk = min(chunk * 4, 16_384)
             if exhausted and start is not None:
@@ -659,7 +659,8 @@ class TaskStore(TaskStats):
         sort = (tasks.c.submitted.asc(), tasks.c.msg_id)
         implied = q.db_query_time_filter(query)
         bounds = self._time_bounds() if implied is not None and self.aggregates else None
-        bound = q.implied_submitted(implied, bounds) if bounds is not None else None
+        bound = q.implied_submitted(implied, bounds) \
+            if implied is not None and bounds is not None else None
         if bound is None:
             return self._rows(select(*cols).where(where).order_by(*sort))
         # a range on started/completed implies one on submitted (the time bounds): the
