@@ -96,6 +96,7 @@ def queries(s: TaskStore) -> list[tuple[str, Callable[[], Any]]]:
     for _ in range(50):
         deep = s.history_page(limit=100, cursor=deep)[1]
     dur_cursor = s.history_page(limit=100, order="-duration")[1]
+    search_cursor = s.history_page(limit=100, search="sigma omega")[1]
     return [
         ("history, no filter, limit 100", lambda: s.history(limit=100)),
         ("status=error, limit 100", lambda: s.history(status="error", limit=100)),
@@ -147,6 +148,12 @@ def queries(s: TaskStore) -> list[tuple[str, Callable[[], Any]]]:
         ("search + status=error (FTS5), limit 100",
          lambda: s.history(search="ZeroDivisionError", status="error", limit=100)),
         ("count search rare word (FTS5)", lambda: s.count(search="xylophone")),
+        ("search 2 words (FTS5), cursor page 2",
+         lambda: s.history_page(limit=100, search="sigma omega", cursor=search_cursor)),
+        # what bench/measure.py's hist_db_query_engine_ms asks (through a Client there)
+        ("db_query engine=0, completed in 10 min",
+         lambda: s.db_query({"engine": 0, "completed": {"$gte": hour, "$lt": hour + 600}},
+                            keys=["msg_id", "status", "completed"])),
     ]
 
 
@@ -191,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                               ("label", {"label": "train"}), ("client", {"client": CLIENTS[0]}),
                               ("msg_id", {"msg_id": "ab1"}),
                               ("started", {"started_since": T0, "started_until": T0 + 60}),
+                              ("started, 1 h", {"started_since": T0 + DAY / 2,
+                                                "started_until": T0 + DAY / 2 + 3600}),
+                              ("status+engine+label", {"status": "error", "engine": 3,
+                                                       "label": "train"}),
                               ("min_duration", {"min_duration": 5.0}),
                               ("search", {"search": "xylophone"})]:
                 print(label, s.explain(s.history_statement(**kw)))

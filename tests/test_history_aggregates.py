@@ -218,7 +218,7 @@ def test_a_version_2_history_is_upgraded_with_its_aggregates(tmp_path: Path) -> 
         assert _maintained(s) == _recount(s)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                            ).fetchone() == ("3",)
+                            ).fetchone() == ("4",)
 
 
 def test_buckets_and_minutes() -> None:

@@ -566,10 +566,11 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path: Path) -> None:
         assert dict(s.task_stats("status")) == {"ok": 2, "pending": 1}  # aggregates built
         assert s.task_stats("minute") == [(0, 3)]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                            ).fetchone() == ("4",)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert "ix_tasks_engine" not in names and "ix_tasks_engine_submitted" in names
-    with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 3
+    with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 4
         assert len(s.hub_history()) == 3
 
 
@@ -585,9 +586,15 @@ def test_common_search_words_walk_the_order_index(store: TaskStore,
     monkeypatch.setattr(store_module, "_PROBE", 5)  # 60 matches are now "many"
     common = store.explain(store.history_statement(search="processed"))
     assert any("USING INTEGER PRIMARY KEY" in step for step in rare), rare
-    assert common[0] == "SCAN tasks USING INDEX ix_tasks_submitted", common
+    # newest first, a search walks the matches by rowid a chunk at a time (schema version
+    # 4): no sort of every match, whether they are many or few
+    assert any("USING INTEGER PRIMARY KEY" in step for step in common), common
     assert not any("TEMP B-TREE" in step for step in common), common
     assert ids(store.history(search="processed", limit=10)) == expected
+    # in another order, many matches: the order's index drives
+    common = store.explain(store.history_statement(search="processed", order="submitted"))
+    assert common[0] == "SCAN tasks USING INDEX ix_tasks_submitted", common
+    assert not any("TEMP B-TREE" in step for step in common), common
 
 
 def test_time_buckets_refuse_too_many(store: TaskStore) -> None:

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import RSSSampler, timed
-from sqlalchemy import select
 
 import monq
 from monq.cluster import Cluster, ClusterConfig
-from monq.hub.store import TaskStore, tasks
+from monq.hub.store import DERIVED, TaskStore
 
 if TYPE_CHECKING:
     from systems.monq import Adapter
@@ -54,9 +53,11 @@ def templates(adapter: Adapter) -> tuple[list[dict[str, Any]], list[dict[str, An
     assert adapter.client is not None
     adapter.client.cluster_status()  # the Hub flushes before it answers
     ids = [ar.msg_ids[0] for ar in ok + bad]
-    with TaskStore(f"sqlite:///{adapter.db_path}") as store, store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(select(tasks).where(tasks.c.msg_id.in_(ids)))
-                .mappings()]
+    with TaskStore(f"sqlite:///{adapter.db_path}") as store:
+        # as a caller writes them: payloads as bytes (the store may keep them shared), and
+        # without the columns the store computes
+        found = [store.get_task(i, with_payload=True) for i in ids]
+    rows = [{k: v for k, v in r.items() if k not in DERIVED} for r in found if r is not None]
     return ([r for r in rows if r["status"] == "ok"], [r for r in rows if r["status"] == "error"])
 
 

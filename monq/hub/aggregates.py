@@ -17,6 +17,13 @@ delete removes the old ones.  The deltas are applied with one
 ``INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`` executemany per
 table.  Rows whose count has gone to 0 stay (readers skip them).
 
+The same pass keeps the history's *time bounds* (schema version 4): the
+largest gap ever written between ``submitted`` and each of ``started`` and
+``completed``, both ways (``meta`` row ``time_bounds``).  Only ever raised,
+never lowered (a delete leaves them valid bounds), they let a range on
+started or completed imply an exact range on submitted
+(:func:`monq.hub.query.implied_submitted`).
+
 The stats queries (:mod:`monq.hub.stats`) read these tables when a query's
 filters are ones the table is keyed by, and the exact SQL over ``tasks``
 otherwise.  Percentiles from the histogram are exact to within the width of
@@ -25,6 +32,7 @@ one bucket (a bucket's upper bound is ~12 % above its lower one).
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from bisect import bisect_right
@@ -32,11 +40,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from monq.hub.schema import duration_hist, minute_counts, task_counts, tasks
+from monq.hub.schema import duration_hist, meta_table, minute_counts, task_counts, tasks
 
 __all__ = ["NO_ENGINE", "NO_LABEL", "PER_DECADE", "Deltas", "bucket", "bucket_upper",
            "engine_key", "label_key", "minute_of", "rebuild", "unkey_engine", "unkey_label"]
@@ -100,6 +108,10 @@ class Deltas:
         self.counts: dict[tuple[str, int, str], int] = defaultdict(int)
         self.hist: dict[tuple[int, str, str, int], int] = defaultdict(int)
         self.minutes: dict[tuple[int, str], int] = defaultdict(int)
+        #: largest (submitted - x, x - submitted) of the rows counted in, x: started, completed
+        self.gaps: dict[str, list[float]] = {}
+        #: the stored rows' states before the batch, by msg_id (updates only)
+        self.before: dict[str, dict[str, Any]] = {}
 
     def add(self, row: dict[str, Any], sign: int) -> None:
         """Count a task (its state: :data:`STATE_COLUMNS`) in (+1) or out (-1)."""
@@ -113,6 +125,16 @@ class Deltas:
         s = row.get("submitted")
         if s is not None:
             self.minutes[(minute_of(s), status)] += sign
+            if sign > 0:
+                for name in TIME_BOUND_COLUMNS:
+                    x = row.get(name)
+                    if x is not None:
+                        g = self.gaps.get(name)
+                        if g is None:
+                            self.gaps[name] = [s - x, x - s]
+                        else:
+                            g[0] = max(g[0], s - x)
+                            g[1] = max(g[1], x - s)
 
     def apply(self, conn: Connection) -> None:
         """One upsert executemany per table that changes."""
@@ -129,20 +151,108 @@ class Deltas:
             conn.execute(stmt, rows)
 
 
+#: the columns whose gap to ``submitted`` is bounded (meta row ``time_bounds``)
+TIME_BOUND_COLUMNS = ("started", "completed")
+#: {column: [lead, lag]}: submitted - column <= lead, column - submitted <= lag, every row
+TimeBounds = dict[str, list[float]]
+
+
+def read_time_bounds(conn: Connection) -> TimeBounds | None:
+    """The stored time bounds; None if this database does not keep them."""
+    found = conn.execute(select(meta_table.c.value)
+                         .where(meta_table.c.key == "time_bounds")).scalar()
+    if found is None:
+        return None
+    out = json.loads(found)
+    return {k: [float(v[0]), float(v[1])] for k, v in out.items()}
+
+
+def merge_time_bounds(conn: Connection, gaps: TimeBounds, known: TimeBounds | None
+                      ) -> TimeBounds | None:
+    """Raise the stored bounds to cover ``gaps`` if they do not already; the new bounds.
+
+    ``known`` is what the caller last read or wrote (the store is the only
+    writer): when it covers the gaps already this costs no statement.
+    """
+    if known is not None and _covers(known, gaps):
+        return known
+    stored = read_time_bounds(conn)
+    if stored is None:
+        return None  # a database without bounds (never used: nothing to keep)
+    if _covers(stored, gaps):
+        return stored
+    merged = {k: list(v) for k, v in stored.items()}
+    for k, (lead, lag) in gaps.items():
+        old = merged.get(k, [_MIN_BOUND, _MIN_BOUND])
+        merged[k] = [max(old[0], _headroom(lead)), max(old[1], _headroom(lag))]
+    conn.execute(meta_table.update().where(meta_table.c.key == "time_bounds")
+                 .values(value=json.dumps(merged)))
+    return merged
+
+
+#: bounds start at 1 s and grow by powers of two: raising them is rare (a statement each time)
+_MIN_BOUND = 1.0
+#: what a new database starts with: submitted after started (clock skew only) by up to
+#: 1 s, before it (queue wait, run time) by up to 64 s; wider gaps raise them (one
+#: statement each time they double)
+INITIAL_TIME_BOUNDS = {**{k: [_MIN_BOUND, 64.0] for k in ("started", "completed")},
+                       "rowid": [_MIN_BOUND, _MIN_BOUND]}
+
+
+def _headroom(gap: float) -> float:
+    """The bound kept for a gap: the next power of two seconds, at least 1 s."""
+    if not gap <= _MIN_BOUND:  # NaN and inf too
+        return 2.0 ** math.ceil(math.log2(gap)) if math.isfinite(gap) else math.inf
+    return _MIN_BOUND
+
+
+def _covers(bounds: TimeBounds, gaps: TimeBounds) -> bool:
+    for k, (lead, lag) in gaps.items():
+        b = bounds.get(k)
+        if b is None or lead > b[0] or lag > b[1]:
+            return False
+    return True
+
+
+def rebuild_time_bounds(conn: Connection) -> None:
+    """Compute the time bounds from every row (an upgrade; one scan of ``tasks``)."""
+    c = tasks.c
+    out: TimeBounds = {}
+    for name in TIME_BOUND_COLUMNS:
+        x = c[name]
+        lead, lag = conn.execute(select(func.max(c.submitted - x), func.max(x - c.submitted))
+                                 ).one()
+        out[name] = [_MIN_BOUND, _MIN_BOUND] if lead is None else \
+            [_headroom(float(lead)), _headroom(float(lag))]
+    # rowid order against submitted order: how much later than a row written after it a
+    # row was submitted (the running maximum of the rows before it, minus its own)
+    prev = func.max(c.submitted).over(order_by=literal_column("tasks.rowid"),
+                                      rows=(None, -1))
+    inner = select((prev - c.submitted).label("late")).subquery()
+    late = conn.execute(select(func.max(inner.c.late))).scalar()
+    out["rowid"] = [_MIN_BOUND if late is None else _headroom(float(late)), _MIN_BOUND]
+    conn.execute(meta_table.delete().where(meta_table.c.key == "time_bounds"))
+    conn.execute(meta_table.insert(), {"key": "time_bounds", "value": json.dumps(out)})
+
+
 #: msg_ids per IN (...) list: SQLite before 3.32 binds at most 999 variables, later 32,766
 _CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 500
 
 
+#: read with the state of an updated row: the payloads it references (monq.hub.payloads)
+KEY_COLUMNS = ("request_key", "result_key")
+
+
 def read_states(conn: Connection, ids: Iterable[str], chunk: int = _CHUNK
                 ) -> dict[str, dict[str, Any]]:
-    """The aggregate-keyed columns of the stored rows among ``ids``, by msg_id."""
+    """The aggregate-keyed columns (and payload keys) of the stored rows among ``ids``."""
     ids = list(ids)
-    cols = [tasks.c.msg_id] + [tasks.c[k] for k in STATE_COLUMNS]
+    cols = [tasks.c.msg_id] + [tasks.c[k] for k in STATE_COLUMNS + KEY_COLUMNS]
     out: dict[str, dict[str, Any]] = {}
     for i in range(0, len(ids), chunk):
         for r in conn.execute(select(*cols).where(tasks.c.msg_id.in_(ids[i:i + chunk]))
                               ).mappings():
-            out[r["msg_id"]] = {k: r[k] for k in STATE_COLUMNS}
+            out[r["msg_id"]] = {k: r[k] for k in STATE_COLUMNS + KEY_COLUMNS}
     return out
 
 
@@ -165,6 +275,7 @@ def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
         before: dict[str, dict[str, Any]] = {}
     else:
         before = read_states(conn, stored_ids)
+    deltas.before = before
     for msg_id, row in before.items():
         deltas.add(row, -1)
         state[msg_id] = dict(row)
@@ -193,7 +304,8 @@ def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
 def delete_deltas(conn: Connection, ids: Sequence[str]) -> Deltas:
     """The deltas of deleting the rows ``ids`` (read before they go)."""
     deltas = Deltas()
-    for row in read_states(conn, ids).values():
+    deltas.before = read_states(conn, ids)
+    for row in deltas.before.values():
         deltas.add(row, -1)
     return deltas
 

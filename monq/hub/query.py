@@ -8,6 +8,7 @@ driver error (or, worse, a silent string-versus-number comparison in SQLite).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -36,8 +37,9 @@ __all__ = [
     "history_clause", "keyset_stages", "order_clause", "search_terms", "tiebreak_column",
 ]
 
-#: columns that hold payloads: never filtered on, never returned by history/db_query
-BLOB_COLUMNS = ("request", "result")
+#: columns that hold payloads (or their keys, schema version 4): never filtered on, never
+#: returned by history/db_query
+BLOB_COLUMNS = ("request", "result", "request_key", "result_key")
 #: what ``history(order=...)`` may sort by (with an optional leading "-")
 ORDER_KEYS = ("submitted", "started", "completed", "duration", "msg_id")
 _TIME_COLUMNS = ("submitted", "started", "completed", "received")
@@ -187,10 +189,13 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
     for tcol, lo, hi in ((c.submitted, f.since, f.until),
                          (c.started, f.started_since, f.started_until),
                          (c.completed, f.completed_since, f.completed_until)):
+        # "demote:x": x's range is answered through the range it implies on submitted
+        # (implied_submitted); `x + 0` keeps the planner off x's own index
+        term: Any = tcol + 0 if "demote:" + tcol.name in selective else tcol
         if lo is not None:
-            conds.append(hint(tcol.name, tcol >= lo))
+            conds.append(hint(tcol.name, term >= lo))
         if hi is not None:
-            conds.append(hint(tcol.name, tcol < hi))
+            conds.append(hint(tcol.name, term < hi))
     if f.min_duration is not None:
         conds.append(hint("duration", c.duration >= f.min_duration))
     if f.max_duration is not None:
@@ -198,6 +203,67 @@ def filter_clause(table: Table, f: TaskFilter, dialect: str = "sqlite",
     if f.search is not None:
         conds.append(_search(table, f.search, fts, rowid, common="search:common" in selective))
     return and_(true(), *conds)
+
+
+def implied_submitted(f: TaskFilter, bounds: dict[str, list[float]]
+                      ) -> tuple[float | None, float | None] | None:
+    """The range of ``submitted`` that the started/completed ranges of ``f`` imply.
+
+    ``bounds`` are the database's time bounds (:mod:`monq.hub.aggregates`):
+    for every row with both times, ``submitted - x <= lead`` and
+    ``x - submitted <= lag``.  So ``lo <= x < hi`` implies
+    ``lo - lag <= submitted <= hi + lead`` exactly (with a millisecond to spare
+    for rounding); rows without a submitted time are not covered (the caller
+    reads them apart).  None if ``f`` has no such range.
+    """
+    lo: float | None = None
+    hi: float | None = None
+    for name, a, b in (("started", f.started_since, f.started_until),
+                       ("completed", f.completed_since, f.completed_until)):
+        if a is None and b is None:
+            continue
+        lead, lag = bounds.get(name, (math.inf, math.inf))
+        if a is not None and math.isfinite(lag):
+            v = a - lag - _slack(a)
+            lo = v if lo is None else max(lo, v)
+        if b is not None and math.isfinite(lead):
+            v = b + lead + _slack(b)
+            hi = v if hi is None else min(hi, v)
+    if lo is None and hi is None:
+        return None
+    return lo, hi
+
+
+def _slack(v: float) -> float:
+    return 1e-3 + abs(v) * 1e-12
+
+
+def submitted_range(table: Table, bound: tuple[float | None, float | None]
+                    ) -> ColumnElement[bool]:
+    """``lo <= submitted <= hi`` (either side may be open)."""
+    col = table.c.submitted
+    lo, hi = bound
+    return and_(col >= lo if lo is not None else true(), col <= hi if hi is not None else true())
+
+
+def bounded_stages(table: Table, order: str, cursor: tuple[Any, Any] | None,
+                   bound: tuple[float | None, float | None], dialect: str = "sqlite"
+                   ) -> list[ColumnElement[bool]]:
+    """The stages of a page by submitted (:func:`keyset_stages`; ``cursor`` None: the
+    first page) with an implied range on submitted added to every stage that reads
+    non-NULL submitted times; the NULL ones get a stage of their own, where NULLs sort.
+    """
+    _, desc = parse_order(order)
+    col = table.c.submitted
+    rng = submitted_range(table, bound)
+    if cursor is None:
+        return [rng, col.is_(None)] if desc else [col.is_(None), rng]
+    value, last = cursor
+    stages = keyset_stages(table, order, value, last, dialect)
+    # where keyset_stages reads NULLs only: descending, after the values (or from a NULL
+    # cursor on); ascending from a NULL cursor, before the values
+    nulls = {1} if desc and value is not None else {0} if value is None else set()
+    return [st if i in nulls else and_(st, rng) for i, st in enumerate(stages)]
 
 
 #: the text columns ``search`` looks in
@@ -392,6 +458,30 @@ def _operator(col: Column[Any], op: Any, value: Any, dialect: str) -> ColumnElem
     if op == "$lte":
         return col <= v
     return col >= v  # $gte
+
+
+def db_query_time_filter(query: dict[str, Any]) -> TaskFilter | None:
+    """The ranges a (checked) db_query dict puts on started and completed, as a filter.
+
+    Bounds are widened to inclusive ones (what :func:`implied_submitted` needs);
+    None if the query has no such range.
+    """
+    out: dict[str, float] = {}
+    for name in ("started", "completed"):
+        spec = query.get(name)
+        ops = spec if isinstance(spec, dict) else {"$eq": spec} if spec is not None else {}
+        for op, value in ops.items():
+            if value is None or op not in ("$gt", "$gte", "$lt", "$lte", "$eq"):
+                continue
+            v = time_value(name, value) if isinstance(value, datetime) else value
+            if not _is_num(v):
+                continue
+            v = float(v)
+            if op in ("$gt", "$gte", "$eq"):
+                out[f"{name}_since"] = max(out.get(f"{name}_since", -math.inf), v)
+            if op in ("$lt", "$lte", "$eq"):
+                out[f"{name}_until"] = min(out.get(f"{name}_until", math.inf), v)
+    return TaskFilter(**out) if out else None  # type: ignore[arg-type]
 
 
 def glob_to_like(pattern: str) -> str:

@@ -13,6 +13,22 @@ Schema versions (kept in the ``meta`` table):
    log-spaced duration bucket) and ``minute_counts`` (minute of
    submission, status), kept in step by every write and delete in the same
    transaction; an upgrade builds them once from the rows already there.
+4. payloads are stored once per distinct content (SQLite): ``payloads(key,
+   data, refs)`` keyed by a 64-bit hash of the bytes, with a reference
+   count; a task keeps ``request_key``/``result_key`` (its ``request`` and
+   ``result`` columns hold a payload inline only when it was written before
+   version 4, on other databases, or on the rare hash collision).  A no-op
+   sent a million times keeps its pickled function once instead of a million
+   times: that was more than half of a no-op's bytes.  ``meta`` also keeps
+   ``time_bounds``: how far ``submitted`` may lie from ``started`` and
+   ``completed`` (the largest gap ever written each way), which turns a
+   range on started/completed into an exact range on submitted for the
+   default order (see :func:`monq.hub.query.implied_submitted`).  A
+   partial index over the rare statuses (not "ok") carries engine and
+   label, so that "status=error AND engine AND label" is answered from
+   the index alone; the duration index carries submitted, for duration
+   ranges in the default order.  The (engine, duration) and (label, duration) indexes
+   are gone (see the note at the indexes).
 
 An older database is upgraded in place when a store opens it (columns
 added and filled, indexes built): a user's history survives an upgrade.  A
@@ -21,6 +37,7 @@ newer one is refused with a clear error.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -46,7 +63,7 @@ from monq.errors import HubError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 metadata = MetaData()
 
@@ -75,31 +92,47 @@ tasks = Table(
     Column("result", LargeBinary, nullable=True),
     Column("result_bytes", Integer, nullable=True),
     # -- version 2
-    Column("duration", Float, nullable=True, index=True),
+    Column("duration", Float, nullable=True),
     Column("stored_bytes", Integer, nullable=True),
     Column("payload_evicted", Float, nullable=True),
+    # -- version 4: the keys of payloads stored once in ``payloads``
+    Column("request_key", Integer, nullable=True),
+    Column("result_key", Integer, nullable=True),
 )
 # Each history filter gets an index that also gives the default order
 # (newest submitted first), so "filter, sort, limit" reads only the rows it
-# returns; the (x, duration) ones answer percentiles per engine and label
-# by seeking into the index instead of sorting.
+# returns.  (Version 4 dropped the (engine|label, duration) indexes, 40 bytes a
+# task: percentiles by engine and label come from the maintained histogram, and
+# their exact min and max from one bucket's range of the duration index.)
 Index("ix_tasks_status_submitted", tasks.c.status, tasks.c.submitted)
+# Version 4: duration with submitted, so that a duration range in the default order
+# sorts (submitted, rowid) from the index alone instead of reading every match's row
+# (an order by duration sorts only ties, by rowid)
+Index("ix_tasks_duration", tasks.c.duration, tasks.c.submitted)
 Index("ix_tasks_engine_submitted", tasks.c.engine, tasks.c.submitted)
 Index("ix_tasks_client_submitted", tasks.c.client, tasks.c.submitted)
 Index("ix_tasks_label_submitted", tasks.c.label, tasks.c.submitted)
-Index("ix_tasks_engine_duration", tasks.c.engine, tasks.c.duration)
-Index("ix_tasks_label_duration", tasks.c.label, tasks.c.duration)
+#: statuses other than "ok" are rare; a task's status is one of them (SQL)
+UNUSUAL = text("status != 'ok'")
+# Version 4: the rare statuses again, with engine and label: walking it for
+# "status=error AND engine=3 AND label=x" tests engine and label on the index entry
+# instead of reading each error's row (partial: a few % of the rows)
+_UNUSUAL_INDEX = Index("ix_tasks_unusual", tasks.c.status, tasks.c.submitted, tasks.c.engine,
+                       tasks.c.label, sqlite_where=UNUSUAL)
 #: retention evicts payloads oldest-completed first: only rows that still hold one
-HAS_PAYLOAD = or_(tasks.c.request.is_not(None), tasks.c.result.is_not(None))
+HAS_PAYLOAD = or_(tasks.c.request.is_not(None), tasks.c.result.is_not(None),
+                  tasks.c.request_key.is_not(None), tasks.c.result_key.is_not(None))
 _PAYLOAD_INDEX = Index("ix_tasks_payload_completed", tasks.c.completed, sqlite_where=HAS_PAYLOAD)
+_PARTIAL = {_UNUSUAL_INDEX: UNUSUAL, _PAYLOAD_INDEX: HAS_PAYLOAD}
 
 
+@event.listens_for(_UNUSUAL_INDEX, "before_create")
 @event.listens_for(_PAYLOAD_INDEX, "before_create")
 def _postgresql_where(index: Index, connection: Connection, **kw: Any) -> None:
     # set here, not as postgresql_where= above: naming a dialect's option makes SQLAlchemy
     # import that dialect to check it, ~50 ms of every controller's start-up
     if connection.dialect.name == "postgresql":
-        index.dialect_options["postgresql"]["where"] = HAS_PAYLOAD
+        index.dialect_options["postgresql"]["where"] = _PARTIAL[index]
 
 engines_table = Table(
     "engines", metadata,
@@ -151,6 +184,15 @@ minute_counts = Table(
 )
 AGGREGATE_TABLES = (task_counts, duration_hist, minute_counts)
 
+# -- version 4: payloads stored once per distinct content (SQLite; see monq.hub.payloads).
+# ``key`` is the row id (no separate index): a 64-bit hash of ``data``.
+payloads_table = Table(
+    "payloads", metadata,
+    Column("key", Integer, primary_key=True, autoincrement=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("refs", Integer, nullable=False),
+)
+
 #: the full-text index (SQLite FTS5), external content: it stores no copy of the text
 fts_table = Table(
     "tasks_fts", MetaData(),  # not in ``metadata``: created by _FTS_DDL, SQLite only
@@ -171,6 +213,10 @@ _FTS_DDL = f"CREATE VIRTUAL TABLE IF NOT EXISTS tasks_fts USING fts5({_COLS}, " 
 _V2_COLUMNS = {"duration": "FLOAT", "stored_bytes": "INTEGER", "payload_evicted": "FLOAT"}
 #: version-1 single-column indexes that the version-2 composite ones replace
 _V1_INDEXES = ("ix_tasks_engine", "ix_tasks_client")
+_V4_COLUMNS = {"request_key": "INTEGER", "result_key": "INTEGER"}
+#: version-3 indexes that version 4 does without
+_V3_INDEXES = ("ix_tasks_engine_duration", "ix_tasks_label_duration",
+               "ix_tasks_duration")  # the last one comes back with submitted
 
 
 def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
@@ -186,10 +232,17 @@ def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
         select(meta_table.c.value).where(meta_table.c.key == "schema_version")).scalar()
     if found is None:
         conn.execute(meta_table.insert(), {"key": "schema_version", "value": SCHEMA_VERSION})
-    elif found in ("1", "2"):
+        if dialect == "sqlite":  # no rows yet: no gaps (monq.hub.aggregates)
+            from monq.hub.aggregates import INITIAL_TIME_BOUNDS
+
+            conn.execute(meta_table.insert(), {"key": "time_bounds",
+                                               "value": json.dumps(INITIAL_TIME_BOUNDS)})
+    elif found in ("1", "2", "3"):
         if found == "1":
             _upgrade_1_to_2(conn, url)
-        _upgrade_2_to_3(conn, url, dialect)
+        if found in ("1", "2"):
+            _upgrade_2_to_3(conn, url, dialect)
+        _upgrade_3_to_4(conn, url, dialect)
     elif found != SCHEMA_VERSION:
         raise HubError(f"database {url} has schema version {found}; this monq "
                        f"reads versions 1 to {SCHEMA_VERSION} (use another --db, or a newer "
@@ -223,6 +276,27 @@ def _upgrade_2_to_3(conn: Connection, url: str, dialect: str) -> None:
                 "history's aggregates)", url, SCHEMA_VERSION)
     if dialect == "sqlite":  # elsewhere the aggregates are neither kept nor read
         aggregates.rebuild(conn)
+
+
+def _upgrade_3_to_4(conn: Connection, url: str, dialect: str) -> None:
+    """Key columns for shared payloads, the time bounds, the two widened indexes.
+
+    Payloads already stored stay inline in their rows (read as before);
+    new ones are stored once.  The history is kept as it was.
+    """
+    from monq.hub import aggregates
+
+    log.warning("upgrading history database %s to schema version %s", url, SCHEMA_VERSION)
+    have = {c["name"] for c in _inspect_columns(conn)}
+    for name, sqltype in _V4_COLUMNS.items():
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE tasks ADD COLUMN {name} {sqltype}"))
+    for name in _V3_INDEXES:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+    # the partial index's condition now names the key columns too
+    conn.execute(text("DROP INDEX IF EXISTS ix_tasks_payload_completed"))
+    if dialect == "sqlite":
+        aggregates.rebuild_time_bounds(conn)
     conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
                  .values(value=SCHEMA_VERSION))
 

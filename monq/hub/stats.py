@@ -268,7 +268,10 @@ class TaskStats:
                         where, tasks.c[by].is_(None) if key is None else tasks.c[by] == key)
                     cum = _cumulative(hists[key])
                     # min and max (exact): seeks into their buckets' range of the index
-                    hint = by is None and f.engine is None and f.label is None
+                    # the duration index, within one bucket's range: no index ends in
+                    # duration for engine or label (schema version 4), and SQLite would
+                    # otherwise take the status index and sort
+                    hint = True
                     lo = _edge(conn, gwhere, d, cum[0][1], False, hint)
                     if lo is None:  # a write came between: seek the whole range
                         lo = _nth(conn, gwhere, d, count, 0)
@@ -335,15 +338,11 @@ def _edge(conn: Connection, where: Any, col: Any, b: int, desc: bool, hint: bool
     if b < agg.LAST_BUCKET:
         conds.append(col < agg.bucket_upper(b))
     stmt = select(col).where(*conds).order_by(col.desc() if desc else col.asc()).limit(1)
-    if not hint:
-        return conn.execute(stmt).scalar()
-    # SQLAlchemy's SQLite compiler renders no table hints: put INDEXED BY in the text
-    compiled = stmt.compile(conn, compile_kwargs={"render_postcompile": True})
-    sql = str(compiled)
-    assert sql.count("FROM tasks ") == 1, sql
-    sql = sql.replace("FROM tasks ", "FROM tasks INDEXED BY ix_tasks_duration ")
-    params = tuple(compiled.params[k] for k in compiled.positiontup or ())
-    return conn.exec_driver_sql(sql, params).scalar()
+    if hint:
+        # the store's SQLite engine renders table hints (monq.hub.store._make_engine);
+        # a cached statement, unlike one compiled by hand each time
+        stmt = stmt.with_hint(tasks, "INDEXED BY ix_tasks_duration", "sqlite")
+    return conn.execute(stmt).scalar()
 
 
 def _cumulative(hist: dict[int, int]) -> list[tuple[int, int]]:

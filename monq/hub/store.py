@@ -18,20 +18,24 @@ or ``monq history`` in another process, do not block the writer) and a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
     literal_column,
+    or_,
     select,
     text,
     true,
@@ -41,7 +45,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from monq.errors import HubError
-from monq.hub import aggregates, schema
+from monq.hub import aggregates, payloads, schema
 from monq.hub import query as q
 from monq.hub.filters import TaskFilter, decode_cursor, encode_cursor
 from monq.hub.schema import (
@@ -50,6 +54,7 @@ from monq.hub.schema import (
     engines_table,
     fts_table,
     metadata,
+    payloads_table,
     tasks,
 )
 from monq.hub.stats import TaskStats
@@ -67,7 +72,8 @@ PAYLOADS = {"request": "request_bytes", "result": "result_bytes"}
 #: captured text: counted in a record's stored_bytes, searched by ``search=``
 TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
-DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted"})
+DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted", "request_key",
+                     "result_key"})
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
 #: a range filter matching at most this many rows is read through its own index
@@ -77,6 +83,17 @@ _TASK_COLUMNS = frozenset(c.name for c in tasks.columns)
 _ENGINE_COLUMNS = frozenset(c.name for c in engines_table.columns)
 _LISTED = [c for c in tasks.columns if c.name not in q.BLOB_COLUMNS]
 _ROWID: Any = literal_column("tasks.rowid")
+
+
+def _kept(col: str) -> Any:
+    """SQL: the bytes of a payload a row keeps, inline or shared (0 if none)."""
+    p = payloads_table.c
+    shared = select(func.length(p.data)).where(p.key == tasks.c[payloads.KEYS[col]])
+    return func.coalesce(func.length(tasks.c[col]), shared.scalar_subquery(), 0)
+
+
+#: SQL: the payload bytes a row keeps
+_KEPT_SIZE = _kept("request") + _kept("result")
 
 
 class TaskStore(TaskStats):
@@ -110,8 +127,19 @@ class TaskStore(TaskStats):
                 self.fts_table = schema.prepare(conn, url, self.dialect, fts)
             #: searches use it (else escaped LIKE)
             self.fts = self.fts_table and fts
-            #: the maintained aggregates (monq.hub.aggregates) are kept and read: SQLite
+            #: the maintained aggregates (monq.hub.aggregates) are kept and read, payloads
+            #: are stored once (monq.hub.payloads) and the time bounds kept: SQLite
             self.aggregates = self.dialect == "sqlite"
+            #: the time bounds this store last read or wrote (it is the only writer)
+            self._bounds: aggregates.TimeBounds | None = None
+            #: the newest submitted time written; see _rowid_slack
+            self._top_submitted: float | None = None
+            self._pending_top: float | None = None
+            if self.aggregates:
+                with self._engine.connect() as conn:
+                    self._bounds = aggregates.read_time_bounds(conn)
+                    top = conn.execute(select(func.max(tasks.c.submitted))).scalar()
+                    self._top_submitted = -math.inf if top is None else float(top)
         except SQLAlchemyError as e:
             self._engine.dispose()
             raise HubError(f"cannot open the history database {url}: {e}") from e
@@ -160,7 +188,7 @@ class TaskStore(TaskStats):
             return
         try:
             with self._engine.begin() as conn:
-                self._write(conn, ins, ups)
+                bounds = self._write(conn, ins, ups)
         except IntegrityError:
             # A msg_id already stored (a relay copy seen twice, a controller
             # restart): a failed batch must not lose the other rows, so redo
@@ -168,28 +196,88 @@ class TaskStore(TaskStats):
             log.warning("task batch hit a duplicate msg_id; retrying as upserts", exc_info=True)
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
-                self._write(conn, ins, extra + ups)
+                bounds = self._write(conn, ins, extra + ups)
+        self._bounds = bounds  # committed: only now are they what the database holds
+        if self._pending_top is not None:
+            self._top_submitted, self._pending_top = self._pending_top, None
         if self._stored_total is not None:
             self._stored_total += sum(_stored_size(r) for r in ins) + \
                 sum(_stored_size(r) for r in ups)
 
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
-               ups: list[dict[str, Any]]) -> None:
+               ups: list[dict[str, Any]]) -> aggregates.TimeBounds | None:
+        """One batch in ``conn``'s transaction; the time bounds once it commits."""
         # full-text index: forget the old text of rows whose text changes, and
         # index the new text once the rows are written (only rows with text)
         texted = [r["msg_id"] for r in ins if _has_text(r)]
         changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
         if self.fts_table and changed:
             self._fts_forget(conn, changed)
+        bounds = self._bounds
+        if self.aggregates:
+            # payloads stored once: the rows get keys (copies: a retried batch starts over)
+            ins = [dict(r) for r in ins]
+            ups = [dict(r, stored_bytes=_stored_size(r)) for r in ups]
+            set_payload = [r for r in ups if any(col in r for col in payloads.KEYS)]
+            payloads.store_refs(conn, ins + set_payload)
+            for r in set_payload:  # what the row held before goes, inline or shared
+                for col, kcol in payloads.KEYS.items():
+                    if col in r:
+                        r.setdefault(kcol, None)
         groups = _by_keys(ups)
         deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
-        for rows in _by_keys(ins):
+        ins_groups = _by_keys(ins)
+        if deltas is not None:  # before the rows are in: it reads the newest submitted time
+            self._rowid_slack(conn, ins_groups, ups, deltas)
+        for rows in ins_groups:
             conn.execute(tasks.insert(), rows)
         self._update(conn, groups)
         if deltas is not None:
             deltas.apply(conn)
+            released: set[tuple[str, str]] = set()
+            old: list[int | None] = []
+            for r in ups:
+                before = deltas.before.get(r["msg_id"])
+                for kcol in payloads.KEYS.values():
+                    if before is not None and kcol in r and (r["msg_id"], kcol) not in released:
+                        released.add((r["msg_id"], kcol))  # each old reference once
+                        old.append(before.get(kcol))
+            payloads.forget(conn, old)
+            if deltas.gaps:
+                bounds = aggregates.merge_time_bounds(conn, deltas.gaps, bounds)
         if self.fts_table and (texted or changed):
             self._fts_index(conn, texted + changed)
+        return bounds
+
+    def _rowid_slack(self, conn: Connection, ins_groups: list[list[dict[str, Any]]],
+                     ups: list[dict[str, Any]], deltas: aggregates.Deltas) -> None:
+        """How much later than a task written after it a task may have been submitted.
+
+        Rows get rowids in the order they are written, and submission times
+        follow that order up to a slack: for rows a before b (by rowid),
+        ``submitted(a) - submitted(b) <= slack``.  Kept in the time bounds
+        (key "rowid") and used by searches, whose full-text matches come in
+        rowid order (:meth:`_search_walk`).  The newest submitted time is
+        read when the store opens and then followed here (it is the one writer); an
+        update that moves a submitted time counts against every row.
+        """
+        top = -math.inf if self._top_submitted is None else self._top_submitted
+        slack = -math.inf
+        for rows in ins_groups:  # in the order they got their rowids
+            for r in rows:
+                sub = r.get("submitted")
+                if sub is not None:
+                    slack = max(slack, top - sub)
+                    top = max(top, sub)
+        moved = [r["submitted"] for r in ups if r.get("submitted") is not None]
+        if moved:
+            low = conn.execute(select(func.min(tasks.c.submitted))).scalar()
+            for sub in moved:
+                slack = max(slack, top - sub, sub - (sub if low is None else low))
+                top = max(top, sub)
+        self._pending_top = top
+        if slack > -math.inf:
+            deltas.gaps["rowid"] = [slack, 0.0]
 
     def _fts_forget(self, conn: Connection, ids: list[str]) -> None:
         for chunk in _chunks(ids):
@@ -212,7 +300,8 @@ class TaskStore(TaskStats):
                 values["duration"] = done - began
             values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
             stmt = tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
-            conn.execute(stmt, [{"b_msg_id": r["msg_id"], "b_stored": _stored_size(r),
+            conn.execute(stmt, [{"b_msg_id": r["msg_id"],
+                                 "b_stored": r.get("stored_bytes", _stored_size(r)),
                                  **{k: r[k] for k in cols}} for r in rows])
 
     def _split_existing(self, conn: Connection, ins: list[dict[str, Any]]
@@ -300,7 +389,8 @@ class TaskStore(TaskStats):
         return q.filter_clause(tasks, f, self.dialect, fts_table if self.fts else None,
                                _ROWID, selective)
 
-    def _selective(self, f: TaskFilter, order: str) -> frozenset[str]:
+    def _selective(self, f: TaskFilter, order: str, search: bool = True,
+                   skip: frozenset[str] = frozenset()) -> frozenset[str]:
         """Which range filters match few rows (their index beats the sort order's).
 
         A bounded count on each one's own index (at most :data:`_PROBE` + 1
@@ -313,13 +403,13 @@ class TaskStore(TaskStats):
         key, _ = q.parse_order(order)
         out = set()
         for name, cond in q.range_probes(tasks, f).items():
-            if name == key:
-                continue  # sorting by it already reads its index
+            if name == key or name in skip:
+                continue  # sorting by it already reads its index; or the caller knows
             probe = select(func.count()).select_from(
                 select(tasks.c[name]).where(cond).limit(_PROBE + 1).subquery())
             if int(self._scalar(probe) or 0) <= _PROBE:
                 out.add(name)
-        if f.search is not None and self.fts:
+        if f.search is not None and self.fts and search:
             match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
                 q.fts_query(f.search))
             probe = select(func.count()).select_from(
@@ -327,6 +417,81 @@ class TaskStore(TaskStats):
             if int(self._scalar(probe) or 0) > _PROBE:
                 out.add("search:common")
         return frozenset(out)
+
+    def _plan(self, f: TaskFilter, order: str) -> _Plan:
+        """How a history page reads the database (SQLite; elsewhere the planner decides).
+
+        - A range filter matching few rows (:meth:`_selective`) drives through
+          its own index; the matches are sorted on (rowid, sort key) only, and
+          just the page's rows are read whole.
+        - A started/completed range matching many rows, in an order by
+          submitted: the range it implies on submitted (the time bounds,
+          :func:`monq.hub.query.implied_submitted`) lets the submitted-led
+          indexes seek to it and walk it in order.
+        - "status in (rare ones) AND engine/label": the partial index of rare
+          statuses, which carries engine and label, when the maintained counts
+          say those statuses are the smaller set to walk.
+        """
+        plan = _Plan()
+        if self.dialect != "sqlite":
+            plan.selective = self._selective(f, order)
+            return plan
+        key, _ = q.parse_order(order)
+        # newest first, a search walks its matches by rowid whether they are many or
+        # few (few: it reads them all, as the rare-word plan would): no need to count them
+        walk = f.search is not None and self.fts and order == "-submitted"
+        ranges = set(q.range_probes(tasks, f))
+        timed = ranges & {"started", "completed"}
+        bounds = self._time_bounds() if key == "submitted" and timed else None
+        implied = q.implied_submitted(f, bounds) if bounds is not None else None
+        # a window on submitted hardly wider than the range itself: walk it in order,
+        # whatever the range matches (no need to count)
+        tight = implied is not None and bounds is not None and _tight(f, bounds)
+        sel = set(self._selective(f, order, search=not walk,
+                                  skip=frozenset(timed) if tight else frozenset()))
+        driven = ranges & sel
+        if implied is not None and not driven:
+            plan.bound = implied
+            sel |= {"demote:started", "demote:completed"}
+        if walk and not driven and plan.bound is None:
+            bounds = self._time_bounds()
+            if bounds is not None and "rowid" in bounds:
+                plan.search_slack = bounds["rowid"][0]
+        plan.narrow = bool(driven)
+        if not driven and self._rare_status_first(f):
+            plan.index = "ix_tasks_unusual"
+        plan.selective = frozenset(sel)
+        return plan
+
+    def _time_bounds(self) -> aggregates.TimeBounds | None:
+        """The stored time bounds (read each time: another process may be the writer)."""
+        try:
+            with self._engine.connect() as conn:
+                return aggregates.read_time_bounds(conn)
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+    def _rare_status_first(self, f: TaskFilter) -> bool:
+        """Whether "status AND engine/label" is best read through ix_tasks_unusual."""
+        if f.status is None or "ok" in f.status or (f.engine is None and f.label is None) \
+                or f.client is not None or f.msg_id is not None or not self.aggregates:
+            return False
+        from monq.hub.aggregates import engine_key, label_key
+        from monq.hub.schema import task_counts
+
+        n = func.coalesce(func.sum(task_counts.c.n), 0)
+        by_status = int(self._scalar(select(n).where(task_counts.c.status.in_(f.status))) or 0)
+        others = []
+        if f.engine is not None:
+            others.append(select(n).where(task_counts.c.engine.in_(
+                [engine_key(e) for e in f.engine])))
+        if f.label is not None:
+            others.append(select(n).where(task_counts.c.label.in_(
+                [label_key(lab) for lab in f.label])))
+        smallest = min(int(self._scalar(o) or 0) for o in others)
+        # an entry of the partial index is tested without reading its row: several
+        # times cheaper than a step of another index, which reads the row
+        return by_status <= 4 * smallest
 
     def history(self, *, limit: int | None = None, order: str = "-submitted",
                 cursor: str | None = None, **filters: Any) -> list[dict[str, Any]]:
@@ -349,28 +514,131 @@ class TaskStore(TaskStats):
         f = TaskFilter.from_dict(filters)
         key, _ = q.parse_order(order)
         n = q.check_limit(limit)
-        stages: list[Any] = [true()]
-        if cursor is not None:
-            value, last = decode_cursor(cursor, order)
-            stages = q.keyset_stages(tasks, order, value, last, self.dialect)
+        plan = self._plan(f, order)
         rows: list[dict[str, Any]] = []
-        selective = self._selective(f, order)
-        for stage in stages:
+        if plan.search_slack is not None and n is not None:
+            rows = self._search_walk(f, order, cursor, n + 1, plan.search_slack)
+            ties = [r.pop("_tie") for r in rows]
+            if len(rows) <= n or n == 0:
+                return rows[:n], None
+            rows = rows[:n]
+            return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
+        for stage in self._stages(order, cursor, plan):
             want = None if n is None else n + 1 - len(rows)  # one more: is there a next page?
             if want == 0:
                 break
-            rows += self._rows(self._page_stmt(f, order, stage, want, selective))
+            rows += self._rows(self._page_stmt(f, order, stage, want, plan))
         ties = [r.pop("_tie") for r in rows]
         if n is None or len(rows) <= n or n == 0:
             return rows[:n] if n is not None else rows, None
         rows = rows[:n]
         return rows, encode_cursor(order, rows[-1][key], ties[n - 1])
 
+    def _search_walk(self, f: TaskFilter, order: str, cursor: str | None, want: int,
+                     slack: float) -> list[dict[str, Any]]:
+        """A page of a search, newest submitted first (its words matching many tasks or few).
+
+        FTS5 hands its matches out newest rowid first, cheaply, a few at a
+        time; rowid order is submitted order up to ``slack`` (a row written
+        before another was submitted at most ``slack`` seconds after it, see
+        :meth:`_rowid_slack`).  So matches are read by rowid, newest first,
+        in growing chunks, each tested against the other filters, until
+        the page's rows are known: ``want`` candidates, and every row not yet
+        read was submitted (at most ``slack`` after the earliest read) before
+        the last of them.  Only the page's rows are then read whole.
+        """
+        import dataclasses
+
+        assert f.search is not None
+        rest = dataclasses.replace(f, search=None)
+        stages: list[Any] = [true()]
+        decoded = decode_cursor(cursor, order) if cursor is not None else None
+        if decoded is not None:
+            stages = q.keyset_stages(tasks, order, *decoded, self.dialect)
+        passes = case((and_(self.where(rest), or_(*stages)), 1), else_=0)
+        fr = fts_table.c.rowid
+        match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(q.fts_query(f.search))
+        sub = tasks.c.submitted
+        found: list[tuple[float | None, int]] = []  # (submitted, rowid) of the candidates
+        earliest = math.inf  # the earliest submitted time read
+        edge: int | None = None  # the oldest rowid read
+        chunk = max(4 * want, 256)
+        with self._engine.connect() as conn:
+            if decoded is not None and decoded[0] is not None:
+                edge = self._search_start(conn, float(decoded[0]), slack)
+            start = edge
+            exhausted = False
+            while True:
+                got = conn.execute(_walk_chunk(match, passes, edge, chunk)).all()
+                for rowid, when, ok in got:
+                    edge = rowid if edge is None else min(edge, rowid)
+                    if when is not None:
+                        earliest = min(earliest, when)
+                    if ok:
+                        found.append((when, rowid))
+                if len(got) < chunk:
+                    exhausted = True  # every match read
+                    break
+                timed = sorted((x[0] for x in found if x[0] is not None), reverse=True)
+                if len(timed) >= want and earliest + slack <= timed[want - 1]:
+                    break  # no match left unread can make the page
+                chunk = min(chunk * 4, 16_384)
+            if exhausted and start is not None:
+                # rows without a submitted time sort last, wherever they were written: those
+                # above the start of the walk, one full-text test each (they are few)
+                hit = select(literal_column("1")).select_from(fts_table).where(
+                    match, fr == _ROWID).exists()
+                found += [(None, rowid) for rowid in conn.execute(
+                    select(_ROWID).where(sub.is_(None), _ROWID >= start, passes == 1, hit)
+                ).scalars()]
+            found.sort(key=lambda x: (x[0] is not None, x[0] or 0.0, x[1]), reverse=True)
+            page = [rowid for _, rowid in found[:want]]
+            if not page:
+                return []
+            tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
+            stmt = select(*_LISTED, tie).where(_ROWID.in_(page)).order_by(
+                *q.order_clause(tasks, order, self.dialect))
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def _search_start(self, conn: Connection, value: float, slack: float) -> int | None:
+        """The rowid a cursor page's walk can start below (None: from the newest).
+
+        The page wants rows submitted at or before the cursor's time ``value``;
+        every row written after one submitted later than ``value + slack`` was
+        submitted after ``value``: the walk starts below such a row (the one
+        submitted first after that time, found by the submitted index).
+        """
+        sub = tasks.c.submitted
+        found = conn.execute(select(_ROWID).where(sub > value + slack)
+                             .order_by(sub.asc()).limit(1)).scalar()
+        return None if found is None else int(found)
+
+    def _stages(self, order: str, cursor: str | None, plan: _Plan) -> list[Any]:
+        """The WHERE clauses a page reads in turn (see :func:`monq.hub.query.keyset_stages`)."""
+        decoded = decode_cursor(cursor, order) if cursor is not None else None
+        if plan.bound is not None:
+            return q.bounded_stages(tasks, order, decoded, plan.bound, self.dialect)
+        if decoded is None:
+            return [true()]
+        return q.keyset_stages(tasks, order, *decoded, self.dialect)
+
     def _page_stmt(self, f: TaskFilter, order: str, stage: Any, limit: int | None,
-                   selective: frozenset[str] = frozenset()) -> Any:
+                   plan: _Plan | None = None) -> Any:
+        plan = plan or _Plan()
         tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
-        stmt = (select(*_LISTED, tie).where(self.where(f, selective), stage)
-                .order_by(*q.order_clause(tasks, order, self.dialect)))
+        where = [self.where(f, plan.selective), stage]
+        if plan.index == "ix_tasks_unusual":
+            where.append(schema.UNUSUAL)  # the partial index's own condition, as written
+        sort = q.order_clause(tasks, order, self.dialect)
+        if plan.narrow and limit is not None:
+            # the range's index drives and its matches must be sorted: sort only
+            # (key, rowid), then read the page's rows whole
+            inner = select(_ROWID).where(*where).order_by(*sort).limit(limit)
+            return select(*_LISTED, tie).where(_ROWID.in_(inner.scalar_subquery())) \
+                .order_by(*sort)
+        stmt = select(*_LISTED, tie).where(*where).order_by(*sort)
+        if plan.index is not None:
+            stmt = stmt.with_hint(tasks, f"INDEXED BY {plan.index}", "sqlite")
         return stmt if limit is None else stmt.limit(limit)
 
     def iter_history(self, *, order: str = "-submitted", page: int = 1000,
@@ -388,8 +656,19 @@ class TaskStore(TaskStats):
         """ipyparallel-style query (see :func:`monq.hub.query.db_query_clause`), by submitted."""
         cols = [tasks.c[k] for k in q.check_keys(tasks, keys)]
         where = q.db_query_clause(tasks, query, self.dialect)
-        stmt = select(*cols).where(where).order_by(tasks.c.submitted.asc(), tasks.c.msg_id)
-        return self._rows(stmt)
+        sort = (tasks.c.submitted.asc(), tasks.c.msg_id)
+        implied = q.db_query_time_filter(query)
+        bounds = self._time_bounds() if implied is not None and self.aggregates else None
+        bound = q.implied_submitted(implied, bounds) \
+            if implied is not None and bounds is not None else None
+        if bound is None:
+            return self._rows(select(*cols).where(where).order_by(*sort))
+        # a range on started/completed implies one on submitted (the time bounds): the
+        # submitted-led indexes seek to it; rows without a submitted time come first
+        sub = tasks.c.submitted
+        return (self._rows(select(*cols).where(where, sub.is_(None)).order_by(*sort))
+                + self._rows(select(*cols).where(where, q.submitted_range(tasks, bound))
+                             .order_by(*sort)))
 
     def hub_history(self) -> list[str]:
         """Every msg_id the Hub knows, oldest submission first."""
@@ -408,9 +687,26 @@ class TaskStore(TaskStats):
         """One task row (payloads included only if asked), or None if unknown."""
         if not isinstance(msg_id, str):
             raise HubError(f"msg_id must be a string, not {type(msg_id).__name__}")
-        cols = list(tasks.columns) if with_payload else _LISTED
-        rows = self._rows(select(*cols).where(tasks.c.msg_id == msg_id))
-        return rows[0] if rows else None
+        if not with_payload:
+            rows = self._rows(select(*_LISTED).where(tasks.c.msg_id == msg_id))
+            return rows[0] if rows else None
+        try:
+            with self._engine.connect() as conn:
+                found = conn.execute(select(tasks).where(tasks.c.msg_id == msg_id)
+                                     ).mappings().first()
+                if found is None:
+                    return None
+                row = dict(found)
+                keys = {row[k] for col, k in payloads.KEYS.items()
+                        if row[col] is None and row[k] is not None}
+                shared = payloads.load(conn, keys) if keys else {}
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+        for col, k in payloads.KEYS.items():
+            key = row.pop(k)
+            if row[col] is None and key is not None:
+                row[col] = shared.get(key)
+        return row
 
     def find_task(self, prefix: str) -> dict[str, Any]:
         """The one task whose msg_id is or starts with ``prefix`` (HubError if none or several)."""
@@ -512,6 +808,8 @@ class TaskStore(TaskStats):
         n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
         if deltas is not None:
             deltas.apply(conn)
+            payloads.forget(conn, [r.get(k) for r in deltas.before.values()
+                                   for k in payloads.KEYS.values()])
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return n
@@ -520,14 +818,18 @@ class TaskStore(TaskStats):
         """Drop the payloads of rows by msg_id (one chunk); their sizes stay, dated."""
         which = tasks.c.msg_id.in_(ids)
         c = tasks.c
-        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
-        freed = conn.execute(select(func.coalesce(func.sum(size), 0)).where(which)).scalar()
+        size = _KEPT_SIZE
+        held = conn.execute(select(size, c.request_key, c.result_key)
+                            .where(which, HAS_PAYLOAD)).all()
+        freed = sum(int(r[0] or 0) for r in held)
         stamp = time.time() if now is None else now
         conn.execute(tasks.update().where(which, HAS_PAYLOAD).values(
-            request=None, result=None, payload_evicted=stamp,
+            request=None, result=None, request_key=None, result_key=None,
+            payload_evicted=stamp,
             stored_bytes=func.max(func.coalesce(c.stored_bytes, 0) - size, 0)
             if self.dialect == "sqlite" else
             func.greatest(func.coalesce(c.stored_bytes, 0) - size, 0)))
+        payloads.forget(conn, [k for r in held for k in r[1:]])  # after: sizes read them
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return len(ids)
@@ -550,8 +852,7 @@ class TaskStore(TaskStats):
         At most ``n`` tasks, and no more than it takes to free ``free`` bytes.
         """
         c = tasks.c
-        size = func.coalesce(func.length(c.request), 0) + func.coalesce(func.length(c.result), 0)
-        stmt = (select(c.msg_id, size).where(HAS_PAYLOAD, c.completed.is_not(None),
+        stmt = (select(c.msg_id, _KEPT_SIZE).where(HAS_PAYLOAD, c.completed.is_not(None),
                                              c.status.in_(FINISHED))
                 .order_by(c.completed.asc()).limit(n))
         with self._engine.begin() as conn:
@@ -590,12 +891,14 @@ class TaskStore(TaskStats):
                           cursor: str | None = None, **filters: Any) -> Any:
         """The (first) SELECT :meth:`history_page` runs (for EXPLAIN)."""
         f = TaskFilter.from_dict(filters)
-        stage: Any = true()
-        if cursor is not None:
-            stage = q.keyset_stages(tasks, order, *decode_cursor(cursor, order),
-                                    self.dialect)[0]
-        return self._page_stmt(f, order, stage, None if limit is None else limit + 1,
-                               self._selective(f, order))
+        plan = self._plan(f, order)
+        if plan.search_slack is not None and f.search is not None:
+            # a search walk: its first chunk of matches
+            match = fts_table.c.tasks_fts.op("MATCH", is_comparison=True)(
+                q.fts_query(f.search))
+            return _walk_chunk(match, literal_column("1"), None, 256)
+        stage = self._stages(order, cursor, plan)[0]
+        return self._page_stmt(f, order, stage, None if limit is None else limit + 1, plan)
 
     def _scalar(self, stmt: Any) -> Any:
         try:
@@ -610,6 +913,46 @@ class TaskStore(TaskStats):
                 return [dict(r) for r in conn.execute(stmt).mappings()]
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+
+
+def _tight(f: TaskFilter, bounds: aggregates.TimeBounds) -> bool:
+    """Whether the window on submitted that the started/completed ranges imply is at
+    most a minute (or the range's own width) wider than each range: then walking it
+    in submitted order reads little besides matches, however many or few they are."""
+    for name, a, b in (("started", f.started_since, f.started_until),
+                       ("completed", f.completed_since, f.completed_until)):
+        if a is None and b is None:
+            continue
+        lead, lag = bounds.get(name, (math.inf, math.inf))
+        width = b - a if a is not None and b is not None else 0.0
+        if lead + lag > max(60.0, width):
+            return False
+    return True
+
+
+def _walk_chunk(match: Any, passes: Any, edge: int | None, chunk: int) -> Any:
+    """The next ``chunk`` full-text matches below rowid ``edge``, newest first: their
+    rowid, submitted time and whether they pass the other filters."""
+    fr = fts_table.c.rowid
+    ids = select(fr).where(match, fr < edge if edge is not None else true()) \
+        .order_by(fr.desc()).limit(chunk)
+    return select(_ROWID, tasks.c.submitted, passes).where(_ROWID.in_(ids.scalar_subquery()))
+
+
+@dataclass
+class _Plan:
+    """How a history page reads (:meth:`TaskStore._plan`)."""
+
+    #: filter_clause's hints: selective ranges, "search:common", "demote:<column>"
+    selective: frozenset[str] = frozenset()
+    #: the range on submitted that the started/completed ranges imply (lo, hi)
+    bound: tuple[float | None, float | None] | None = None
+    #: INDEXED BY this index
+    index: str | None = None
+    #: sort (rowid, key) of the matches, then read the page's rows
+    narrow: bool = False
+    #: a common search by newest submitted: walk the matches by rowid (this slack)
+    search_slack: float | None = None
 
 
 _HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in schema.FTS_COLUMNS)
@@ -691,6 +1034,15 @@ def _make_engine(url: str) -> Engine:
             _touch_private(Path(db))
         engine = create_engine(url, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _sqlite_pragmas)
+    # SQLAlchemy renders no table hints for SQLite; this engine's compiler renders
+    # ``with_hint(tasks, "INDEXED BY ...", "sqlite")`` after the table name
+    base = engine.dialect.statement_compiler
+
+    class _HintingCompiler(base):  # type: ignore[valid-type, misc]
+        def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+            return text
+
+    engine.dialect.statement_compiler = _HintingCompiler  # type: ignore[misc]
     return engine
 
 
