@@ -108,11 +108,6 @@ def _dumps(obj: dict[str, Any] | None) -> bytes:
     return orjson.dumps(obj, option=_JSON_OPTS)
 
 
-def loads(raw: Any) -> Any:
-    """Parse one JSON document from bytes or a buffer (raises ValueError)."""
-    return orjson.loads(raw)
-
-
 @dataclass
 class Message:
     """A verified message: parsed JSON parts and the raw buffer frames."""
