@@ -592,3 +592,28 @@ def test_send_array_accepts_lists_and_scalars(sockpair):
     assert_same_array(recv_array_timed(rx), np.array([[1, 2], [3, 4]]))
     send_array(tx, np.float32(2.5))
     assert_same_array(recv_array_timed(rx), np.array(np.float32(2.5)))
+
+
+def test_small_builtin_values_skip_cloudpickle_and_others_do_not():
+    """Arguments and results made of built-in types are pickled by plain pickle (the same
+    stream, without cloudpickle's set-up); anything else still goes through cloudpickle."""
+    import pickle
+
+    from monq.serialize import _plain
+
+    for value in [None, (), ((), {}), ((1, 2.5, "x", b"y", True, None), {"k": [1, (2,)]})]:
+        assert _plain(value)
+        frames, raw = serialize(value)
+        assert frames == [pickle.dumps(value, protocol=5)] and raw == [False]
+        assert deserialize(frames) == value
+
+    class Local:
+        def __eq__(self, other):
+            return type(other).__name__ == "Local"
+
+    cyclic: list = []
+    cyclic.append(cyclic)
+    for value in [(Local(),), (lambda: 1,), (list(range(100)),), (b"x" * 100_000,),
+                  ({"k": Local},), (1, {2: (Local(),)}), cyclic]:
+        assert not _plain(value)
+    assert deserialize(serialize((Local(),))[0]) == (Local(),)
