@@ -1,4 +1,5 @@
-"""The maintained aggregates (schema 3) stay equal to a full GROUP BY over tasks."""
+"""The maintained aggregates (schema 3; the histogram's lo/hi, schema 5) stay equal to a
+full GROUP BY over tasks."""
 
 from __future__ import annotations
 
@@ -19,21 +20,22 @@ LABELS = [None, "a", "b", "c"]
 ENGINES = [None, 0, 1, 2]
 
 
-def _maintained(s: TaskStore) -> tuple[Counter[Any], Counter[Any], Counter[Any]]:
+def _maintained(s: TaskStore) -> tuple[Counter[Any], dict[Any, Any], Counter[Any]]:
+    """The three tables; the histogram as {key: (n, lo, hi)}."""
     with s.engine.connect() as conn:
         counts = Counter({(r.status, r.engine, r.label): r.n
                           for r in conn.execute(select(task_counts)) if r.n})
-        hist = Counter({(r.engine, r.label, r.status, r.bucket): r.n
-                        for r in conn.execute(select(duration_hist)) if r.n})
+        hist = {(r.engine, r.label, r.status, r.bucket): (r.n, r.lo, r.hi)
+                for r in conn.execute(select(duration_hist)) if r.n}
         minutes = Counter({(r.minute, r.status): r.n
                            for r in conn.execute(select(minute_counts)) if r.n})
     return counts, hist, minutes
 
 
-def _recount(s: TaskStore) -> tuple[Counter[Any], Counter[Any], Counter[Any]]:
-    """What a full GROUP BY over the tasks table gives."""
+def _recount(s: TaskStore) -> tuple[Counter[Any], dict[Any, Any], Counter[Any]]:
+    """What a full GROUP BY over the tasks table gives (exact min and max per bucket)."""
     counts: Counter[Any] = Counter()
-    hist: Counter[Any] = Counter()
+    hist: dict[Any, Any] = {}
     minutes: Counter[Any] = Counter()
     c = tasks.c
     with s.engine.connect() as conn:
@@ -42,7 +44,9 @@ def _recount(s: TaskStore) -> tuple[Counter[Any], Counter[Any], Counter[Any]]:
             ek, lk = agg.engine_key(e), agg.label_key(lab)
             counts[(st, ek, lk)] += 1
             if d is not None:
-                hist[(ek, lk, st, agg.bucket(d))] += 1
+                k = (ek, lk, st, agg.bucket(d))
+                n, lo, hi = hist.get(k, (0, d, d))
+                hist[k] = (n + 1, min(lo, d), max(hi, d))
             if sub is not None:
                 minutes[(agg.minute_of(sub), st)] += 1
     return counts, hist, minutes
@@ -218,7 +222,7 @@ def test_a_version_2_history_is_upgraded_with_its_aggregates(tmp_path: Path) -> 
         assert _maintained(s) == _recount(s)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                            ).fetchone() == ("4",)
+                            ).fetchone() == ("5",)
 
 
 def test_buckets_and_minutes() -> None:

@@ -346,6 +346,52 @@ def test_duration_percentiles(store: TaskStore, rows: list[dict[str, Any]], exac
     assert store.duration_percentiles(label="nothing", exact=exact) == []
 
 
+def _min_max(store: TaskStore, by: str | None, **f: Any) -> dict[Any, tuple[Any, Any, int]]:
+    return {g["key"]: (g["min"], g["max"], g["n"])
+            for g in store.duration_percentiles(by, [0, 100], **f)}
+
+
+def _exact_min_max(store: TaskStore, by: str | None, **f: Any) -> dict[Any, Any]:
+    return {g["key"]: (g["min"], g["max"], g["n"])
+            for g in store.duration_percentiles(by, [0, 100], exact=True, **f)}
+
+
+@pytest.mark.parametrize("by", [None, "engine", "label"])
+def test_min_and_max_stay_exact_when_their_tasks_are_purged(store: TaskStore,
+                                                            by: str | None) -> None:
+    # min and max come from the histogram's lo/hi (schema 5): deleting the tasks that
+    # held them must move them to the next ones, in the same transaction
+    for _ in range(3):
+        for key, (lo, hi, _n) in _min_max(store, by).items():
+            gone = [r["msg_id"] for r in store.history(min_duration=lo, max_duration=lo)
+                    + store.history(min_duration=hi, max_duration=hi)
+                    if by is None or r[by] == key]
+            assert gone
+            assert store.purge(msg_ids=gone) == len(set(gone))
+        assert _min_max(store, by) == _exact_min_max(store, by)
+    assert _min_max(store, by, status="error") == _exact_min_max(store, by, status="error")
+    # a whole group's tasks gone: its histogram rows keep no bound
+    store.purge(label="etl")
+    assert "etl" not in _min_max(store, "label")
+    assert _min_max(store, by) == _exact_min_max(store, by)
+
+
+def test_min_and_max_stay_exact_through_retention(store: TaskStore) -> None:
+    # retention deletes the oldest-completed tasks; make those the shortest and longest
+    store.write([], [{"msg_id": r["msg_id"], "completed": r["started"] + (
+        0.0001 * (i + 1) if i % 2 else 50.0 + i)} for i, r in enumerate(
+            store.history(order="submitted", limit=20))])
+    before = _exact_min_max(store, "engine")
+    assert _min_max(store, "engine") == before
+    ret = Retention(store, RetentionPolicy(max_tasks=250, chunk=7))
+    while ret.step().more:
+        pass
+    assert store.total_tasks() == 250
+    after = _exact_min_max(store, "engine")
+    assert after != before and _min_max(store, "engine") == after
+    assert _min_max(store, None) == _exact_min_max(store, None)
+
+
 def test_time_span(store: TaskStore, rows: list[dict[str, Any]]) -> None:
     span = store.time_span(label="etl")
     etl = [r for r in rows if r["label"] == "etl"]
@@ -567,7 +613,7 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path: Path) -> None:
         assert s.task_stats("minute") == [(0, 3)]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                            ).fetchone() == ("4",)
+                            ).fetchone() == ("5",)
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert "ix_tasks_engine" not in names and "ix_tasks_engine_submitted" in names
     with TaskStore(f"sqlite:///{path}") as s:  # and it opens again as version 4

@@ -330,7 +330,7 @@ def test_a_version_3_history_is_upgraded_in_place(tmp_path: Path) -> None:
         assert s.stored_total() == sum(len(f"old output {i}") for i in range(10))
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                            ).fetchone() == ("4",)
+                            ).fetchone() == ("5",)
         bounds = json.loads(conn.execute(
             "SELECT value FROM meta WHERE key = 'time_bounds'").fetchone()[0])
         assert bounds["started"] == [1.0, 64.0]
@@ -379,3 +379,43 @@ def test_a_common_search_pages_exactly_when_rows_come_out_of_order(
                 else r[k] == v for k, v in kwargs.items())
 
         assert got == _expected(rows, keep)
+
+
+# -- upgrade from version 4 ---------------------------------------------------------------
+
+
+def test_a_version_4_history_gets_the_histograms_min_and_max(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    rows = [{"msg_id": f"d{i}", "status": "error" if i % 7 == 0 else "ok",
+             "engine": i % 3, "label": ["a", None][i % 2], "submitted": 100.0 + i,
+             "started": 101.0 + i, "completed": 101.0 + i + (i % 13) * 0.37 + 0.001 * i}
+            for i in range(200)]
+    with TaskStore(f"sqlite:///{path}") as s:
+        s.write(rows, [])
+        want = {by: s.duration_percentiles(by, [0, 50, 100], exact=True)
+                for by in (None, "engine", "label")}
+    with sqlite3.connect(path) as conn:  # what the version-4 code left: no lo, hi
+        conn.executescript("""
+            DROP INDEX ix_duration_hist_engine; DROP INDEX ix_duration_hist_label;
+            DROP INDEX ix_duration_hist_bucket;
+            ALTER TABLE duration_hist DROP COLUMN lo; ALTER TABLE duration_hist DROP COLUMN hi;
+            CREATE INDEX ix_duration_hist_engine ON duration_hist (engine, bucket, status,
+              label, n);
+            UPDATE meta SET value = '4' WHERE key = 'schema_version';
+        """)
+    with TaskStore(f"sqlite:///{path}") as s:
+        with s.engine.connect() as conn:
+            got = conn.exec_driver_sql("SELECT count(*), count(lo), count(hi) FROM "
+                                       "duration_hist WHERE n > 0").one()
+        assert got[0] > 10 and got[0] == got[1] == got[2]
+        for by, groups in want.items():
+            mine = {g["key"]: g for g in s.duration_percentiles(by, [0, 50, 100])}
+            for g in groups:
+                assert (mine[g["key"]]["min"], mine[g["key"]]["max"]) == (g["min"], g["max"])
+        assert s.total_tasks() == 200
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                            ).fetchone() == ("5",)
+        cols = {r[0] for r in conn.execute(
+            "SELECT name FROM pragma_index_info('ix_duration_hist_engine')")}
+        assert {"lo", "hi", "n"} <= cols

@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
@@ -107,6 +107,9 @@ class Deltas:
     def __init__(self) -> None:
         self.counts: dict[tuple[str, int, str], int] = defaultdict(int)
         self.hist: dict[tuple[int, str, str, int], int] = defaultdict(int)
+        #: smallest and largest duration counted in (out) per histogram row
+        self.hist_in: dict[tuple[int, str, str, int], list[float]] = {}
+        self.hist_out: dict[tuple[int, str, str, int], list[float]] = {}
         self.minutes: dict[tuple[int, str], int] = defaultdict(int)
         #: largest (submitted - x, x - submitted) of the rows counted in, x: started, completed
         self.gaps: dict[str, list[float]] = {}
@@ -121,7 +124,16 @@ class Deltas:
         self.counts[(status, eng, lab)] += sign
         d = row.get("duration")
         if d is not None:
-            self.hist[(eng, lab, status, bucket(d))] += sign
+            k = (eng, lab, status, bucket(d))
+            self.hist[k] += sign
+            # the extremes of what comes in (lo, hi), and of what goes (see apply)
+            ends = (self.hist_in if sign > 0 else self.hist_out).get(k)
+            if ends is None:
+                (self.hist_in if sign > 0 else self.hist_out)[k] = [d, d]
+            elif d < ends[0]:
+                ends[0] = d
+            elif d > ends[1]:
+                ends[1] = d
         s = row.get("submitted")
         if s is not None:
             self.minutes[(minute_of(s), status)] += sign
@@ -137,10 +149,16 @@ class Deltas:
                             g[1] = max(g[1], x - s)
 
     def apply(self, conn: Connection) -> None:
-        """One upsert executemany per table that changes."""
+        """One upsert executemany per table that changes.
+
+        ``duration_hist``'s ``lo``/``hi`` take the min/max of what comes in, in
+        the same upsert; a row that lost a task whose duration was its ``lo`` or
+        ``hi`` (what goes out reaches a bound) has them recomputed from the tasks
+        left: :func:`refresh_bounds`, only when a batch removes durations
+        (deletes, and updates of finished tasks).
+        """
         for table, keys, deltas in (
                 (task_counts, ("status", "engine", "label"), self.counts),
-                (duration_hist, ("engine", "label", "status", "bucket"), self.hist),
                 (minute_counts, ("minute", "status"), self.minutes)):
             rows = [{**dict(zip(keys, k)), "n": n} for k, n in deltas.items() if n]
             if not rows:
@@ -149,6 +167,79 @@ class Deltas:
             stmt = stmt.on_conflict_do_update(index_elements=list(keys),
                                               set_={"n": table.c.n + stmt.excluded.n})
             conn.execute(stmt, rows)
+        ins, none = self.hist_in, (None, None)
+        rows = [{"engine": k[0], "label": k[1], "status": k[2], "bucket": k[3], "n": n,
+                 "lo": ends[0], "hi": ends[1]}
+                for k, n in self.hist.items()
+                if n or k in ins for ends in (ins.get(k, none),)]
+        if rows:
+            conn.execute(_HIST_UPSERT, rows)
+        if self.hist_out:
+            refresh_bounds(conn, self.hist_out)
+
+
+def _hist_upsert() -> Any:
+    h = duration_hist.c
+    stmt = sqlite_insert(duration_hist)
+    x = stmt.excluded
+    # SQLite's min(a, b) is NULL if either is: a row without a bound takes the other
+    return stmt.on_conflict_do_update(
+        index_elements=["engine", "label", "status", "bucket"],
+        set_={"n": h.n + x.n,
+              "lo": func.min(func.coalesce(h.lo, x.lo), func.coalesce(x.lo, h.lo)),
+              "hi": func.max(func.coalesce(h.hi, x.hi), func.coalesce(x.hi, h.hi))})
+
+
+_HIST_UPSERT = _hist_upsert()
+
+
+def _refresh_sql(status_ok: bool) -> Any:
+    """UPDATE of one histogram row's lo/hi from its tasks, if what went reached a bound.
+
+    The tasks of one row: its status, engine, label and bucket's duration
+    range.  "ok" rows seek the duration index at the bucket (most tasks are
+    ok: a few of every bucket's entries are the row's); the other statuses
+    walk the partial index of unusual statuses, which carries engine and
+    label, reading only the row's own tasks.
+    """
+    if status_ok:
+        src = "tasks INDEXED BY ix_tasks_duration"
+        cond = "status = :status"
+    else:
+        src = "tasks INDEXED BY ix_tasks_unusual"
+        cond = "status != 'ok' AND status = :status"
+    sel = (f"SELECT duration FROM {src} WHERE {cond} AND engine IS :e AND label IS :l "
+           "AND duration >= :blo AND duration < :bhi ORDER BY duration {} LIMIT 1")
+    return text(
+        f"UPDATE duration_hist SET lo = ({sel.format('ASC')}), hi = ({sel.format('DESC')}) "
+        "WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket "
+        "AND (lo >= :out_lo OR hi <= :out_hi)")
+
+
+_REFRESH = {True: _refresh_sql(True), False: _refresh_sql(False)}
+
+
+def refresh_bounds(conn: Connection, out: dict[tuple[int, str, str, int], list[float]]
+                   ) -> None:
+    """Recompute ``lo``/``hi`` of the histogram rows that lost a task at a bound.
+
+    ``out``: (engine, label, status, bucket) -> [smallest, largest] duration
+    removed from it.  Run after the tasks and the upsert are written, so the
+    recount sees what is left (NULL bounds if nothing is).  One executemany
+    per kind of status; a row whose bounds lie strictly inside what went is
+    left alone by the UPDATE's own condition.
+    """
+    groups: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for (eng, lab, status, b), (lo, hi) in out.items():
+        groups[status == "ok"].append({
+            "engine": eng, "label": lab, "status": status, "bucket": b,
+            "e": unkey_engine(eng), "l": unkey_label(lab),
+            "blo": -math.inf if b == 0 else _UPPER[b - 1],
+            "bhi": math.inf if b >= LAST_BUCKET else _UPPER[b],
+            "out_lo": lo, "out_hi": hi})
+    for ok, rows in groups.items():
+        if rows:
+            conn.execute(_REFRESH[ok], rows)
 
 
 #: the columns whose gap to ``submitted`` is bounded (meta row ``time_bounds``)
@@ -267,9 +358,8 @@ def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
     deltas = Deltas()
     state: dict[str, dict[str, Any]] = {}
     for r in ins:
-        row: dict[str, Any] = {k: r.get(k) for k in STATE_COLUMNS}
-        state[r["msg_id"]] = row
-        deltas.add(row, +1)
+        state[r["msg_id"]] = {k: r.get(k) for k in STATE_COLUMNS}
+    inserted = list(state)
     stored_ids = {r["msg_id"] for g in update_groups for r in g} - state.keys()
     if not stored_ids:
         before: dict[str, dict[str, Any]] = {}
@@ -277,27 +367,27 @@ def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
         before = read_states(conn, stored_ids)
     deltas.before = before
     for msg_id, row in before.items():
-        deltas.add(row, -1)
         state[msg_id] = dict(row)
-    touched: set[str] = set()
     for group in update_groups:
         for r in group:
-            found = state.get(r["msg_id"])
-            if found is None:
+            row = state.get(r["msg_id"])
+            if row is None:
                 continue  # an update of an unknown task changes nothing
-            row = found
-            if r["msg_id"] not in before:
-                if r["msg_id"] not in touched:  # an insert of this batch: move it
-                    deltas.add(row, -1)
-            touched.add(r["msg_id"])
             for k in ("status", "engine", "label", "submitted", "started", "completed"):
                 if k in r:
                     row[k] = r[k]
             if "started" in r or "completed" in r:
                 s, c = row["started"], row["completed"]
                 row["duration"] = None if s is None or c is None else c - s
-    for msg_id in touched | before.keys():
+    for msg_id in inserted:  # counted in as they end the batch
         deltas.add(state[msg_id], +1)
+    for msg_id, old in before.items():
+        new = state[msg_id]
+        # a stored task whose keys did not change moves nothing (and, taking nothing
+        # out of its histogram row, never makes its lo/hi recounted)
+        if any(old[k] != new[k] for k in STATE_COLUMNS):
+            deltas.add(old, -1)
+            deltas.add(new, +1)
     return deltas
 
 
@@ -324,17 +414,34 @@ def rebuild(conn: Connection) -> None:
     eng = func.coalesce(c.engine, NO_ENGINE)
     lab = func.coalesce(c.label, NO_LABEL)
     n = func.count()
-    for table in (task_counts, duration_hist, minute_counts):
+    for table in (task_counts, minute_counts):
         conn.execute(table.delete())
     conn.execute(task_counts.insert().from_select(
         ["status", "engine", "label", "n"],
         select(c.status, eng, lab, n).group_by(c.status, eng, lab)))
-    b = func.monq_bucket(c.duration)
-    conn.execute(duration_hist.insert().from_select(
-        ["engine", "label", "status", "bucket", "n"],
-        select(eng, lab, c.status, b, n).where(c.duration.is_not(None))
-        .group_by(eng, lab, c.status, b)))
+    _rebuild_hist(conn)
     m = func.monq_minute(c.submitted)
     conn.execute(minute_counts.insert().from_select(
         ["minute", "status", "n"],
         select(m, c.status, n).where(c.submitted.is_not(None)).group_by(m, c.status)))
+
+
+def rebuild_hist(conn: Connection) -> None:
+    """Fill ``duration_hist`` (counts, lo and hi) from ``tasks``: one INSERT ... SELECT."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    dbapi.create_function("monq_bucket", 1, bucket, deterministic=True)
+    _rebuild_hist(conn)
+
+
+def _rebuild_hist(conn: Connection) -> None:
+    c = tasks.c
+    eng = func.coalesce(c.engine, NO_ENGINE)
+    lab = func.coalesce(c.label, NO_LABEL)
+    b = func.monq_bucket(c.duration)
+    conn.execute(duration_hist.delete())
+    conn.execute(duration_hist.insert().from_select(
+        ["engine", "label", "status", "bucket", "n", "lo", "hi"],
+        select(eng, lab, c.status, b, func.count(), func.min(c.duration),
+               func.max(c.duration)).where(c.duration.is_not(None))
+        .group_by(eng, lab, c.status, b)))

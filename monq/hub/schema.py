@@ -29,6 +29,13 @@ Schema versions (kept in the ``meta`` table):
    the index alone; the duration index carries submitted, for duration
    ranges in the default order.  The (engine, duration) and (label, duration) indexes
    are gone (see the note at the indexes).
+5. ``duration_hist`` rows keep the exact smallest and largest duration of
+   their tasks (``lo``, ``hi``), moved with the counts by every write and
+   recomputed, for the rows whose bound a delete or update may have taken,
+   in the same transaction (:mod:`monq.hub.aggregates`): percentiles by
+   engine or label get their exact min and max from the histogram instead of
+   seeks into the duration index filtered by a column it does not carry.
+   The upgrade rebuilds ``duration_hist`` from the tasks (one GROUP BY).
 
 An older database is upgraded in place when a store opens it (columns
 added and filled, indexes built): a user's history survives an upgrade.  A
@@ -63,7 +70,7 @@ from monq.errors import HubError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 
 metadata = MetaData()
 
@@ -167,15 +174,18 @@ duration_hist = Table(
     Column("status", String(16), primary_key=True),
     Column("bucket", Integer, primary_key=True, autoincrement=False),
     Column("n", Integer, nullable=False),
+    # -- version 5: the exact smallest and largest duration of the row's tasks
+    # (NULL when it has none)
+    Column("lo", Float, nullable=True),
+    Column("hi", Float, nullable=True),
 )
 # covering indexes in each grouping's order: GROUP BY (engine|label|-), bucket reads
-# one of them in order instead of sorting the table into a temp b-tree
-Index("ix_duration_hist_engine", duration_hist.c.engine, duration_hist.c.bucket,
-      duration_hist.c.status, duration_hist.c.label, duration_hist.c.n)
-Index("ix_duration_hist_label", duration_hist.c.label, duration_hist.c.bucket,
-      duration_hist.c.status, duration_hist.c.engine, duration_hist.c.n)
-Index("ix_duration_hist_bucket", duration_hist.c.bucket, duration_hist.c.status,
-      duration_hist.c.engine, duration_hist.c.label, duration_hist.c.n)
+# one of them in order instead of sorting the table into a temp b-tree (version 5: with
+# lo and hi, so min and max are read from the index too)
+_h = duration_hist.c
+Index("ix_duration_hist_engine", _h.engine, _h.bucket, _h.status, _h.label, _h.n, _h.lo, _h.hi)
+Index("ix_duration_hist_label", _h.label, _h.bucket, _h.status, _h.engine, _h.n, _h.lo, _h.hi)
+Index("ix_duration_hist_bucket", _h.bucket, _h.status, _h.engine, _h.label, _h.n, _h.lo, _h.hi)
 minute_counts = Table(
     "minute_counts", metadata,
     Column("minute", Integer, primary_key=True, autoincrement=False),
@@ -237,12 +247,15 @@ def prepare(conn: Connection, url: str, dialect: str, want_fts: bool) -> bool:
 
             conn.execute(meta_table.insert(), {"key": "time_bounds",
                                                "value": json.dumps(INITIAL_TIME_BOUNDS)})
-    elif found in ("1", "2", "3"):
+    elif found in ("1", "2", "3", "4"):
         if found == "1":
             _upgrade_1_to_2(conn, url)
         if found in ("1", "2"):
             _upgrade_2_to_3(conn, url, dialect)
-        _upgrade_3_to_4(conn, url, dialect)
+        if found in ("1", "2", "3"):
+            _upgrade_3_to_4(conn, url, dialect)
+        # versions 1 and 2 had no histogram: the 2-to-3 upgrade built it with lo and hi
+        _upgrade_4_to_5(conn, url, dialect, rebuild=found in ("3", "4"))
     elif found != SCHEMA_VERSION:
         raise HubError(f"database {url} has schema version {found}; this monq "
                        f"reads versions 1 to {SCHEMA_VERSION} (use another --db, or a newer "
@@ -301,6 +314,24 @@ def _upgrade_3_to_4(conn: Connection, url: str, dialect: str) -> None:
                  .values(value=SCHEMA_VERSION))
 
 
+def _upgrade_4_to_5(conn: Connection, url: str, dialect: str, rebuild: bool) -> None:
+    """``lo``/``hi`` in ``duration_hist``: the table is rebuilt from the tasks (SQLite)."""
+    from monq.hub import aggregates
+
+    log.warning("upgrading history database %s to schema version %s (the duration "
+                "histogram's min and max)", url, SCHEMA_VERSION)
+    have = {c["name"] for c in _inspect_columns(conn, "duration_hist")}
+    for name in ("lo", "hi"):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE duration_hist ADD COLUMN {name} FLOAT"))
+    for idx in duration_hist.indexes:  # they now carry lo and hi: made again by prepare()
+        conn.execute(text(f"DROP INDEX IF EXISTS {idx.name}"))
+    if dialect == "sqlite" and rebuild:
+        aggregates.rebuild_hist(conn)
+    conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
+                 .values(value=SCHEMA_VERSION))
+
+
 def stored_bytes_expr() -> Any:
     """SQL for what a row keeps: its payloads and its captured text."""
     from sqlalchemy import func
@@ -314,10 +345,10 @@ def stored_bytes_expr() -> Any:
     return total
 
 
-def _inspect_columns(conn: Connection) -> list[dict[str, object]]:
+def _inspect_columns(conn: Connection, table: str = "tasks") -> list[dict[str, object]]:
     from sqlalchemy import inspect
 
-    return list(inspect(conn).get_columns("tasks"))  # type: ignore[arg-type]
+    return list(inspect(conn).get_columns(table))  # type: ignore[arg-type]
 
 
 def _ensure_fts(conn: Connection, rebuild: bool) -> bool:

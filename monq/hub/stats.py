@@ -242,42 +242,54 @@ class TaskStats:
 
     def _percentiles_aggregate(self, f: TaskFilter, by: str | None, ps: list[float]
                                ) -> list[dict[str, Any]]:
+        """Percentiles from ``duration_hist``: counts per bucket, and the exact min and max
+        from the rows' ``lo``/``hi`` (schema version 5), all in one read of a covering
+        index of the histogram; no seek into ``tasks``."""
         h = duration_hist.c
         d = tasks.c.duration
         group = h[by] if by else None
         keys = [group] if group is not None else []
-        stmt = (select(*keys, h.bucket, func.sum(h.n)).where(*_agg_where(duration_hist, f))
-                .group_by(*keys, h.bucket))
+        stmt = (select(*keys, h.bucket, func.sum(h.n), func.min(h.lo), func.max(h.hi))
+                .where(*_agg_where(duration_hist, f)).group_by(*keys, h.bucket))
         hists: dict[Any, dict[int, int]] = {}
+        bounds: dict[Any, dict[int, list[Any]]] = {}  # group -> bucket -> [lo, hi]
         out: list[dict[str, Any]] = []
         unkey: Callable[[Any], Any] = _UNKEY.get(by or "", _same)
-        where = and_(self.where(f), d.is_not(None))
         try:
             with self._engine.connect() as conn:
                 for row in conn.execute(stmt):
-                    key = unkey(row[0]) if group is not None else None
-                    if row[-1]:
-                        hist = hists.setdefault(key, {})
-                        hist[int(row[-2])] = hist.get(int(row[-2]), 0) + int(row[-1])
+                    *k, b, n, lo, hi = row
+                    if not n:
+                        continue
+                    key = unkey(k[0]) if group is not None else None
+                    hist = hists.get(key)
+                    if hist is None:
+                        hists[key] = hist = {}
+                        bounds[key] = {}
+                    hist[b] = hist.get(b, 0) + n
+                    bounds[key][b] = [lo, hi]
                 sizes = sorted(((sum(v.values()), k) for k, v in hists.items()),
                                key=lambda nk: -nk[0])[:MAX_GROUPS]
+                where = None
                 for count, key in sizes:
                     if not count:
                         continue
-                    gwhere = where if by is None else and_(
-                        where, tasks.c[by].is_(None) if key is None else tasks.c[by] == key)
                     cum = _cumulative(hists[key])
-                    # min and max (exact): seeks into their buckets' range of the index
-                    # the duration index, within one bucket's range: no index ends in
-                    # duration for engine or label (schema version 4), and SQLite would
-                    # otherwise take the status index and sort
-                    hint = True
-                    lo = _edge(conn, gwhere, d, cum[0][1], False, hint)
-                    if lo is None:  # a write came between: seek the whole range
-                        lo = _nth(conn, gwhere, d, count, 0)
-                    hi = _edge(conn, gwhere, d, cum[-1][1], True, hint)
-                    if hi is None:
-                        hi = _nth(conn, gwhere, d, count, 100)
+                    lo = bounds[key][cum[0][1]][0]  # the first bucket's lo, the last's hi
+                    hi = bounds[key][cum[-1][1]][1]
+                    if lo is None or hi is None:  # not kept (never expected): seek them
+                        if where is None:
+                            where = and_(self.where(f), d.is_not(None))
+                        gwhere = where if by is None else and_(
+                            where, tasks.c[by].is_(None) if key is None else tasks.c[by] == key)
+                        if lo is None:
+                            lo = _edge(conn, gwhere, d, cum[0][1], False, True)
+                            if lo is None:
+                                lo = _nth(conn, gwhere, d, count, 0)
+                        if hi is None:
+                            hi = _edge(conn, gwhere, d, cum[-1][1], True, True)
+                            if hi is None:
+                                hi = _nth(conn, gwhere, d, count, 100)
                     rec: dict[str, Any] = {"key": key, "n": count, "min": lo, "max": hi}
                     for p in ps:
                         rank = max(1, math.ceil(p / 100 * count))
