@@ -92,7 +92,18 @@ def store(tmp_path: Path) -> Any:
         yield s
 
 
-def test_random_batches_keep_the_aggregates_equal_to_group_by(store: TaskStore) -> None:
+@pytest.mark.parametrize("recount", ["walk", "seek"])
+def test_random_batches_keep_the_aggregates_equal_to_group_by(
+        store: TaskStore, recount: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a histogram row that lost a task at a bound has its lo/hi recounted by seeks into the
+    # duration index or by a walk over its status' tasks: each way forced in turn
+    ways: list[str] = []
+
+    def choose(status: str, seeks: float, walk: int) -> str:
+        ways.append("seek" if status == "ok" or recount == "seek" else "walk")
+        return ways[-1]
+
+    monkeypatch.setattr(agg, "_refresh_choice", choose)
     rnd = random.Random(42)
     next_id = 0
     for step in range(60):
@@ -119,6 +130,7 @@ def test_random_batches_keep_the_aggregates_equal_to_group_by(store: TaskStore) 
             store.purge(status=rnd.choice(FINISHED), engine=rnd.choice([0, 1, 2]))
         assert _maintained(store) == _recount(store), step
     assert store.total_tasks() > 100
+    assert ways.count(recount) > 10  # the way under test did recount rows
 
 
 def _fill(store: TaskStore, n: int = 1500, seed: int = 7) -> None:

@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, literal_column, select, text
+from sqlalchemy import func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
@@ -193,53 +193,142 @@ def _hist_upsert() -> Any:
 _HIST_UPSERT = _hist_upsert()
 
 
-def _refresh_sql(status_ok: bool) -> Any:
-    """UPDATE of one histogram row's lo/hi from its tasks, if what went reached a bound.
+#: recount one histogram row's lo/hi from its tasks: seeks from each end of its bucket's
+#: range of the duration index, testing each entry's row for the status, engine and label
+_REFRESH_SEEK = text(
+    "UPDATE duration_hist SET "
+    + ", ".join(f"{b} = (SELECT duration FROM tasks INDEXED BY ix_tasks_duration "
+                "WHERE status = :status AND engine IS :e AND label IS :l "
+                f"AND duration >= :blo AND duration < :bhi ORDER BY duration {d} LIMIT 1)"
+                for b, d in (("lo", "ASC"), ("hi", "DESC")))
+    + " WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket")
+#: the duration, engine and label of every task of one unusual status: from the partial index
+#: of unusual statuses alone (it carries them, schema version 5)
+_STATUS_SCAN_SQL = (
+    "SELECT engine, label, duration FROM tasks INDEXED BY ix_tasks_unusual "
+    "WHERE status != 'ok' AND status = ? AND duration >= ? AND duration < ?")
+_SET_BOUNDS = text(
+    "UPDATE duration_hist SET lo = :lo, hi = :hi "
+    "WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket")
+#: histogram rows read per statement (4 bound values each)
+_KEYS_PER_READ = 2000
 
-    The tasks of one row: its status, engine, label and bucket's duration
-    range.  "ok" rows seek the duration index at the bucket (most tasks are
-    ok: a few of every bucket's entries are the row's); the other statuses
-    walk the partial index of unusual statuses, which carries engine and
-    label, reading only the row's own tasks.
-    """
-    if status_ok:
-        src = "tasks INDEXED BY ix_tasks_duration"
-        cond = "status = :status"
-    else:
-        src = "tasks INDEXED BY ix_tasks_unusual"
-        cond = "status != 'ok' AND status = :status"
-    sel = (f"SELECT duration FROM {src} WHERE {cond} AND engine IS :e AND label IS :l "
-           "AND duration >= :blo AND duration < :bhi ORDER BY duration {} LIMIT 1")
-    return text(
-        f"UPDATE duration_hist SET lo = ({sel.format('ASC')}), hi = ({sel.format('DESC')}) "
-        "WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket "
-        "AND (lo >= :out_lo OR hi <= :out_hi)")
-
-
-_REFRESH = {True: _refresh_sql(True), False: _refresh_sql(False)}
+HistKey = tuple[int, str, str, int]
 
 
-def refresh_bounds(conn: Connection, out: dict[tuple[int, str, str, int], list[float]]
-                   ) -> None:
+def refresh_bounds(conn: Connection, out: dict[HistKey, list[float]]) -> None:
     """Recompute ``lo``/``hi`` of the histogram rows that lost a task at a bound.
 
     ``out``: (engine, label, status, bucket) -> [smallest, largest] duration
-    removed from it.  Run after the tasks and the upsert are written, so the
-    recount sees what is left (NULL bounds if nothing is).  One executemany
-    per kind of status; a row whose bounds lie strictly inside what went is
-    left alone by the UPDATE's own condition.
+    removed from it.  Run after the tasks and the upsert are written, so it
+    reads what is left.  The rows are read first (one SELECT): a row left
+    without tasks gets NULL bounds, one whose bounds lie strictly outside
+    what went keeps them, and the others are recounted, each the cheaper of
+    two ways by the histogram's own counts:
+
+    * seeks from each end of the row's bucket range of the duration index,
+      reading about (tasks in the bucket) / (the row's tasks) rows: cheap for
+      ok rows, which are a share of every bucket;
+    * one walk over all the entries of the row's status in the partial index
+      of unusual statuses, which carries engine, label and duration (one
+      SELECT per status for all its rows, no task read): cheaper for rare
+      statuses, a few tasks per row lost among thousands in a bucket.
     """
-    groups: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
-    for (eng, lab, status, b), (lo, hi) in out.items():
-        groups[status == "ok"].append({
-            "engine": eng, "label": lab, "status": status, "bucket": b,
-            "e": unkey_engine(eng), "l": unkey_label(lab),
-            "blo": -math.inf if b == 0 else _UPPER[b - 1],
-            "bhi": math.inf if b >= LAST_BUCKET else _UPPER[b],
-            "out_lo": lo, "out_hi": hi})
-    for ok, rows in groups.items():
-        if rows:
-            conn.execute(_REFRESH[ok], rows)
+    h = duration_hist.c
+    keys = list(out)
+    held: dict[HistKey, tuple[int, Any, Any]] = {}
+    for i in range(0, len(keys), _KEYS_PER_READ):
+        part = keys[i:i + _KEYS_PER_READ]
+        for e, lab, st, b, n, lo, hi in conn.execute(
+                select(h.engine, h.label, h.status, h.bucket, h.n, h.lo, h.hi).where(
+                    tuple_(h.engine, h.label, h.status, h.bucket).in_(part))):
+            held[(e, lab, st, b)] = (n, lo, hi)
+    emptied, stale = [], []
+    for key, (out_lo, out_hi) in out.items():
+        n, lo, hi = held.get(key, (0, None, None))
+        if n <= 0:
+            if lo is not None or hi is not None:
+                emptied.append(key)
+        elif lo is None or hi is None or lo >= out_lo or hi <= out_hi:
+            stale.append((key, n))
+    sets = [{"engine": k[0], "label": k[1], "status": k[2], "bucket": k[3],
+             "lo": None, "hi": None} for k in emptied]
+    seek: list[HistKey] = []
+    if stale:
+        buckets = sorted({k[3] for k, _ in stale})
+        in_bucket = dict(conn.execute(
+            select(h.bucket, func.sum(h.n)).where(h.bucket.in_(buckets)).group_by(h.bucket)
+        ).all())
+        # rows read by seeks, per status; and by a walk: the status' tasks
+        by_status: dict[str, list[tuple[HistKey, float]]] = defaultdict(list)
+        for key, n in stale:
+            by_status[key[2]].append((key, (in_bucket.get(key[3]) or 0) / (n + 1)))
+        rare = [st for st in by_status if st != "ok"]
+        counts = dict(conn.execute(
+            select(task_counts.c.status, func.sum(task_counts.c.n))
+            .where(task_counts.c.status.in_(rare)).group_by(task_counts.c.status)
+        ).all()) if rare else {}
+        for st, rows in by_status.items():
+            way = _refresh_choice(st, sum(c for _, c in rows), counts.get(st) or 0)
+            if way == "seek":
+                seek += [k for k, _ in rows]
+            else:
+                sets += _walk_status(conn, st, {k for k, _ in rows})
+    if sets:
+        conn.execute(_SET_BOUNDS, sets)
+    if seek:
+        conn.execute(_REFRESH_SEEK, [
+            {"engine": k[0], "label": k[1], "status": k[2], "bucket": k[3],
+             "e": unkey_engine(k[0]), "l": unkey_label(k[1]),
+             "blo": _bucket_lower(k[3]), "bhi": _bucket_upper_or_inf(k[3])} for k in seek])
+
+
+def _refresh_choice(status: str, seeks: float, walk: int) -> str:
+    """"seek" or "walk": how to recount a status' rows, by the rows each reads (about).
+
+    A walk reads the status' entries of the partial index of unusual
+    statuses (no ok task is in it), which carry engine, label and duration:
+    a step costs a small fraction of a seek's, which reads the task's row.
+    """
+    return "seek" if status == "ok" or seeks <= walk / 8 else "walk"
+
+
+def _walk_status(conn: Connection, status: str, keys: set[HistKey]) -> list[dict[str, Any]]:
+    """The exact lo/hi of histogram rows of one unusual status, from one walk of its tasks."""
+    found: dict[HistKey, list[float]] = {}
+    buckets = {k[3] for k in keys}
+    # the DB-API cursor of this transaction: tens of thousands of plain tuples
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cur = dbapi.cursor()
+    try:
+        rows = cur.execute(_STATUS_SCAN_SQL, (status, _bucket_lower(min(buckets)),
+                                              _bucket_upper_or_inf(max(buckets)))).fetchall()
+    finally:
+        cur.close()
+    upper = _UPPER
+    for eng, lab, d in rows:
+        key = (NO_ENGINE if eng is None else eng, NO_LABEL if lab is None else lab, status,
+               bisect_right(upper, d))
+        if key in keys:
+            ends = found.get(key)
+            if ends is None:
+                found[key] = [d, d]
+            elif d < ends[0]:
+                ends[0] = d
+            elif d > ends[1]:
+                ends[1] = d
+    none = (None, None)
+    return [{"engine": k[0], "label": k[1], "status": k[2], "bucket": k[3],
+             "lo": ends[0], "hi": ends[1]} for k in keys for ends in (found.get(k, none),)]
+
+
+def _bucket_lower(b: int) -> float:
+    return -math.inf if b == 0 else _UPPER[b - 1]
+
+
+def _bucket_upper_or_inf(b: int) -> float:
+    return math.inf if b >= LAST_BUCKET else _UPPER[b]
 
 
 #: the columns whose gap to ``submitted`` is bounded (meta row ``time_bounds``)

@@ -35,7 +35,9 @@ Schema versions (kept in the ``meta`` table):
    in the same transaction (:mod:`monq.hub.aggregates`): percentiles by
    engine or label get their exact min and max from the histogram instead of
    seeks into the duration index filtered by a column it does not carry.
-   The upgrade rebuilds ``duration_hist`` from the tasks (one GROUP BY).
+   The partial index of unusual statuses carries ``duration`` too (a few %
+   of the rows: what recounts a rare status' lo/hi reads it alone).  The
+   upgrade rebuilds ``duration_hist`` from the tasks (one GROUP BY).
 
 An older database is upgraded in place when a store opens it (columns
 added and filled, indexes built): a user's history survives an upgrade.  A
@@ -123,9 +125,11 @@ Index("ix_tasks_label_submitted", tasks.c.label, tasks.c.submitted)
 UNUSUAL = text("status != 'ok'")
 # Version 4: the rare statuses again, with engine and label: walking it for
 # "status=error AND engine=3 AND label=x" tests engine and label on the index entry
-# instead of reading each error's row (partial: a few % of the rows)
+# instead of reading each error's row (partial: a few % of the rows).
+# label (version 5: and duration, so that the histogram's lo/hi of a rare status are
+# recounted from this index alone, monq.hub.aggregates.refresh_bounds; a few % of the rows)
 _UNUSUAL_INDEX = Index("ix_tasks_unusual", tasks.c.status, tasks.c.submitted, tasks.c.engine,
-                       tasks.c.label, sqlite_where=UNUSUAL)
+                       tasks.c.label, tasks.c.duration, sqlite_where=UNUSUAL)
 #: retention evicts payloads oldest-completed first: only rows that still hold one
 HAS_PAYLOAD = or_(tasks.c.request.is_not(None), tasks.c.result.is_not(None),
                   tasks.c.request_key.is_not(None), tasks.c.result_key.is_not(None))
@@ -324,8 +328,9 @@ def _upgrade_4_to_5(conn: Connection, url: str, dialect: str, rebuild: bool) -> 
     for name in ("lo", "hi"):
         if name not in have:
             conn.execute(text(f"ALTER TABLE duration_hist ADD COLUMN {name} FLOAT"))
-    for idx in duration_hist.indexes:  # they now carry lo and hi: made again by prepare()
-        conn.execute(text(f"DROP INDEX IF EXISTS {idx.name}"))
+    # they now carry lo and hi, and duration: made again by prepare()
+    for name in [idx.name for idx in duration_hist.indexes] + ["ix_tasks_unusual"]:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
     if dialect == "sqlite" and rebuild:
         aggregates.rebuild_hist(conn)
     conn.execute(meta_table.update().where(meta_table.c.key == "schema_version")
