@@ -863,15 +863,22 @@ class TaskStore(TaskStats):
                       free: int | None = None) -> int:
         """Delete the oldest-completed finished tasks: at most ``n``, completed before a
         time if given, and no more than it takes to free ``free`` bytes."""
+        stmt = self.oldest_statement(n, completed_before)
+        with self._engine.begin() as conn:
+            ids = _enough(conn.execute(stmt).all(), free)
+            return self._delete(conn, ids) if ids else 0
+
+    def oldest_statement(self, n: int, completed_before: float | None = None) -> Any:
+        """The SELECT of :meth:`delete_oldest`: msg_id and stored bytes, oldest completed first."""
         c = tasks.c
         stmt = select(c.msg_id, func.coalesce(c.stored_bytes, 0)).where(
             c.completed.is_not(None), c.status.in_(FINISHED))
         if completed_before is not None:
             stmt = stmt.where(c.completed < completed_before)
-        stmt = stmt.order_by(c.completed.asc()).limit(n)
-        with self._engine.begin() as conn:
-            ids = _enough(conn.execute(stmt).all(), free)
-            return self._delete(conn, ids) if ids else 0
+        # the completed index, in order: the planner would take the status index ("status
+        # IN (finished ones)") and sort every finished task (580 ms at 1M tasks, not 8 ms)
+        return stmt.order_by(c.completed.asc()).limit(n).with_hint(
+            tasks, "INDEXED BY ix_tasks_completed", "sqlite")
 
     def total_tasks(self) -> int:
         return int(self._scalar(select(func.count()).select_from(tasks)) or 0)
