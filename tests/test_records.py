@@ -90,3 +90,36 @@ def test_task_record_missing_keys() -> None:
     assert r.request_bytes is None and r.duration is None
     r = TaskRecord.from_row({"msg_id": "m", "status": "pending", "retries": None})
     assert r.retries == 0
+
+
+@pytest.mark.parametrize("row", [
+    {"msg_id": "m", "status": "ok", "client": "c", "engine": 2, "queue": "task", "label": "l",
+     "func": "f", "submitted": NOW, "started": NOW + 1, "completed": NOW + 3.5,
+     "received": NOW + 3.6, "ename": "E", "evalue": "v", "traceback": "tb", "stdout": "out",
+     "stderr": "", "retries": 1, "request_bytes": 10, "result_bytes": 3,
+     "payload_evicted": NOW + 9, "duration": 2.5, "_tie": 7},
+    # what JSON may hand back: whole-second times as ints, a status-less row, strings
+    {"msg_id": "m", "status": None, "engine": True, "submitted": 1_700_000_000,
+     "completed": "1700000001.5", "retries": "2"},
+    {"msg_id": 5},
+])
+def test_from_row_builds_what_the_constructor_builds(row: dict[str, Any]) -> None:
+    # from_row fills the frozen record's __dict__ directly (a history page decodes
+    # hundreds): it must give exactly the record the dataclass constructor gives
+    g = row.get
+    want = TaskRecord(
+        msg_id=str(g("msg_id")), status=str(g("status") or ""), client=g("client"),
+        engine=None if g("engine") is None else int(g("engine")), queue=g("queue"),
+        label=g("label"), func=g("func"), submitted=from_epoch(g("submitted")),
+        started=from_epoch(g("started")), completed=from_epoch(g("completed")),
+        received=from_epoch(g("received")), ename=g("ename"), evalue=g("evalue"),
+        traceback=g("traceback"), stdout=g("stdout"), stderr=g("stderr"),
+        retries=int(g("retries") or 0), request_bytes=g("request_bytes"),
+        result_bytes=g("result_bytes"), payload_evicted=from_epoch(g("payload_evicted")))
+    got = TaskRecord.from_row(row)
+    assert got == want and hash(got) == hash(want) and repr(got) == repr(want)
+    assert vars(got) == vars(want)
+    assert [type(getattr(got, f.name)) for f in dataclasses.fields(TaskRecord)] == \
+        [type(getattr(want, f.name)) for f in dataclasses.fields(TaskRecord)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.msg_id = "x"  # type: ignore[misc]

@@ -455,8 +455,8 @@ def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
     else:
         before = read_states(conn, stored_ids)
     deltas.before = before
-    for msg_id, row in before.items():
-        state[msg_id] = dict(row)
+    for msg_id, old_row in before.items():
+        state[msg_id] = dict(old_row)
     for group in update_groups:
         for r in group:
             row = state.get(r["msg_id"])

@@ -329,7 +329,7 @@ def _upgrade_4_to_5(conn: Connection, url: str, dialect: str, rebuild: bool) -> 
         if name not in have:
             conn.execute(text(f"ALTER TABLE duration_hist ADD COLUMN {name} FLOAT"))
     # they now carry lo and hi, and duration: made again by prepare()
-    for name in [idx.name for idx in duration_hist.indexes] + ["ix_tasks_unusual"]:
+    for name in [str(idx.name) for idx in duration_hist.indexes] + ["ix_tasks_unusual"]:
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
     if dialect == "sqlite" and rebuild:
         aggregates.rebuild_hist(conn)

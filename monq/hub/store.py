@@ -598,7 +598,7 @@ class TaskStore(TaskStats):
             tie = q.tiebreak_column(tasks, self.dialect).label("_tie")
             stmt = select(*_LISTED, tie).where(_ROWID.in_(page)).order_by(
                 *q.order_clause(tasks, order, self.dialect))
-            return [dict(r) for r in conn.execute(stmt).mappings()]
+            return _dicts(conn.execute(stmt))
 
     def _search_start(self, conn: Connection, value: float, slack: float) -> int | None:
         """The rowid a cursor page's walk can start below (None: from the newest).
@@ -917,7 +917,7 @@ class TaskStore(TaskStats):
     def _rows(self, stmt: Any) -> list[dict[str, Any]]:
         try:
             with self._engine.connect() as conn:
-                return [dict(r) for r in conn.execute(stmt).mappings()]
+                return _dicts(conn.execute(stmt))
         except SQLAlchemyError as e:
             raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
 
@@ -972,6 +972,13 @@ _FTS_DELETE = text(
 _FTS_INSERT = text(
     f"INSERT INTO tasks_fts(rowid, {_FTS_COLS}) SELECT rowid, {_FTS_COLS} FROM tasks "
     f"WHERE msg_id IN :ids AND ({_HAS_TEXT_SQL})").bindparams(bindparam("ids", expanding=True))
+
+
+def _dicts(result: Any) -> list[dict[str, Any]]:
+    """A result's rows as dicts: plain tuples zipped with the column names read once
+    (``.mappings()`` builds a RowMapping per row: 2-3x the CPU for a page of 700 rows)."""
+    keys = list(result.keys())
+    return [dict(zip(keys, r)) for r in result.fetchall()]
 
 
 def _has_text(row: dict[str, Any]) -> bool:
