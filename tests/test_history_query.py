@@ -376,6 +376,16 @@ def test_min_and_max_stay_exact_when_their_tasks_are_purged(store: TaskStore,
     assert _min_max(store, by) == _exact_min_max(store, by)
 
 
+def test_min_and_max_without_kept_bounds_are_sought(store: TaskStore) -> None:
+    # a histogram row without lo/hi (a write between the two reads emptied it) falls back
+    # to seeks into the duration index: the same exact answer
+    want = {by: _exact_min_max(store, by) for by in (None, "engine", "label")}
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE duration_hist SET lo = NULL, hi = NULL")
+    for by, groups in want.items():
+        assert _min_max(store, by) == groups
+
+
 def test_min_and_max_stay_exact_through_retention(store: TaskStore) -> None:
     # retention deletes the oldest-completed tasks; make those the shortest and longest
     store.write([], [{"msg_id": r["msg_id"], "completed": r["started"] + (

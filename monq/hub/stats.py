@@ -242,42 +242,54 @@ class TaskStats:
 
     def _percentiles_aggregate(self, f: TaskFilter, by: str | None, ps: list[float]
                                ) -> list[dict[str, Any]]:
-        """Percentiles from ``duration_hist``: counts per bucket, and the exact min and max
-        from the rows' ``lo``/``hi`` (schema version 5), all in one read of a covering
-        index of the histogram; no seek into ``tasks``."""
+        """Percentiles from ``duration_hist``: counts per bucket (one read of a covering
+        index of the histogram), then the exact min and max from ``lo``/``hi`` (schema
+        version 5) of each group's first and last bucket (one more read of a few
+        entries of that index); no seek into ``tasks``."""
         h = duration_hist.c
         d = tasks.c.duration
         group = h[by] if by else None
         keys = [group] if group is not None else []
-        stmt = (select(*keys, h.bucket, func.sum(h.n), func.min(h.lo), func.max(h.hi))
-                .where(*_agg_where(duration_hist, f)).group_by(*keys, h.bucket))
-        hists: dict[Any, dict[int, int]] = {}
-        bounds: dict[Any, dict[int, list[Any]]] = {}  # group -> bucket -> [lo, hi]
+        conds = _agg_where(duration_hist, f)
+        stmt = (select(*keys, h.bucket, func.sum(h.n)).where(*conds)
+                .group_by(*keys, h.bucket))
+        hists: dict[Any, dict[int, int]] = {}  # stored group key -> bucket -> count
         out: list[dict[str, Any]] = []
         unkey: Callable[[Any], Any] = _UNKEY.get(by or "", _same)
         try:
             with self._engine.connect() as conn:
                 for row in conn.execute(stmt):
-                    *k, b, n, lo, hi = row
-                    if not n:
-                        continue
-                    key = unkey(k[0]) if group is not None else None
-                    hist = hists.get(key)
-                    if hist is None:
-                        hists[key] = hist = {}
-                        bounds[key] = {}
-                    hist[b] = hist.get(b, 0) + n
-                    bounds[key][b] = [lo, hi]
+                    if row[-1]:
+                        k = row[0] if group is not None else None
+                        hist = hists.get(k)
+                        if hist is None:
+                            hists[k] = hist = {}
+                        hist[row[-2]] = int(row[-1])
                 sizes = sorted(((sum(v.values()), k) for k, v in hists.items()),
                                key=lambda nk: -nk[0])[:MAX_GROUPS]
+                # the lo of each group's first bucket and the hi of its last
+                cums = {k: _cumulative(hists[k]) for _, k in sizes}
+                ends = {(k, c[i][1]) for k, c in cums.items() for i in (0, -1)}
+                bounds: dict[tuple[Any, int], tuple[Any, Any]] = {}
+                if ends:
+                    # "key IN (...) AND bucket IN (...)": seeks into the covering index for
+                    # each pair (a row-value IN list made SQLite scan all of it); pairs of a
+                    # key and another key's end bucket are read too, and left
+                    which = [h.bucket.in_(sorted({b for _, b in ends}))]
+                    if group is not None:
+                        which.append(group.in_(sorted({k for k, _ in ends})))
+                    for row in conn.execute(
+                            select(*keys, h.bucket, func.min(h.lo), func.max(h.hi))
+                            .where(*conds, *which, h.n > 0).group_by(*keys, h.bucket)):
+                        k = row[0] if group is not None else None
+                        bounds[(k, row[-3])] = (row[-2], row[-1])
                 where = None
-                for count, key in sizes:
-                    if not count:
-                        continue
-                    cum = _cumulative(hists[key])
-                    lo = bounds[key][cum[0][1]][0]  # the first bucket's lo, the last's hi
-                    hi = bounds[key][cum[-1][1]][1]
-                    if lo is None or hi is None:  # not kept (never expected): seek them
+                for count, k in sizes:
+                    key = unkey(k) if group is not None else None
+                    cum = cums[k]
+                    lo = bounds.get((k, cum[0][1]), (None, None))[0]
+                    hi = bounds.get((k, cum[-1][1]), (None, None))[1]
+                    if lo is None or hi is None:  # a write came between, or never kept: seek
                         if where is None:
                             where = and_(self.where(f), d.is_not(None))
                         gwhere = where if by is None else and_(
