@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import func, literal_column, select, text, tuple_
+from sqlalchemy import bindparam, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
@@ -204,9 +204,16 @@ _REFRESH_SEEK = text(
     + " WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket")
 #: the duration, engine and label of every task of one unusual status: from the partial index
 #: of unusual statuses alone (it carries them, schema version 5)
-_STATUS_SCAN_SQL = (
-    "SELECT engine, label, duration FROM tasks INDEXED BY ix_tasks_unusual "
-    "WHERE status != 'ok' AND status = ? AND duration >= ? AND duration < ?")
+_STATUS_SCAN = text(
+    "SELECT engine, label, status, duration FROM tasks INDEXED BY ix_tasks_unusual "
+    "WHERE status != 'ok' AND status IN :statuses AND duration >= :dlo AND duration < :dhi"
+).bindparams(bindparam("statuses", expanding=True))
+#: tasks in each of some histogram buckets, and of some statuses
+_SIZES = text(
+    "SELECT 'b', bucket, sum(n) FROM duration_hist WHERE bucket IN :buckets GROUP BY bucket "
+    "UNION ALL SELECT 's', status, sum(n) FROM task_counts WHERE status IN :statuses "
+    "GROUP BY status").bindparams(bindparam("buckets", expanding=True),
+                                  bindparam("statuses", expanding=True))
 _SET_BOUNDS = text(
     "UPDATE duration_hist SET lo = :lo, hi = :hi "
     "WHERE engine = :engine AND label = :label AND status = :status AND bucket = :bucket")
@@ -255,25 +262,25 @@ def refresh_bounds(conn: Connection, out: dict[HistKey, list[float]]) -> None:
              "lo": None, "hi": None} for k in emptied]
     seek: list[HistKey] = []
     if stale:
+        # tasks per bucket (all statuses) and per status: one statement
         buckets = sorted({k[3] for k, _ in stale})
-        in_bucket = dict(conn.execute(
-            select(h.bucket, func.sum(h.n)).where(h.bucket.in_(buckets)).group_by(h.bucket)
-        ).all())
+        statuses = sorted({k[2] for k, _ in stale})
+        sizes: dict[tuple[str, Any], int] = {
+            (what, v): int(n or 0) for what, v, n in conn.execute(_SIZES, {
+                "buckets": buckets, "statuses": statuses})}
         # rows read by seeks, per status; and by a walk: the status' tasks
         by_status: dict[str, list[tuple[HistKey, float]]] = defaultdict(list)
         for key, n in stale:
-            by_status[key[2]].append((key, (in_bucket.get(key[3]) or 0) / (n + 1)))
-        rare = [st for st in by_status if st != "ok"]
-        counts = dict(conn.execute(
-            select(task_counts.c.status, func.sum(task_counts.c.n))
-            .where(task_counts.c.status.in_(rare)).group_by(task_counts.c.status)
-        ).all()) if rare else {}
+            by_status[key[2]].append((key, sizes.get(("b", key[3]), 0) / (n + 1)))
+        walk: set[HistKey] = set()
         for st, rows in by_status.items():
-            way = _refresh_choice(st, sum(c for _, c in rows), counts.get(st) or 0)
+            way = _refresh_choice(st, sum(c for _, c in rows), sizes.get(("s", st), 0))
             if way == "seek":
                 seek += [k for k, _ in rows]
             else:
-                sets += _walk_status(conn, st, {k for k, _ in rows})
+                walk.update(k for k, _ in rows)
+        if walk:
+            sets += _walk_statuses(conn, walk)
     if sets:
         conn.execute(_SET_BOUNDS, sets)
     if seek:
@@ -295,22 +302,17 @@ def _refresh_choice(status: str, seeks: float, walk: int) -> str:
     return "seek" if status == "ok" or 2 * seeks <= walk else "walk"
 
 
-def _walk_status(conn: Connection, status: str, keys: set[HistKey]) -> list[dict[str, Any]]:
-    """The exact lo/hi of histogram rows of one unusual status, from one walk of its tasks."""
+def _walk_statuses(conn: Connection, keys: set[HistKey]) -> list[dict[str, Any]]:
+    """The exact lo/hi of histogram rows of unusual statuses, from one walk of their
+    tasks' entries in the partial index of unusual statuses (one statement)."""
     found: dict[HistKey, list[float]] = {}
     buckets = {k[3] for k in keys}
-    # the DB-API cursor of this transaction: tens of thousands of plain tuples
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    cur = dbapi.cursor()
-    try:
-        rows = cur.execute(_STATUS_SCAN_SQL, (status, _bucket_lower(min(buckets)),
-                                              _bucket_upper_or_inf(max(buckets)))).fetchall()
-    finally:
-        cur.close()
+    rows = conn.execute(_STATUS_SCAN, {
+        "statuses": sorted({k[2] for k in keys}), "dlo": _bucket_lower(min(buckets)),
+        "dhi": _bucket_upper_or_inf(max(buckets))}).all()
     upper = _UPPER
-    for eng, lab, d in rows:
-        key = (NO_ENGINE if eng is None else eng, NO_LABEL if lab is None else lab, status,
+    for eng, lab, st, d in rows:
+        key = (NO_ENGINE if eng is None else eng, NO_LABEL if lab is None else lab, st,
                bisect_right(upper, d))
         if key in keys:
             ends = found.get(key)
