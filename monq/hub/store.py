@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -76,6 +77,10 @@ DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted", "request_key
                      "result_key"})
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
+#: rows a purge deletes per transaction (retention's default step): each delete recounts
+#: the histogram bounds it took (monq.hub.aggregates.refresh_bounds), a walk over the
+#: rare statuses' index entries, so fewer, larger chunks cost less
+_PURGE_CHUNK = 2000 if sqlite3.sqlite_version_info >= (3, 32) else _CHUNK
 #: a range filter matching at most this many rows is read through its own index
 _PROBE = 20_000
 
@@ -788,7 +793,7 @@ class TaskStore(TaskStats):
         while True:
             with self._engine.begin() as conn:
                 ids = list(conn.execute(select(tasks.c.msg_id).where(where)
-                                        .limit(_CHUNK)).scalars())
+                                        .limit(_PURGE_CHUNK)).scalars())
                 if not ids:
                     return done
                 if payloads_only:
