@@ -5,7 +5,7 @@ step with ``tasks`` in the SAME transaction as each write batch and each
 delete, so they are never out of step:
 
 * ``task_counts(status, engine, label, n)``
-* ``duration_hist(engine, label, status, bucket, n)``: tasks with a duration,
+* ``duration_hist(engine, label, status, bucket, n, lo, hi)``: tasks with a duration,
   by log-spaced bucket (:data:`PER_DECADE` buckets per decade from 1 µs;
   the last one is open-ended, the first takes everything below 1.12 µs)
 * ``minute_counts(minute, status, n)``: tasks by ``floor(submitted / 60)``
@@ -23,6 +23,13 @@ largest gap ever written between ``submitted`` and each of ``started`` and
 never lowered (a delete leaves them valid bounds), they let a range on
 started or completed imply an exact range on submitted
 (:func:`monq.hub.query.implied_submitted`).
+
+Schema version 5: each ``duration_hist`` row also keeps the exact smallest and
+largest duration of its tasks (``lo``, ``hi``), so that percentiles by engine
+or label get their exact min and max from the histogram.  The upsert moves
+them with ``min()``/``max()`` of what comes in; a row that loses a task at
+one of its bounds (a delete, or an update of a finished task) is recounted in
+the same transaction from the tasks left (:func:`refresh_bounds`).
 
 The stats queries (:mod:`monq.hub.stats`) read these tables when a query's
 filters are ones the table is keyed by, and the exact SQL over ``tasks``

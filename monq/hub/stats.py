@@ -193,10 +193,10 @@ class TaskStats:
         percentiles come from the maintained duration histogram
         (:mod:`monq.hub.aggregates`, 20 log-spaced buckets per decade): each
         percentile is the upper bound of the bucket holding the nearest-rank
-        task (clipped to the exact min and max, which stay index seeks), so it
-        is exact to within one bucket's width (~12 %) and never below the
-        exact value (p0 and p100 are min and max, exact).  ``exact=True``
-        always takes the exact path.
+        task (clipped to the exact min and max, which the histogram keeps per
+        row: schema version 5), so it is exact to within one bucket's width
+        (~12 %) and never below the exact value (p0 and p100 are min and max,
+        exact).  ``exact=True`` always takes the exact path.
         """
         if by not in (None, "engine", "label"):
             raise HubError(f"duration_percentiles: by must be None, 'engine' or 'label', "
