@@ -218,6 +218,10 @@ class Client:
         are taken by another thread; then wake the I/O thread if replies are still
         awaited."""
         io = self._io
+        if io.active:
+            # replies are awaited that no caller receives (a burst of apply_async, futures
+            # in asyncio): the I/O thread receives them all, and this caller's too
+            return
         try:
             while not fut.done() and not self._closed:
                 ms = 500  # look at fut and the client's state at least this often
