@@ -111,6 +111,8 @@ class Outbox:
         return items
 
     def take(self) -> list[tuple[bytes, list[Any]]]:
+        if not self._items:
+            return []  # the lock is contended in a burst: do not take it for nothing
         with self.lock:
             return self.take_locked()
 
@@ -297,6 +299,8 @@ class IOThread(threading.Thread):
 
     def _take(self) -> bool:
         """Take the sockets if replies are awaited and nobody else holds them."""
+        if self.active and self.lock.acquire(blocking=False):
+            return True  # no change of state: no need for outbox.lock (busy in a burst)
         with self.outbox.lock:
             if not (self.active or self.awaiting()):
                 return False
@@ -373,11 +377,15 @@ class IOThread(threading.Thread):
             got.append(("unsent", _msg_id(frames)))
 
     def _read(self, sock: zmq.Socket, name: str, got: list[Received]) -> None:
-        for _ in range(BATCH):
+        for i in range(BATCH):
             try:
                 frames = recv_frames(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if not i:
+                # the controller relayed this: it is alive, even if its Hub, busy with a
+                # burst, has not beaten for a while
+                self.last_beat = time.monotonic()
             try:
                 with self._feed_lock:
                     msg = self.session.feed(frames)
@@ -396,15 +404,25 @@ class IOThread(threading.Thread):
         are awaited (and takes the sockets again on its next turn).
         """
         got: list[Received] = []
-        with self.outbox.lock:
-            try:
-                for channel, frames in self.outbox.take_locked():
+        try:
+            while True:
+                with self.outbox.lock:
+                    items = self.outbox.take_locked()
+                    if not items:
+                        # nothing queued, and nothing can be queued until the lock is
+                        # free (senders hold outbox.lock): a sender finds it free next
+                        if keep_active:
+                            self.active = self.awaiting()
+                        self.lock.release()
+                        return got
+                # sent outside outbox.lock: a sender waiting on it (holding the GIL
+                # meanwhile) would make every frame sent here a thread switch
+                for channel, frames in items:
                     self.send(channel, frames, got)
-            finally:
-                if keep_active:
-                    self.active = self.awaiting()
+        except BaseException:
+            if self.lock.locked():
                 self.lock.release()
-        return got
+            raise
 
     def activate_if_needed(self) -> None:
         """A caller stopped receiving: wake this thread if replies are still awaited."""
