@@ -34,7 +34,8 @@ def main() -> None:
     a = p.parse_args()
     tdir = Path(tempfile.mkdtemp(prefix="monq-trace-"))
     os.environ["MONQ_TRACE_DIR"] = str(tdir)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE / "trace"), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE / "trace"),
+                                                os.environ.get("PYTHONPATH", "")])
     import tracehooks
 
     tracehooks.install_client()
