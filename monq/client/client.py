@@ -8,6 +8,8 @@ the Context.  Safe to call twice.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import threading
@@ -56,7 +58,7 @@ class Client:
         self._ctx = zmq.Context()
         self._ctx.linger = 0
         self._outbox = Outbox()
-        self._lock = self._outbox.lock  # guards the pipe, the outbox and the numbering
+        self._lock = self._outbox.lock  # guards the bell, the outbox and the numbering
         self._tasks: dict[str, TaskFuture] = {}
         self._queries: dict[str, Any] = {}
         self._engines: dict[int, str] = {}
@@ -71,7 +73,8 @@ class Client:
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
-                            self._outbox, self._on_hub_lost, self._on_unsent)
+                            self._outbox, self._on_hub_lost, self._on_unsent,
+                            self._awaiting)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -107,10 +110,9 @@ class Client:
             if self._closed:
                 return
             self._closed = True  # under the lock: no send can start after this
-            try:
-                self._pipe.send(IOThread.stop_frame())
-            except zmq.ZMQError:
-                pass
+            with contextlib.suppress(zmq.ZMQError):
+                self._outbox.ring(self._pipe)  # a caller receiving stops its turn
+        self._io.stop()
         self._io.join(timeout=5)
         self._pipe.close(linger=0)
         if self._io.is_alive():
@@ -147,7 +149,14 @@ class Client:
     def _send(self, channel: str, msg_type: str, content: dict[str, Any],
               metadata: dict[str, Any] | None = None, buffers: Sequence[Any] = (),
               raw: Sequence[bool] | None = None, idents: Sequence[bytes] = (),
-              register: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              register: Callable[[dict[str, Any]], None] | None = None,
+              sync: bool = False) -> dict[str, Any]:
+        """Sign and send a request whose answer someone awaits.
+
+        ``sync``: the caller waits for the answer next (and so receives it, see
+        :meth:`_wait_for`); otherwise the I/O thread is woken to receive it.
+        """
+        got: list[Any] = []
         with self._lock:
             if self._closed:
                 raise errors.MonqError("this client is closed")
@@ -156,13 +165,86 @@ class Client:
                                                  metadata=metadata, buffers=buffers, raw=raw)
             if register is not None:
                 register(hdr)  # before sending, so the reply always finds its future
-            self._outbox.put(channel.encode(), [*idents, *frames], self._pipe)
+            wake = self._emit(channel.encode(), [*idents, *frames], got) and not sync
+        self._after_emit(wake, got)
         return hdr
+
+    def _emit(self, channel: bytes, frames: list[Any], got: list[Any]) -> bool:
+        """Send now if nobody holds the sockets, else queue for the holder (the caller
+        holds ``self._lock``).  True when sent while the I/O thread is passive."""
+        io = self._io
+        if io.lock.acquire(blocking=False):
+            try:
+                io.flush(got, locked=True)  # what was queued before goes first
+                io.send(channel, frames, got)
+            finally:
+                io.lock.release()
+            return not io.active
+        self._outbox.put(channel, frames, self._pipe)
+        return False
+
+    def _after_emit(self, wake: bool, got: list[Any]) -> None:
+        if wake:
+            self._io.wake()
+        if got:
+            self._io.dispatch(got)  # messages that could not be sent: fail their futures
+
+    def _awaiting(self) -> bool:
+        """Whether any reply is awaited (the I/O thread receives while one is)."""
+        return bool(self._tasks or self._queries)
+
+    # -- receiving in the caller's thread --------------------------------------------
+
+    def _wait_for(self, fut: cf.Future[Any], timeout: float | None) -> bool:
+        """Wait until ``fut`` is done or ``timeout`` passes; True if done.
+
+        While nobody else holds the sockets, this thread receives (and
+        dispatches) the replies itself: no other thread is woken.  Otherwise
+        the holder (the I/O thread or another caller) resolves ``fut``, and this
+        thread looks again every 0.1 s in case the holder leaves first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not fut.done():
+            self._receive(fut, deadline)
+            left = None if deadline is None else deadline - time.monotonic()
+            if fut.done() or (left is not None and left <= 0):
+                break
+            with contextlib.suppress(cf.TimeoutError, cf.CancelledError):
+                fut.exception(0.1 if left is None else min(0.1, left))
+        return fut.done()
+
+    def _receive(self, fut: cf.Future[Any], deadline: float | None) -> None:
+        """Receive in this thread until ``fut`` is done, the deadline, or the sockets
+        are taken by another thread; then wake the I/O thread if replies are still
+        awaited."""
+        io = self._io
+        if io.active:
+            # replies are awaited that no caller receives (a burst of apply_async, futures
+            # in asyncio): the I/O thread receives them all, and this caller's too
+            return
+        try:
+            while not fut.done() and not self._closed:
+                ms = 500  # look at fut and the client's state at least this often
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    ms = min(ms, int(left * 1000) + 1)
+                if not io.lock.acquire(blocking=False):
+                    return
+                got: list[Any] = []
+                try:
+                    io.turn(None, ms, got)
+                finally:
+                    got += io.release()
+                io.dispatch(got)
+        finally:
+            io.activate_if_needed()
 
     def _send_apply(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any], engine: int | None = None,
                     label: str | None = None, retries: int = 0,
-                    timeout: float | None = None) -> TaskFuture:
+                    timeout: float | None = None, sync: bool = False) -> TaskFuture:
         buffers, raw = pack_apply(f, args, kwargs)
         idents: list[bytes] = []
         if channel == "direct":
@@ -188,7 +270,7 @@ class Client:
             self.shm.track(fut, segs)
 
         try:
-            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register)
+            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register, sync)
         except BaseException:
             if not holder:
                 self.shm.drop(segs)
@@ -202,6 +284,7 @@ class Client:
         md, buffers, raw = fut.request
         md = {**md, "retries_done": int(md.get("retries_done", 0)) + 1}
         fut.request = (md, buffers, raw)
+        got: list[Any] = []
         with self._lock:
             if self._closed:
                 return False
@@ -211,7 +294,8 @@ class Client:
             self._tasks[fut.msg_id] = fut
             fut.metadata["status"] = "pending"
             fut.metadata["retries"] = md["retries_done"]
-            self._outbox.put(b"task", frames, self._pipe)
+            wake = self._emit(b"task", frames, got)
+        self._after_emit(wake, got)
         log.info("task %s sent again: %s", fut.msg_id, why)
         return True
 
@@ -348,6 +432,7 @@ class Client:
         """
         reason = str(c.get("reason", "engine died"))
         status = str(c.get("status", "lost"))
+        failed = False
         for msg_id in c.get("msg_ids", []):
             fut = self._tasks.pop(msg_id, None)
             if fut is None or fut.done():
@@ -368,6 +453,9 @@ class Client:
             else:
                 fut.set_exception(errors.EngineDied(f"task {msg_id} was lost: {reason}",
                                                     c.get("engine")))
+            failed = True
+        if failed:
+            self._ring()
 
     def _on_hub_lost(self, silent: float) -> None:
         """The controller has been silent too long: fail everything that waits on it."""
@@ -378,6 +466,7 @@ class Client:
             self._queries.clear()
         if not waiting:
             return
+        self._ring()
         err = errors.NoClusterError(
             f"lost contact with the controller ({self.info.url('hub')}): no heartbeat for "
             f"{silent:.0f}s; {len(waiting)} task(s) or queries failed")
@@ -385,6 +474,12 @@ class Client:
             if isinstance(f, TaskFuture):
                 f.metadata["status"] = "lost"
             f.set_exception(err)
+
+    def _ring(self) -> None:
+        """Wake whoever holds the sockets (a caller receiving notices its future failed)."""
+        with self._lock, contextlib.suppress(zmq.ZMQError):
+            if not self._closed:
+                self._outbox.ring(self._pipe)
 
     def _on_unsent(self, msg_id: str) -> None:
         """A message the I/O thread could not send: fail whoever waits for its answer."""
@@ -411,8 +506,6 @@ class Client:
     def _query_msg(self, msg_type: str, content: dict[str, Any], timeout: float | None = None
                    ) -> Message:
         """Ask the Hub; its answer, or HubError / monq.TimeoutError."""
-        import concurrent.futures as cf
-
         holder: list[cf.Future[Message]] = []
 
         def register(hdr: dict[str, Any]) -> None:
@@ -420,10 +513,11 @@ class Client:
             self._queries[hdr["msg_id"]] = fut
             holder.append(fut)
 
-        hdr = self._send("hub", msg_type, content, register=register)
+        hdr = self._send("hub", msg_type, content, register=register, sync=True)
         timeout = self.query_timeout if timeout is None else timeout
         try:
-            msg = holder[0].result(timeout)
+            self._wait_for(holder[0], timeout)
+            msg = holder[0].result(0)
         except cf.TimeoutError:
             self._queries.pop(hdr["msg_id"], None)
             raise errors.TimeoutError(
@@ -622,7 +716,7 @@ class Client:
         """
         local = self._tasks.get(msg_id)
         if local is not None:
-            return AsyncResult([local])
+            return AsyncResult([local], waiter=self._wait_for)
         fut = TaskFuture(msg_id, 0.0, "")
         self._fetch_result(fut)
         if not fut.done():

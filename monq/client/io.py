@@ -1,50 +1,86 @@
-"""The client's I/O thread: the one owner of the client's zmq sockets.
+"""The client's sockets, who may use them when, and the I/O thread.
 
 Sockets are not thread-safe, and a client is used from any thread (and from
-asyncio), so every socket lives in this thread.  Callers hand it signed
-frames through an ``inproc`` PUSH socket guarded by a lock; the thread
-forwards them to the right channel and routes what comes back (replies,
-query answers, notifications) to the waiting futures.
+asyncio), so the sockets to the controller's task, direct and hub channels
+are shared under one lock, :attr:`IOThread.lock`: whoever holds it may send,
+poll and receive on them.  Going through another thread costs a wake-up per
+message each way (the waker and the woken fight for the GIL), so:
+
+- a caller that sends finds the lock free (the usual case) and sends at once
+  from its own thread; otherwise it queues the message in the :class:`Outbox`
+  and rings a bell that the holder polls, and the holder sends it;
+- a caller that waits for a reply (``apply_sync``, ``AsyncResult.get``, a Hub
+  query) takes the lock, if it is free, and receives its reply itself (see
+  ``Client._receive``), dispatching whatever else arrives meanwhile;
+- the I/O thread takes the lock only while replies are awaited that no caller
+  is receiving (``apply_async`` without ``get``, futures in asyncio, callbacks)
+  and is otherwise *passive*: it then polls only its own notify socket (the
+  Hub's beats and announcements) and a wake-up pipe.  A sequential
+  ``apply_sync`` loop thus never wakes it.
+
+Rules that keep this correct (``outbox.lock`` is the client's send lock):
+
+- messages of a channel leave in the order of their numbers (see
+  monq.protocol.ReplayGuard): numbering, queueing and a direct send happen
+  under ``outbox.lock``, and a direct send first sends what is queued;
+- whoever releases the sockets first sends what is queued, under
+  ``outbox.lock`` (:meth:`IOThread.release`): nothing waits in the outbox
+  while nobody holds them;
+- received messages are verified under :attr:`IOThread.lock`, in the order
+  received (the replay guard needs that), and dispatched (futures resolved,
+  callbacks run) after it is released;
+- a caller that stops receiving while replies are still awaited wakes the
+  I/O thread unless it is active (:meth:`IOThread.activate_if_needed`), under
+  ``outbox.lock``, where the I/O thread also decides to stay active or not.
 
 Resource handling: :meth:`IOThread.stop` asks the thread to end; the thread
-closes its own sockets; the caller then terminates the Context.
+takes the lock for good and closes every socket; the caller then terminates
+the Context.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
 from monq.protocol import DELIM, Message, Session
 from monq.security import client_socket_setup
+from monq.serialize import recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
-#: first frame of a pipe message: which socket it goes to
+#: the channel a message is queued for: which socket it goes to
 CHANNELS = {b"task": "task_client", b"direct": "direct_client", b"hub": "hub"}
-_STOP = b"stop"
+SHARED = ("task_client", "direct_client", "hub")
 #: how long a closing client waits for the tasks it submitted to leave (a client that
 #: exits right after submitting has them run and recorded)
 CLOSE_LINGER_MS = 5000
+#: messages read from one socket before looking at the others
+BATCH = 1000
 _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
+
+#: what a turn on the sockets received, to dispatch once the lock is released:
+#: ("reply" | "hub", Message) or ("auth_error", parent msg_id) or ("unsent", msg_id)
+Received = tuple[str, Any]
 
 
 class Outbox:
-    """Messages waiting for the I/O thread, in send order, with one wake-up per batch.
+    """Messages waiting for whoever holds the sockets, in send order, one bell per batch.
 
-    Waking a thread costs far more than queueing a message (the waker and the
-    woken fight for the GIL), so a caller only rings the pipe when the box
-    was empty; the I/O thread then takes everything queued at once.  ``lock``
-    also guards the caller's message numbering, so queue order is send order.
+    ``lock`` also guards the caller's message numbering, so queue order is send
+    order.  A caller only rings the bell when the box was empty; the holder
+    then takes everything queued at once.
     """
 
     def __init__(self) -> None:
@@ -59,21 +95,37 @@ class Outbox:
             self._rung = True
             bell.send(b"")
 
-    def take(self) -> list[tuple[bytes, list[Any]]]:
-        with self.lock:
-            items = list(self._items)
-            self._items.clear()
-            self._rung = False
+    def ring(self, bell: zmq.Socket) -> None:
+        """Wake whoever holds the sockets (the caller holds ``lock``)."""
+        if not self._rung:
+            self._rung = True
+            bell.send(b"")
+
+    def take_locked(self) -> list[tuple[bytes, list[Any]]]:
+        """Everything queued; the caller holds ``lock``."""
+        self._rung = False
+        if not self._items:
+            return []
+        items = list(self._items)
+        self._items.clear()
         return items
+
+    def take(self) -> list[tuple[bytes, list[Any]]]:
+        if not self._items:
+            return []  # the lock is contended in a burst: do not take it for nothing
+        with self.lock:
+            return self.take_locked()
 
 
 class IOThread(threading.Thread):
-    """Forwards outgoing frames and dispatches incoming messages.
+    """Opens the client's sockets, owns the notify socket, and receives when nobody else does.
 
     ``on_reply(msg)`` gets task replies, ``on_hub(msg)`` query answers,
-    ``on_notify(msg)`` notifications and ``on_auth_error(parent_msg_id)`` the
-    controller's refusal of a wrong key.  Callbacks run in this thread and
-    must not block.
+    ``on_notify(msg)`` notifications, ``on_auth_error(parent_msg_id)`` the
+    controller's refusal of a wrong key and ``on_unsent(msg_id)`` a message
+    that could not be sent.  ``awaiting()`` says whether any reply is still
+    awaited.  Notifications are dispatched in this thread; replies in
+    whichever thread received them.  Callbacks must not block.
     """
 
     def __init__(self, ctx: zmq.Context, info: ConnectionInfo, session: Session,
@@ -81,7 +133,8 @@ class IOThread(threading.Thread):
                  on_hub: Callable[[Message], None], on_notify: Callable[[Message], None],
                  on_auth_error: Callable[[str], None], outbox: Outbox,
                  on_hub_lost: Callable[[float], None],
-                 on_unsent: Callable[[str], None] = lambda msg_id: None) -> None:
+                 on_unsent: Callable[[str], None] = lambda msg_id: None,
+                 awaiting: Callable[[], bool] = lambda: True) -> None:
         super().__init__(name="monq-client-io", daemon=True)
         self.ctx = ctx
         self.info = info
@@ -95,6 +148,27 @@ class IOThread(threading.Thread):
         self.on_hub_lost = on_hub_lost
         #: called with the msg_id of a message that could not be sent
         self.on_unsent = on_unsent
+        self.awaiting = awaiting
+        #: the right to use the shared sockets (and the bell's receiving end)
+        self.lock = threading.Lock()
+        #: whether this thread takes the sockets on its next turn without being woken;
+        #: changed and read under ``outbox.lock``
+        self.active = False
+        #: turns this thread took on the shared sockets, and times it was woken through
+        #: its pipe: a sequential apply_sync loop changes neither (tests count them)
+        self.turns = 0
+        self.wakeups = 0
+        # verification shares one replay memory: the notify channel's messages are
+        # verified here, the others by whoever holds ``lock``
+        self._feed_lock = threading.Lock()
+        self._stop_flag = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self.sockets: dict[str, zmq.Socket] = {}
+        self._names: dict[Any, str] = {}
+        self._shared_poller = zmq.Poller()
         # the Hub beats on the notify channel; silence longer than this means it is gone
         self.grace = max(5.0, 5 * info.heartbeat_period)
         # a controller on this machine whose process is alive may just be busy (a long
@@ -107,14 +181,16 @@ class IOThread(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
 
+    # -- opening and closing --------------------------------------------------------
+
     def run(self) -> None:
-        sockets: dict[str, zmq.Socket] = {}
+        sockets = self.sockets
         try:
-            pipe = self.ctx.socket(zmq.PULL)
-            sockets["pipe"] = pipe
-            pipe.bind(self.pipe_url)
+            bell = self.ctx.socket(zmq.PULL)
+            sockets["bell"] = bell
+            bell.bind(self.pipe_url)
             ident = self.session.session_id.encode()
-            for name in ("task_client", "direct_client", "hub"):
+            for name in SHARED:
                 s = self.ctx.socket(zmq.DEALER)
                 s.identity = ident
                 s.sndhwm = 0  # queue rather than block or drop when submitting in bursts
@@ -133,28 +209,84 @@ class IOThread(threading.Thread):
             self.error = e
             for s in sockets.values():
                 s.close(linger=0)
+            self._close_pipe()
             self.ready.set()
             return
+        self._names = {s: name for name, s in sockets.items()}
+        for name in (*SHARED, "bell"):
+            self._shared_poller.register(sockets[name], zmq.POLLIN)
         self.ready.set()
         try:
-            self._loop(sockets)
+            self._loop()
         except zmq.ContextTerminated:
             pass
         except BaseException:
             log.exception("client I/O thread failed")
         finally:
-            for s in sockets.values():
-                s.close()
+            self._close()
 
-    def _loop(self, sockets: dict[str, zmq.Socket]) -> None:
-        pipe = sockets["pipe"]
-        poller = zmq.Poller()
-        for s in sockets.values():
-            poller.register(s, zmq.POLLIN)
-        by_socket = {s: name for name, s in sockets.items()}
+    def _close(self) -> None:
+        # the sockets are closed under the lock, which is never released again: a caller
+        # still receiving finishes its turn first, and nobody uses them afterwards
+        if not self.lock.acquire(timeout=5):
+            log.warning("a thread kept the client's sockets for 5 s after close(): "
+                        "closing them anyway")
+        for name in ("task_client", "direct_client"):
+            # what was submitted before close() still goes out
+            with contextlib.suppress(zmq.ZMQError, KeyError):
+                self.sockets[name].linger = CLOSE_LINGER_MS
+        for s in self.sockets.values():
+            s.close()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def stop(self) -> None:
+        """Ask the thread to end (it closes the sockets); safe from any thread, twice."""
+        self._stop_flag = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Have the thread look at the sockets (or at its stop flag) now."""
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        notify = self.sockets["notify"]
+        passive = zmq.Poller()
+        passive.register(notify, zmq.POLLIN)
+        passive.register(self._wake_r, zmq.POLLIN)
+        active = zmq.Poller()
+        for name in (*SHARED, "bell", "notify"):
+            active.register(self.sockets[name], zmq.POLLIN)
+        active.register(self._wake_r, zmq.POLLIN)
         last_loop = time.monotonic()
-        while True:
-            events = poller.poll(1000)
+        while not self._stop_flag:
+            got: list[Received] = []
+            if self._take():
+                self.turns += 1
+                try:
+                    ready = self.turn(active, 1000, got)
+                finally:
+                    got += self.release(keep_active=True)
+            else:
+                ready = {self._names.get(s, s) for s, _ in passive.poll(1000)}
+            self.dispatch(got)
+            if self._wake_r in ready:
+                self.wakeups += 1
+                self._woken = False
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            if "notify" in ready:
+                self._drain_notify(notify)
             now = time.monotonic()
             if now - last_loop > 3.0:
                 # this thread itself did not run (the process was suspended or starved):
@@ -164,89 +296,180 @@ class IOThread(threading.Thread):
             silent = now - self.last_beat
             if silent > self.grace and not (silent < self.local_grace and self._local_alive()):
                 self.on_hub_lost(silent)
-            for sock, _ in events:
-                name = by_socket[sock]
-                if name == "pipe":
-                    # read the bells first, then take the box: a message queued
-                    # after take() rings again, so none is left behind
-                    stop = False
-                    while True:
-                        try:
-                            bell = pipe.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        stop = stop or bell == _STOP
-                    for channel, out in self.outbox.take():
-                        try:
-                            # never blocks on a live connection (unlimited HWM); only a
-                            # connection the controller refused (Curve) has no pipe left
-                            sockets[CHANNELS[channel]].send_multipart(out, zmq.NOBLOCK,
-                                                                      copy=False)
-                        except zmq.Again:
-                            log.warning("could not send a message to %s: no connection "
-                                        "(refused?)", CHANNELS[channel])
-                            self.on_unsent(_msg_id(out))
-                    if stop:
-                        # what was submitted before close() still goes out (see run())
-                        for name in ("task_client", "direct_client"):
-                            sockets[name].linger = CLOSE_LINGER_MS
-                        return
-                    continue
-                for _ in range(1000):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        self._dispatch(name, frames)
-                    except Exception:
-                        log.exception("error handling a message from %s", name)
+
+    def _take(self) -> bool:
+        """Take the sockets if replies are awaited and nobody else holds them."""
+        if self.active and self.lock.acquire(blocking=False):
+            return True  # no change of state: no need for outbox.lock (busy in a burst)
+        with self.outbox.lock:
+            if not (self.active or self.awaiting()):
+                return False
+            if self.lock.acquire(blocking=False):
+                self.active = True
+                return True
+            # a caller receives: it wakes this thread when it stops, if need be
+            self.active = False
+            return False
+
+    def _drain_notify(self, notify: zmq.Socket) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(notify, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                with self._feed_lock:
+                    msg = self.session.feed(frames[1:])  # [0] is the topic
+            except ProtocolError:
+                continue
+            self.last_beat = time.monotonic()
+            try:
+                self.on_notify(msg)
+            except Exception:
+                log.exception("error handling a notification")
 
     def _local_alive(self) -> bool:
         """A controller on this machine that is alive (maybe busy), or being restarted."""
         return bool((self.local_pid and pid_alive(self.local_pid)) or
                     (self.supervisor_pid and pid_alive(self.supervisor_pid)))
 
-    def _dispatch(self, name: str, frames: list[Any]) -> None:
-        if name == "notify":
-            frames = frames[1:]  # the topic
-        try:
-            msg = self.session.feed(frames)
-        except ProtocolError as e:
-            if name == "hub":
-                self._check_auth_error(frames, e)
-            return
-        if name == "hub":
-            self.on_hub(msg)
-        elif name == "notify":
-            self.last_beat = time.monotonic()
-            self.on_notify(msg)
-        else:
-            self.on_reply(msg)
+    # -- a turn on the shared sockets (by this thread or a receiving caller) -----------
 
-    def _check_auth_error(self, frames: list[Any], err: ProtocolError) -> None:
-        # the one unsigned message a controller sends: "your signature is wrong"
+    def turn(self, poller: zmq.Poller | None, timeout_ms: int, got: list[Received]
+             ) -> set[Any]:
+        """Send what is queued, wait up to ``timeout_ms`` for input and read it all.
+
+        The caller holds ``lock``.  Verified messages (and failures to report)
+        are appended to ``got``, to :meth:`dispatch` once the lock is released.
+        Returns the names (or file descriptors) of the other ready pollees.
+        """
+        self.flush(got)
+        events = (poller or self._shared_poller).poll(timeout_ms)
+        others: set[Any] = set()
+        for sock, _ in events:
+            name = self._names.get(sock, sock)
+            if name == "bell":
+                with contextlib.suppress(zmq.Again):
+                    while True:
+                        sock.recv(zmq.NOBLOCK)
+                self.flush(got)
+            elif name in SHARED:
+                self._read(sock, name, got)
+            else:
+                others.add(name)
+        return others
+
+    def flush(self, got: list[Received], locked: bool = False) -> None:
+        """Send everything queued (the caller holds ``lock``; ``locked``: and
+        ``outbox.lock``)."""
+        for channel, frames in (self.outbox.take_locked() if locked else self.outbox.take()):
+            self.send(channel, frames, got)
+
+    def send(self, channel: bytes, frames: list[Any], got: list[Received]) -> None:
+        """Send one message now (the caller holds ``lock``)."""
         try:
-            i = [f.bytes for f in frames[:17]].index(DELIM)
-            if frames[i + 1].bytes != b"":
+            # never blocks on a live connection (unlimited HWM); only a connection the
+            # controller refused (Curve) has no pipe left
+            send_frames(self.sockets[CHANNELS[channel]], frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("could not send a message to %s: no connection (refused?)",
+                        CHANNELS[channel])
+            got.append(("unsent", _msg_id(frames)))
+
+    def _read(self, sock: zmq.Socket, name: str, got: list[Received]) -> None:
+        for i in range(BATCH):
+            try:
+                frames = recv_frames(sock, zmq.NOBLOCK)
+            except zmq.Again:
                 return
-            header = json.loads(frames[i + 2].bytes)
-            parent = json.loads(frames[i + 3].bytes)
-        except (ValueError, IndexError):
-            return
-        if header.get("msg_type") == "auth_error":
-            self.on_auth_error(str(parent.get("msg_id", "")))
+            if not i:
+                # the controller relayed this: it is alive, even if its Hub, busy with a
+                # burst, has not beaten for a while
+                self.last_beat = time.monotonic()
+            try:
+                with self._feed_lock:
+                    msg = self.session.feed(frames)
+            except ProtocolError:
+                if name == "hub":
+                    parent = _auth_error_parent(frames)
+                    if parent is not None:
+                        got.append(("auth_error", parent))
+                continue
+            got.append(("hub" if name == "hub" else "reply", msg))
 
-    @staticmethod
-    def stop_frame() -> bytes:
-        return _STOP
+    def release(self, keep_active: bool = False) -> list[Received]:
+        """Give the sockets up, after sending what is queued; returns what to dispatch.
+
+        ``keep_active``: this thread's own release; it stays active while replies
+        are awaited (and takes the sockets again on its next turn).
+        """
+        got: list[Received] = []
+        try:
+            while True:
+                with self.outbox.lock:
+                    items = self.outbox.take_locked()
+                    if not items:
+                        # nothing queued, and nothing can be queued until the lock is
+                        # free (senders hold outbox.lock): a sender finds it free next
+                        if keep_active:
+                            self.active = self.awaiting()
+                        self.lock.release()
+                        return got
+                # sent outside outbox.lock: a sender waiting on it (holding the GIL
+                # meanwhile) would make every frame sent here a thread switch
+                for channel, frames in items:
+                    self.send(channel, frames, got)
+        except BaseException:
+            if self.lock.locked():
+                self.lock.release()
+            raise
+
+    def activate_if_needed(self) -> None:
+        """A caller stopped receiving: wake this thread if replies are still awaited."""
+        with self.outbox.lock:
+            need = not self.active and not self._stop_flag and self.awaiting()
+        if need:
+            self.wake()
+
+    def dispatch(self, got: list[Received]) -> None:
+        """Hand received messages to the client (not holding ``lock``)."""
+        for kind, x in got:
+            try:
+                if kind == "reply":
+                    self.on_reply(x)
+                elif kind == "hub":
+                    self.on_hub(x)
+                elif kind == "auth_error":
+                    self.on_auth_error(x)
+                elif kind == "unsent":
+                    self.on_unsent(x)
+            except Exception:
+                log.exception("error handling a %s", kind)
+
+
+def _auth_error_parent(frames: list[Any]) -> str | None:
+    """The parent msg_id of the one unsigned message a controller sends ("your
+    signature is wrong"), or None if ``frames`` are not that."""
+    try:
+        raw = [f if isinstance(f, bytes) else bytes(f) for f in frames[:17]]
+        i = raw.index(DELIM)
+        if bytes(frames[i + 1]) != b"":
+            return None
+        header = orjson.loads(bytes(frames[i + 2]))
+        parent = orjson.loads(bytes(frames[i + 3]))
+    except (ValueError, IndexError, TypeError):
+        return None
+    if isinstance(header, dict) and header.get("msg_type") == "auth_error" and \
+            isinstance(parent, dict):
+        return str(parent.get("msg_id", ""))
+    return None
 
 
 def _msg_id(frames: list[Any]) -> str:
     """The msg_id in a signed message's header frame ('' if it cannot be read)."""
     try:
         raw = [bytes(f) if not isinstance(f, bytes) else f for f in frames]
-        header = json.loads(raw[raw.index(DELIM) + 2])
+        header = orjson.loads(raw[raw.index(DELIM) + 2])
         return str(header.get("msg_id", ""))
-    except (ValueError, IndexError, TypeError):
+    except (ValueError, IndexError, TypeError, AttributeError):
         return ""

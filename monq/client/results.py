@@ -55,8 +55,13 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
     """The result of work submitted to the cluster, available later."""
 
     def __init__(self, children: Sequence[TaskFuture], single: bool = True,
-                 reduce: Callable[[list[Any]], Any] | None = None) -> None:
+                 reduce: Callable[[list[Any]], Any] | None = None,
+                 waiter: Callable[[cf.Future[Any], float | None], bool] | None = None
+                 ) -> None:
         super().__init__()
+        #: ``waiter(self, timeout)`` waits until done (the client's, which receives the
+        #: replies in the waiting thread when it can); None: wait on the future alone
+        self._waiter = waiter
         self._children = list(children)
         self._single = single and len(self._children) == 1
         self._reduce = reduce
@@ -111,8 +116,16 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
                 f"{len(self._children) - self.finished} of {len(self._children)} task(s) "
                 f"not finished after {timeout}s") from None
 
+    def result(self, timeout: float | None = None) -> Any:
+        if self._waiter is not None and not self.done():
+            if not self._waiter(self, timeout):
+                timeout = 0  # not done in time: raise TimeoutError at once
+        return super().result(timeout)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until ready or ``timeout``; return whether it is ready."""
+        if self._waiter is not None:
+            return self.done() or self._waiter(self, timeout)
         cf.wait([self], timeout)
         return self.done()
 
@@ -196,13 +209,15 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
 class AsyncMapResult(AsyncResult):
     """The result of a ``map``: iterating yields items as their chunk finishes."""
 
-    def __init__(self, children: Sequence[TaskFuture], ordered: bool = True) -> None:
+    def __init__(self, children: Sequence[TaskFuture], ordered: bool = True,
+                 waiter: Callable[[cf.Future[Any], float | None], bool] | None = None
+                 ) -> None:
         self.ordered = ordered
         self._order: list[TaskFuture] = []
         self._order_lock = threading.Lock()
         for c in children:
             c.add_done_callback(self._record_order)
-        super().__init__(children, single=False, reduce=self._flatten)
+        super().__init__(children, single=False, reduce=self._flatten, waiter=waiter)
 
     def _record_order(self, f: cf.Future) -> None:  # type: ignore[type-arg]
         with self._order_lock:

@@ -44,7 +44,9 @@ class View:
         self.timeout = timeout
 
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                ) -> list[Any]:
+                sync: bool = False) -> list[Any]:
+        """Send the task(s); ``sync``: the caller waits for them next (and receives
+        their replies itself, see Client._wait_for)."""
         raise NotImplementedError
 
     def _n_workers(self) -> int:
@@ -53,11 +55,12 @@ class View:
     def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
         """Submit ``f(*args, **kwargs)``; return its AsyncResult at once."""
         children = self._submit(f, args, kwargs)
-        return AsyncResult(children, single=self._single())
+        return AsyncResult(children, single=self._single(), waiter=self.client._wait_for)
 
     def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``f(*args, **kwargs)`` and return its result (or raise its RemoteError)."""
-        return self.apply_async(f, *args, **kwargs).get()
+        children = self._submit(f, args, kwargs, sync=True)
+        return AsyncResult(children, single=self._single(), waiter=self.client._wait_for).get()
 
     def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return (self.apply_sync if self.block else self.apply_async)(f, *args, **kwargs)
@@ -73,6 +76,10 @@ class View:
         about eight chunks per engine.  With ``ordered=False`` the results
         come in the order chunks finish.
         """
+        return self._map(f, seqs, chunksize, ordered, sync=False)
+
+    def _map(self, f: Callable[..., Any], seqs: Sequence[Iterable[Any]], chunksize: int | None,
+             ordered: bool, sync: bool) -> AsyncMapResult:
         if not seqs:
             raise TypeError("map needs at least one sequence")
         lists = [s if isinstance(s, Sequence) else list(s) for s in seqs]
@@ -81,17 +88,19 @@ class View:
             chunksize = max(1, math.ceil(n / (max(1, self._n_workers()) * 8)))
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1")
-        children = self._submit_chunks(f, _chunks(lists, chunksize))
-        return AsyncMapResult(children, ordered=ordered)
+        children = self._submit_chunks(f, _chunks(lists, chunksize), sync)
+        return AsyncMapResult(children, ordered=ordered, waiter=self.client._wait_for)
 
-    def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]]) -> list[Any]:
+    def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]],
+                       sync: bool = False) -> list[Any]:
         out: list[Any] = []
         for cols in chunks:
-            out += self._submit(_map_chunk, (f, *cols), {})
+            out += self._submit(_map_chunk, (f, *cols), {}, sync)
         return out
 
-    def map_sync(self, f: Callable[..., Any], *seqs: Iterable[Any], **kw: Any) -> list[Any]:
-        return self.map_async(f, *seqs, **kw).get()
+    def map_sync(self, f: Callable[..., Any], *seqs: Iterable[Any], chunksize: int | None = None,
+                 ordered: bool = True) -> list[Any]:
+        return self._map(f, seqs, chunksize, ordered, sync=True).get()  # type: ignore[no-any-return]
 
     def map(self, f: Callable[..., Any], *seqs: Iterable[Any], **kw: Any) -> Any:
         return (self.map_sync if self.block else self.map_async)(f, *seqs, **kw)
@@ -114,9 +123,9 @@ class LoadBalancedView(View):
         self.retries = retries
 
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                ) -> list[Any]:
+                sync: bool = False) -> list[Any]:
         return [self.client._send_apply("task", f, args, kwargs, label=self.label,
-                                        retries=self.retries, timeout=self.timeout)]
+                                        retries=self.retries, timeout=self.timeout, sync=sync)]
 
     def _n_workers(self) -> int:
         return max(1, len(self.client.ids))
@@ -143,18 +152,20 @@ class DirectView(View):
         return len(self._target_list)
 
     def _submit(self, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                ) -> list[Any]:
+                sync: bool = False) -> list[Any]:
         return [self.client._send_apply("direct", f, args, kwargs, engine=t, label=self.label,
-                                          timeout=self.timeout)
+                                        timeout=self.timeout, sync=sync)
                 for t in self._target_list]
 
-    def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]]) -> list[Any]:
+    def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]],
+                       sync: bool = False) -> list[Any]:
         # spread chunks over the targets in turn
         out = []
         for i, cols in enumerate(chunks):
             t = self._target_list[i % len(self._target_list)]
             out.append(self.client._send_apply("direct", _map_chunk, (f, *cols), {}, engine=t,
-                                               label=self.label, timeout=self.timeout))
+                                               label=self.label, timeout=self.timeout,
+                                               sync=sync))
         return out
 
     def execute(self, code: str) -> AsyncResult:
@@ -182,12 +193,12 @@ class DirectView(View):
                                                     engine=t, label=self.label,
                                           timeout=self.timeout))
             start = end
-        return AsyncResult(children, single=False)
+        return AsyncResult(children, single=False, waiter=self.client._wait_for)
 
     def gather(self, name: str) -> AsyncResult:
         """Read ``name`` from every target and join the parts (lists, or numpy arrays)."""
         children = self._submit(_pull, (name,), {})
-        return AsyncResult(children, single=False, reduce=_join)
+        return AsyncResult(children, single=False, reduce=_join, waiter=self.client._wait_for)
 
     def __repr__(self) -> str:
         return f"<DirectView {self.targets!r}>"

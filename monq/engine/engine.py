@@ -12,7 +12,9 @@ milliseconds, reads waiting messages into the engine's backlog and reports
 them to the Hub as received (so the Hub knows what a dead engine held), and
 registers again with a restarted controller.  The task and direct sockets
 are shared by the two threads under one lock, which the main thread releases
-while user code runs.
+while user code runs.  A task never crosses threads: the main thread reads,
+runs and answers it.  An idle engine's threads all sleep until a message (or
+a signal) comes.
 
 A task with a ``timeout`` is interrupted by SIGALRM (a ``TaskTimeout`` raised
 in it, answered ``timeout``); one that cannot be interrupted (C code holding
@@ -55,7 +57,7 @@ from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import Message, Session
 from monq.security import client_socket_setup
-from monq.serialize import serialize, unpack_apply
+from monq.serialize import recv_frames, send_frames, serialize, unpack_apply
 from monq.shm import EngineShm
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,9 @@ class _Link(threading.Thread):
       not know this engine yet).
     """
 
+    #: looks (every ``delay``) with nothing running, read or to report before it sleeps
+    IDLE_LOOKS = 20
+
     def __init__(self, engine: Engine, sock: zmq.Socket, session: Session,
                  delay: float) -> None:
         super().__init__(name="engine-link", daemon=True)
@@ -150,19 +155,55 @@ class _Link(threading.Thread):
         self.sock = sock
         self.session = session
         self.delay = delay
-        self._stop_event = threading.Event()
+        self._stopping = False
+        #: True while the thread sleeps until a task starts (or the Hub says something);
+        #: the main thread then wakes it through the pipe (see task_started)
+        self.asleep = False
+        #: how many times it woke up (tests count them: none while the engine is idle)
+        self.wakeups = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def task_started(self) -> None:
+        """Called by the main thread once ``engine.current`` is set: a sleeping link
+        wakes up, to tell the Hub if the task runs longer than ``delay``."""
+        if self.asleep:
+            self.asleep = False
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def stop(self) -> None:
-        self._stop_event.set()
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _run(self) -> None:
         eng = self.engine
         told: str | None = None
         reported: str | None = None
         ms = max(1, int(self.delay * 1000))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        idle = 0
         try:
-            while not self._stop_event.is_set():
-                if self.sock.poll(ms):
+            while not self._stopping:
+                events = dict(poller.poll(None if self.asleep else ms))
+                self.wakeups += 1
+                if self._wake_r in events:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    self.asleep = False
+                if self.sock in events:
                     self._drain_hub()
                 cur = eng.current
                 if cur is not None and cur[0] != told and time.time() - cur[1] >= self.delay:
@@ -180,6 +221,16 @@ class _Link(threading.Thread):
                     eng.receipts.appendleft(cur[0])
                     reported = cur[0]
                 self._report_receipts()
+                if cur is not None or eng.backlog:
+                    idle = 0
+                    continue
+                idle += 1
+                if idle >= self.IDLE_LOOKS:
+                    # sleep until task_started(); a task that started meanwhile saw
+                    # asleep False (and is seen here) or sees it True (and wakes us)
+                    self.asleep = True
+                    if eng.current is not None:
+                        self.asleep = False
         except zmq.ContextTerminated:
             pass
         except Exception:
@@ -359,7 +410,9 @@ class Engine:
             except zmq.ZMQError:
                 pass
         for s in (self.task, self.direct):
-            s.close(linger=0)
+            # a reply sent just now (a task aborted by the stop) is still in ZeroMQ's
+            # queue: give it a moment to leave, as the goodbye gets
+            s.close(linger=500)
         self.hub.close()
         if self._link is not None:
             # it owns a socket: it must be gone before the Context can end
@@ -381,7 +434,7 @@ class Engine:
         for sock, channel in self.channels.items():
             while True:
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = recv_frames(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._accept(sock, channel, frames)
@@ -406,7 +459,8 @@ class Engine:
         with self.lock:
             if not self.backlog:
                 try:
-                    events = poller.poll(200)
+                    # with a signal wake-up pipe, nothing needs a look while idle
+                    events = poller.poll(200 if self.wake_fd is None else 5000)
                 except zmq.ZMQError as e:
                     if e.errno == errno.EINTR:
                         return None
@@ -415,7 +469,7 @@ class Engine:
                     # one message per ready channel: the first runs at once and needs
                     # no receipt (its reply says it all); the rest wait in the backlog
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(sock, zmq.NOBLOCK)
                     except zmq.Again:
                         continue
                     try:
@@ -460,29 +514,35 @@ class Engine:
                 "msg_id": msg.msg_id, "engine": self.id, "engine_uuid": self.uuid,
                 "started": started, "timeout": timeout})
         self.current = (msg.msg_id, started)
+        if self._link is not None:
+            self._link.task_started()
         out, err = _Capture(self.config.output_cap), _Capture(self.config.output_cap)
         content: dict[str, Any]
         result: Any = None
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        # what contextlib.redirect_stdout/stderr do, without their objects
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            f, args, kwargs = unpack_apply(self.shm.attach(msg))
+            self.busy = True
+            alarm = timeout is not None and _arm_alarm(timeout)
             try:
-                f, args, kwargs = unpack_apply(self.shm.attach(msg))
-                self.busy = True
-                alarm = timeout is not None and _arm_alarm(timeout)
-                try:
-                    result = f(*args, **kwargs)
-                finally:
-                    if alarm:
-                        _disarm_alarm()
-                    self.busy = False
-                content = {"status": "ok"}
-            except Stopping as e:
-                content = _error_content(e)
-                content["status"] = "aborted"
-            except TaskTimeout as e:
-                content = _error_content(e)
-                content["status"] = "timeout"
-            except BaseException as e:  # noqa: BLE001 - everything a task raises goes home
-                content = _error_content(e)
+                result = f(*args, **kwargs)
+            finally:
+                if alarm:
+                    _disarm_alarm()
+                self.busy = False
+            content = {"status": "ok"}
+        except Stopping as e:
+            content = _error_content(e)
+            content["status"] = "aborted"
+        except TaskTimeout as e:
+            content = _error_content(e)
+            content["status"] = "timeout"
+        except BaseException as e:  # noqa: BLE001 - everything a task raises goes home
+            content = _error_content(e)
+        finally:
+            sys.stdout, sys.stderr = saved
         completed = time.time()
         self.current = None
         buffers: list[Any] = []
@@ -504,9 +564,10 @@ class Engine:
         f = args = kwargs = result = None  # type: ignore[assignment]
         self.shm.finish(metadata)
         with self.lock:
-            self.session.send(item.sock, "apply_reply", item.channel, content,
-                              parent=msg.header, metadata=metadata, buffers=buffers, raw=raw,
-                              idents=msg.idents)
+            _, frames = self.session.serialize("apply_reply", item.channel, content,
+                                               parent=msg.header, metadata=metadata,
+                                               buffers=buffers, raw=raw)
+            send_frames(item.sock, [*msg.idents, *frames])
 
 
 class _WakingPoller(zmq.Poller):
