@@ -199,17 +199,23 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
     request copies and engine messages, none of the replies."""
     hub, ctx = _hub(rec["key"], tmp, name)
     try:
-        # no replies, and engines do not leave (that would end their tasks as lost)
-        msgs = [(m, fr) for m, fr in _frames(rec["messages"])
-                if not (m and fr[0].bytes.startswith(b"out.")) and
-                not (not m and any(b"unregistration_request" in f.bytes or
-                                   b"engine_exited" in f.bytes for f in fr))]
+        import zmq
+
+        # no replies, and engines do not leave (that would end their tasks as lost); the
+        # frames are made as they come in, so that what they cache (Frame.bytes) is only
+        # counted if the Hub keeps them
+        msgs = [(where == "monitor", fr) for where, fr in rec["messages"]
+                if not (where == "monitor" and fr[0].startswith(b"out.")) and
+                not (where == "router" and any(b"unregistration_request" in f or
+                                               b"engine_exited" in f for f in fr))]
         n = _tasks(rec["messages"])
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
-        for is_monitor, frames in msgs:
+        for is_monitor, raw in msgs:
+            frames = [zmq.Frame(b) for b in raw]
             (hub._on_monitor if is_monitor else hub._on_router)(frames)
+            del frames
         gc.collect()
         dirty = tracemalloc.get_traced_memory()[0] - base
         hub._safe_flush()
