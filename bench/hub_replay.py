@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import pickle
@@ -162,6 +163,13 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
         msgs = _frames(rec["messages"])
         on_monitor, on_router = hub._on_monitor, hub._on_router
         rows = hub.config.flush_rows
+        # as Hub._drain_monitor does (its flush holds new pending rows back once, where
+        # it can: see Hub.flush)
+        if "hold" in inspect.signature(hub._safe_flush).parameters:
+            def flush() -> None:
+                hub._safe_flush(hold=True)
+        else:
+            flush = hub._safe_flush
         prof = None
         if profile:
             import cProfile
@@ -175,7 +183,7 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
             if is_monitor:
                 on_monitor(frames)
                 if len(hub._dirty) >= rows:
-                    hub._safe_flush()
+                    flush()
             else:
                 on_router(frames)
         hub._safe_flush()

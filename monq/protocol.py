@@ -89,6 +89,10 @@ def _nbytes(buf: Buffer) -> int:
     return memoryview(buf).nbytes
 
 
+_Frame = zmq.Frame
+_DELIM_LEN = len(DELIM)
+
+
 def _as_bytes(frame: Any) -> bytes:
     if isinstance(frame, zmq.Frame):
         return frame.bytes
@@ -294,41 +298,44 @@ class Session:
         # are read once each, the MAC is one C object's copy, and nothing is built
         # that the checks below do not need.
         idx = -1
-        nd = len(DELIM)
         for i, f in enumerate(frames):
             # identities are short; do not scan into payloads looking for DELIM
             if i > 16:
                 break
-            if len(f) == nd and _as_bytes(f) == DELIM:
+            if len(f) == _DELIM_LEN and _as_bytes(f) == DELIM:
                 idx = i
                 break
         if idx < 0:
             raise ProtocolError("malformed", "no delimiter")
         idents = [_as_bytes(f) for f in frames[:idx]] if idx else []
-        if len(frames) - idx - 1 < N_FIXED:
-            raise ProtocolError("malformed", f"{len(frames) - idx - 1} frames after the delimiter")
-        sig = _as_bytes(frames[idx + 1])
+        nbufs = len(frames) - idx - 1 - N_FIXED
+        if nbufs < 0:
+            raise ProtocolError("malformed", f"{nbufs + N_FIXED} frames after the delimiter")
+        sig, hdr, par, md, ct = [f.bytes if type(f) is _Frame else bytes(f)
+                                 for f in frames[idx + 1:idx + 1 + N_FIXED]]
         if len(sig) != 64:
             raise ProtocolError("unsigned", "signature missing or of the wrong size")
-        parts = [_as_bytes(f) for f in frames[idx + 2:idx + 2 + 4]]
-        bufs = list(frames[idx + 1 + N_FIXED:])
+        bufs = list(frames[idx + 1 + N_FIXED:]) if nbufs else []
         # The header is JSON we have not verified yet: parse it only to learn
         # which buffers are raw, then verify the MAC before trusting anything.
         try:
-            header = orjson.loads(parts[0])
+            header = orjson.loads(hdr)
             spec = header["buffers"]
-            if not isinstance(spec, list) or len(spec) != len(bufs):
+            if not isinstance(spec, list) or len(spec) != nbufs:
                 raise ValueError("buffer count")
-            raw_flags = [bool(s[1]) for s in spec] if spec else []
-            sizes = [int(s[0]) for s in spec] if spec else []
+            raw_flags = [bool(s[1]) for s in spec] if nbufs else []
+            sizes = [int(s[0]) for s in spec] if nbufs else []
         except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError) as e:
             # still check the MAC first so the reason reported is honest
-            if not hmac.compare_digest(sig, self.sign(parts + [_frame_view(b) for b in bufs])):
+            if not hmac.compare_digest(sig, self.sign([hdr, par, md, ct] +
+                                                      [_frame_view(b) for b in bufs])):
                 raise ProtocolError("bad signature", "") from None
             raise ProtocolError("malformed", f"bad buffer spec: {e}") from None
         h = self._hmac.copy()
-        for p in parts:
-            h.update(p)
+        h.update(hdr)
+        h.update(par)
+        h.update(md)
+        h.update(ct)
         for b, r in zip(bufs, raw_flags):
             if not r:
                 h.update(_frame_view(b))
@@ -336,21 +343,21 @@ class Session:
             what = header.get("msg_type", "?") if isinstance(header, dict) else "?"
             raise ProtocolError("bad signature", str(what))
         for b, n in zip(bufs, sizes):
-            if _nbytes(b) != n:
+            if (len(b) if type(b) is _Frame or type(b) is bytes else _nbytes(b)) != n:
                 raise ProtocolError("malformed", "buffer size differs from the signed size")
         try:
-            parent = orjson.loads(parts[1])
-            metadata = orjson.loads(parts[2])
-            content = orjson.loads(parts[3])
+            parent = orjson.loads(par)
+            metadata = orjson.loads(md)
+            content = orjson.loads(ct)
             date = float(header["date"])
             seq = int(header["seq"])
-            sender = (str(header["session"]), str(header["channel"]))
+            sender, channel = str(header["session"]), str(header["channel"])
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise ProtocolError("malformed", f"bad JSON: {e}") from None
         if not (type(parent) is dict and type(metadata) is dict and type(content) is dict
                 and type(header) is dict):
             raise ProtocolError("malformed", "JSON parts must be objects")
-        why = self.replay.check(sender[0], sender[1], seq, date)
+        why = self.replay.check(sender, channel, seq, date)
         if why:
             raise ProtocolError(why, header.get("msg_id", "?"))
         return Message(idents, header, parent, metadata, content, bufs, sig)

@@ -141,6 +141,8 @@ class Hub:
         self._inflight: dict[str, _InFlight] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
         self._dirty_since = 0.0
+        #: msg_ids of the new pending rows the last flush held back (see flush)
+        self._held: Any = frozenset()
         self._engines: dict[str, _Engine] = {}  # by uuid
         self._by_id: dict[int, _Engine] = {}
         self._next_id = store.max_engine_id() + 1
@@ -299,7 +301,7 @@ class Hub:
             self._settle_orphans()
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
-                self._safe_flush()
+                self._safe_flush(hold=True)
             self._retain()
 
     def settle(self, quiet: float = 0.05, limit: float = 1.0) -> None:
@@ -422,11 +424,11 @@ class Hub:
     def _drain_monitor(self) -> None:
         self._drain(self.monitor, self._on_monitor, limit=5000)
         if len(self._dirty) >= self.config.flush_rows:
-            self._safe_flush()
+            self._safe_flush(hold=True)
 
-    def _safe_flush(self) -> None:
+    def _safe_flush(self, hold: bool = False) -> None:
         try:
-            self.flush()
+            self.flush(hold)
         except Exception:
             # a database error must not end the Hub: the batch is logged, counted and dropped
             log.exception("could not write %d task records", len(self._dirty))
@@ -520,8 +522,10 @@ class Hub:
         row.update(fields)
 
     def _payload(self, msg: Message) -> tuple[bytes | None, int]:
-        size = blobs.total_size(msg.buffers)
-        in_shm = shm.payload_bytes(msg.metadata)  # handles count as their size, unread
+        bufs = msg.buffers
+        size = blobs.total_size(bufs)
+        # handles count as their size, unread (only messages with an "shm" entry have any)
+        in_shm = shm.payload_bytes(msg.metadata) if "shm" in msg.metadata else 0
         self.payload_bytes["wire"] += size
         if in_shm:
             # the segment is freed when the task ends: keep the size only
@@ -529,7 +533,7 @@ class Hub:
             return None, size + in_shm
         if size > self.config.payload_cap:
             return None, size
-        return blobs.pack(msg.buffers, msg.raw_flags), size
+        return blobs.pack(bufs, [s[1] for s in msg.header["buffers"]]), size
 
     def _on_request(self, msg: Message, channel: str, target_uuid: str | None) -> None:
         h, md = msg.header, msg.metadata
@@ -697,28 +701,46 @@ class Hub:
                                     "started": started, "status": status,
                                     "queue": state.queue})
 
-    def flush(self) -> None:
-        """Write every dirty record in one transaction; forget finished tasks."""
+    def flush(self, hold: bool = False) -> None:
+        """Write every dirty record in one transaction; forget finished tasks.
+
+        ``hold`` (the loop's timed and size-triggered flushes): a task recorded
+        since the last flush and still pending waits for the next one, once, so
+        that a short task's reply usually finds its request's row unwritten and
+        the task is one INSERT instead of an INSERT, then an UPDATE (which also
+        has to read the row's old state for the aggregates).  Queries and
+        :meth:`close` write everything.
+        """
         if not self._dirty:
             return
         inserts, updates, states = [], [], []
         inflight = self._inflight
+        held: dict[str, dict[str, Any]] = {}
+        was_held = self._held
         for msg_id, row in self._dirty.items():
             state = inflight.get(msg_id)
             if state is not None and state.inserted:
                 updates.append(row)
+            elif hold and state is not None and state.status == "pending" and \
+                    msg_id not in was_held:
+                held[msg_id] = row
+                continue
             else:
                 inserts.append(row)
-            states.append(state)
-        self.store.write(inserts, updates)
-        for msg_id, state in zip(self._dirty, states):
+            states.append((msg_id, state))
+        if inserts or updates:
+            self.store.write(inserts, updates)
+        for msg_id, state in states:
             if state is None:
                 continue
             if state.status in TERMINAL:
                 del inflight[msg_id]
             else:
                 state.inserted = True
-        self._dirty.clear()
+        self._dirty = held
+        self._held = frozenset(held)
+        if held:
+            self._dirty_since = time.monotonic()
 
     # -- engines ----------------------------------------------------------------
 

@@ -70,6 +70,7 @@ UNFINISHED = ("pending", "running")
 STATUSES = UNFINISHED + FINISHED
 #: payload column -> the column that keeps its size when the payload is dropped
 PAYLOADS = {"request": "request_bytes", "result": "result_bytes"}
+_PAYLOAD_ITEMS = tuple(PAYLOADS.items())
 #: captured text: counted in a record's stored_bytes, searched by ``search=``
 TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
@@ -379,21 +380,32 @@ class TaskStore(TaskStats):
             raise HubError(f"task {what} for {row['msg_id']}: unknown status "
                            f"{row['status']!r}; one of {', '.join(STATUSES)}")
         out = dict(row)  # never mutate the caller's row
-        for blob, size_col in PAYLOADS.items():
+        stored = 0  # what the row adds to the database: kept payloads and captured text
+        for blob, size_col in _PAYLOAD_ITEMS:
             data = out.get(blob)
             if data is None:
                 continue
-            if not isinstance(data, bytes):
+            if type(data) is not bytes:
                 data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
-            out.setdefault(size_col, len(data))
-            out[blob] = data if len(data) <= self.payload_cap else None
+            n = len(data)
+            if size_col not in out:
+                out[size_col] = n
+            if n <= self.payload_cap:
+                out[blob] = data
+                stored += n
+            else:
+                out[blob] = None
+        for col in TEXTS:
+            text = out.get(col)
+            if text:
+                stored += len(text)
         if what == "insert":
             started, completed = out.get("started"), out.get("completed")
             if started is not None and completed is not None:
                 out["duration"] = completed - started
-        # what the row adds (an update's is added to what the row had), before its
-        # payloads move to the payloads table
-        out["stored_bytes"] = _stored_size(out)
+        # (an update's is added to what the row had), counted before its payloads move
+        # to the payloads table
+        out["stored_bytes"] = stored
         return out
 
     def upsert_engine(self, row: dict[str, Any]) -> None:
