@@ -89,6 +89,10 @@ def _nbytes(buf: Buffer) -> int:
     return memoryview(buf).nbytes
 
 
+_Frame = zmq.Frame
+_DELIM_LEN = len(DELIM)
+
+
 def _as_bytes(frame: Any) -> bytes:
     if isinstance(frame, zmq.Frame):
         return frame.bytes
@@ -194,6 +198,9 @@ class Session:
             raise ValueError("a cluster key is required")
         self.key = key
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        #: the keyed MAC itself (OpenSSL's, when hmac wraps one): its copy, update and
+        #: digest are C calls, without the pure-Python hmac.HMAC wrapper around each
+        self._hmac: Any = getattr(self._mac, "_hmac", None) or self._mac
         self.session_id = session_id or new_id()
         self._new_msg_id = _Ids()
         self.replay = ReplayGuard(replay_window)
@@ -204,7 +211,7 @@ class Session:
 
     def sign(self, parts: Sequence[Buffer]) -> bytes:
         # a copy of a keyed HMAC skips the key setup and the digest lookup of a new one
-        h = self._mac.copy()
+        h = self._hmac.copy()
         for p in parts:
             h.update(p)
         return h.hexdigest().encode()
@@ -287,56 +294,70 @@ class Session:
             raise
 
     def _feed(self, frames: Sequence[Any]) -> Message:
+        # The hot path of every receiver (the Hub verifies two copies per task): frames
+        # are read once each, the MAC is one C object's copy, and nothing is built
+        # that the checks below do not need.
         idx = -1
         for i, f in enumerate(frames):
             # identities are short; do not scan into payloads looking for DELIM
             if i > 16:
                 break
-            if len(f) == len(DELIM) and _as_bytes(f) == DELIM:
+            if len(f) == _DELIM_LEN and _as_bytes(f) == DELIM:
                 idx = i
                 break
         if idx < 0:
             raise ProtocolError("malformed", "no delimiter")
-        idents = [_as_bytes(f) for f in frames[:idx]]
-        rest = frames[idx + 1 :]
-        if len(rest) < N_FIXED:
-            raise ProtocolError("malformed", f"{len(rest)} frames after the delimiter")
-        sig = _as_bytes(rest[0])
+        idents = [_as_bytes(f) for f in frames[:idx]] if idx else []
+        nbufs = len(frames) - idx - 1 - N_FIXED
+        if nbufs < 0:
+            raise ProtocolError("malformed", f"{nbufs + N_FIXED} frames after the delimiter")
+        sig, hdr, par, md, ct = [f.bytes if type(f) is _Frame else bytes(f)
+                                 for f in frames[idx + 1:idx + 1 + N_FIXED]]
         if len(sig) != 64:
             raise ProtocolError("unsigned", "signature missing or of the wrong size")
-        parts = [_as_bytes(f) for f in rest[1:N_FIXED]]
-        bufs = list(rest[N_FIXED:])
+        bufs = list(frames[idx + 1 + N_FIXED:]) if nbufs else []
         # The header is JSON we have not verified yet: parse it only to learn
         # which buffers are raw, then verify the MAC before trusting anything.
         try:
-            header = orjson.loads(parts[0])
+            header = orjson.loads(hdr)
             spec = header["buffers"]
-            if not isinstance(spec, list) or len(spec) != len(bufs):
+            if not isinstance(spec, list) or len(spec) != nbufs:
                 raise ValueError("buffer count")
-            raw_flags = [bool(s[1]) for s in spec]
-            sizes = [int(s[0]) for s in spec]
+            raw_flags = [bool(s[1]) for s in spec] if nbufs else []
+            sizes = [int(s[0]) for s in spec] if nbufs else []
         except (ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError) as e:
             # still check the MAC first so the reason reported is honest
-            if not hmac.compare_digest(sig, self.sign(parts + [_frame_view(b) for b in bufs])):
+            if not hmac.compare_digest(sig, self.sign([hdr, par, md, ct] +
+                                                      [_frame_view(b) for b in bufs])):
                 raise ProtocolError("bad signature", "") from None
             raise ProtocolError("malformed", f"bad buffer spec: {e}") from None
-        signed = parts + [_frame_view(b) for b, r in zip(bufs, raw_flags) if not r]
-        if not hmac.compare_digest(sig, self.sign(signed)):
+        h = self._hmac.copy()
+        h.update(hdr)
+        h.update(par)
+        h.update(md)
+        h.update(ct)
+        for b, r in zip(bufs, raw_flags):
+            if not r:
+                h.update(_frame_view(b))
+        if not hmac.compare_digest(sig, h.hexdigest().encode()):
             what = header.get("msg_type", "?") if isinstance(header, dict) else "?"
             raise ProtocolError("bad signature", str(what))
         for b, n in zip(bufs, sizes):
-            if _nbytes(b) != n:
+            if (len(b) if type(b) is _Frame or type(b) is bytes else _nbytes(b)) != n:
                 raise ProtocolError("malformed", "buffer size differs from the signed size")
         try:
-            parent, metadata, content = (orjson.loads(p) for p in parts[1:])
+            parent = orjson.loads(par)
+            metadata = orjson.loads(md)
+            content = orjson.loads(ct)
             date = float(header["date"])
             seq = int(header["seq"])
-            sender = (str(header["session"]), str(header["channel"]))
+            sender, channel = str(header["session"]), str(header["channel"])
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise ProtocolError("malformed", f"bad JSON: {e}") from None
-        if not all(isinstance(d, dict) for d in (header, parent, metadata, content)):
+        if not (type(parent) is dict and type(metadata) is dict and type(content) is dict
+                and type(header) is dict):
             raise ProtocolError("malformed", "JSON parts must be objects")
-        why = self.replay.check(sender[0], sender[1], seq, date)
+        why = self.replay.check(sender, channel, seq, date)
         if why:
             raise ProtocolError(why, header.get("msg_id", "?"))
         return Message(idents, header, parent, metadata, content, bufs, sig)

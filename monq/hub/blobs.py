@@ -15,15 +15,19 @@ _HEAD = struct.Struct("<BQ")
 
 
 def total_size(frames: Sequence[Any]) -> int:
-    return sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+    n = 0
+    for f in frames:
+        n += f.nbytes if type(f) is memoryview else len(f)
+    return n
 
 
-def pack(frames: Sequence[Any], raw: Sequence[bool]) -> bytes:
+def pack(frames: Sequence[Any], raw: Sequence[Any]) -> bytes:
+    """``raw``: one flag per frame (any truth value)."""
+    head = _HEAD.pack
     parts: list[Any] = []
     for f, r in zip(frames, raw):
         view = memoryview(f)  # a zmq.Frame's too, without a copy
-        parts.append(_HEAD.pack(1 if r else 0, view.nbytes))
-        parts.append(view)
+        parts += (head(1 if r else 0, view.nbytes), view)
     return b"".join(parts)
 
 

@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import socket as _socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -79,8 +80,10 @@ class HubConfig:
     retention: RetentionPolicy = RetentionPolicy()
 
 
-@dataclass
+@dataclass(slots=True)
 class _InFlight:
+    """What the Hub keeps of a task in flight (slots: a burst holds 100,000s of them)."""
+
     queue: str
     status: str
     engine: int | None
@@ -138,12 +141,18 @@ class Hub:
         self._inflight: dict[str, _InFlight] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
         self._dirty_since = 0.0
+        #: msg_ids of the new pending rows the last flush held back (see flush)
+        self._held: Any = frozenset()
         self._engines: dict[str, _Engine] = {}  # by uuid
         self._by_id: dict[int, _Engine] = {}
         self._next_id = store.max_engine_id() + 1
         self._closed = False
         self.tracker = LoadTracker()
         self._probes: dict[str, None] = {}  # msg_ids of probes in flight (bounded)
+        #: monitor prefix -> (direction, channel, its text); (source, msg_type) -> the
+        #: key counted in ``received``: made once, not per message (both bounded)
+        self._prefixes: dict[bytes, tuple[str, str, str]] = {}
+        self._received_keys: dict[tuple[str, str], str] = {}
         self._next_probe = 0.0
         self._timed: dict[str, _InFlight] = {}  # running tasks with a timeout
         self._recovering = 0
@@ -292,7 +301,7 @@ class Hub:
             self._settle_orphans()
             if self._dirty and (len(self._dirty) >= self.config.flush_rows or
                                 time.monotonic() - self._dirty_since >= self.config.flush_interval):
-                self._safe_flush()
+                self._safe_flush(hold=True)
             self._retain()
 
     def settle(self, quiet: float = 0.05, limit: float = 1.0) -> None:
@@ -415,11 +424,11 @@ class Hub:
     def _drain_monitor(self) -> None:
         self._drain(self.monitor, self._on_monitor, limit=5000)
         if len(self._dirty) >= self.config.flush_rows:
-            self._safe_flush()
+            self._safe_flush(hold=True)
 
-    def _safe_flush(self) -> None:
+    def _safe_flush(self, hold: bool = False) -> None:
         try:
-            self.flush()
+            self.flush(hold)
         except Exception:
             # a database error must not end the Hub: the batch is logged, counted and dropped
             log.exception("could not write %d task records", len(self._dirty))
@@ -472,18 +481,34 @@ class Hub:
 
     def _on_monitor(self, frames: list[Any]) -> None:
         prefix = frames[0].bytes
-        direction, _, channel = prefix.decode(errors="replace").partition(".")
+        # (direction, channel, source): the few relay prefixes, decoded once
+        known = self._prefixes.get(prefix)
+        if known is None:
+            text = prefix.decode(errors="replace")
+            direction, _, channel = text.partition(".")
+            known = (sys.intern(direction), sys.intern(channel), text)
+            if len(self._prefixes) < 64:
+                self._prefixes[prefix] = known
+        direction, channel, source = known
         msg = self._verify(frames[1:])
         if msg is None:
             return
-        self.received[f"{prefix.decode(errors='replace')} {msg.msg_type}"] += 1
-        if direction == "in" and msg.msg_type == "apply_request":
+        msg_type = msg.header.get("msg_type")
+        if type(msg_type) is not str:
+            msg_type = msg.msg_type
+        key = self._received_keys.get((source, msg_type))
+        if key is None:
+            key = f"{source} {msg_type}"
+            if len(self._received_keys) < 1024:
+                self._received_keys[(source, msg_type)] = key
+        self.received[key] += 1
+        if direction == "in" and msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
             self._on_request(msg, channel, target)
-        elif direction == "out" and msg.msg_type == "apply_reply":
+        elif direction == "out" and msg_type == "apply_reply":
             self._on_reply(msg, channel)
-        elif direction == "in" and msg.msg_type == "probe" and channel == "task" and \
+        elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
 
@@ -497,8 +522,10 @@ class Hub:
         row.update(fields)
 
     def _payload(self, msg: Message) -> tuple[bytes | None, int]:
-        size = blobs.total_size(msg.buffers)
-        in_shm = shm.payload_bytes(msg.metadata)  # handles count as their size, unread
+        bufs = msg.buffers
+        size = blobs.total_size(bufs)
+        # handles count as their size, unread (only messages with an "shm" entry have any)
+        in_shm = shm.payload_bytes(msg.metadata) if "shm" in msg.metadata else 0
         self.payload_bytes["wire"] += size
         if in_shm:
             # the segment is freed when the task ends: keep the size only
@@ -506,71 +533,101 @@ class Hub:
             return None, size + in_shm
         if size > self.config.payload_cap:
             return None, size
-        return blobs.pack(msg.buffers, msg.raw_flags), size
+        return blobs.pack(bufs, [s[1] for s in msg.header["buffers"]]), size
 
     def _on_request(self, msg: Message, channel: str, target_uuid: str | None) -> None:
         h, md = msg.header, msg.metadata
+        msg_id = msg.msg_id
         engine = self._engines.get(target_uuid) if target_uuid else None
         engine_id = engine.id if engine else None
         blob, size = self._payload(msg)
-        state = _InFlight(channel, "pending", engine_id, h.get("session", ""),
-                          timeout=_positive(md.get("timeout")))
-        old = self._inflight.get(msg.msg_id)
+        # the sender's session id is the same string for all its tasks: keep one copy
+        client = sys.intern(str(h.get("session", "")))
+        timeout = md.get("timeout")
+        state = _InFlight(channel, "pending", engine_id, client,
+                          timeout=None if timeout is None else _positive(timeout))
+        old = self._inflight.get(msg_id)
+        retries = md.get("retries_done")
         if old is not None:
             # a new try of a task still in flight here
             state.inserted = old.inserted
-            self._timed.pop(msg.msg_id, None)
-        elif md.get("retries_done"):
+            self._timed.pop(msg_id, None)
+        elif retries:
             # a new try: update its row, if the first try was recorded (a controller that
             # crashed may have died before writing it)
-            state.inserted = self.store.get_task(msg.msg_id) is not None
-        self._inflight[msg.msg_id] = state
+            state.inserted = self.store.get_task(msg_id) is not None
+        self._inflight[msg_id] = state
         if channel == "task":
-            state.seq = self.tracker.sent(msg.msg_id)
-        if not state.inserted and old is None:
-            self._touch(msg.msg_id, submitted=h.get("date"))  # a new try keeps the first
-        self._touch(msg.msg_id, client=h.get("session"), queue=channel, status="pending",
-                    label=_short(md.get("label"), 200),
-                    func=_short(md.get("func"), 300), engine=engine_id,
-                    engine_uuid=target_uuid, request=blob, request_bytes=size,
-                    retries=int(md.get("retries_done", 0) or 0))
+            state.seq = self.tracker.sent(msg_id)
+        label, func = md.get("label"), md.get("func")
+        fields = {
+            "client": client, "queue": channel, "status": "pending",
+            "label": None if label is None else _short(label, 200),
+            "func": None if func is None else _short(func, 300), "engine": engine_id,
+            "engine_uuid": target_uuid, "request": blob, "request_bytes": size,
+            "retries": int(retries or 0)}
+        row = self._dirty.get(msg_id)
+        if row is None and not state.inserted and old is None:
+            # the common case, a new task: its row in one piece
+            if not self._dirty:
+                self._dirty_since = time.monotonic()
+            self._dirty[msg_id] = {"msg_id": msg_id, "submitted": _epoch(h.get("date")),
+                                   **fields}
+        else:
+            if not state.inserted and old is None:
+                self._touch(msg_id, submitted=h.get("date"))  # a new try keeps the first
+            self._touch(msg_id, **fields)
         if channel == "direct" and (engine is None or engine.status != "alive"):
             # the relay drops messages for unknown identities: say so instead of waiting forever
-            self._finish_lost(msg.msg_id, f"no engine with uuid {target_uuid}", None)
+            self._finish_lost(msg_id, f"no engine with uuid {target_uuid}", None)
 
     def _on_reply(self, msg: Message, channel: str) -> None:
         parent, md, content = msg.parent, msg.metadata, msg.content
-        msg_id = str(parent.get("msg_id", ""))
+        msg_id = parent.get("msg_id")
         if not msg_id:
             return
+        if type(msg_id) is not str:
+            msg_id = str(msg_id)
         state = self._inflight.get(msg_id)
         status = content.get("status", "error")
         if status not in TERMINAL:
             status = "error"
         uuid = md.get("engine_uuid")
-        if channel == "task" and isinstance(uuid, str):
-            self.tracker.read(uuid, msg_id, state.seq if state is not None else None)
+        if isinstance(uuid, str):
+            uuid = sys.intern(uuid)
+            if channel == "task":
+                self.tracker.read(uuid, msg_id, state.seq if state is not None else None)
         blob, size = self._payload(msg)
-        fields: dict[str, Any] = dict(
-            status=status, engine=md.get("engine"), engine_uuid=md.get("engine_uuid"),
-            started=md.get("started"), completed=md.get("completed"), received=time.time(),
-            stdout=_short(md.get("stdout"), _OUTPUT_CAP), stderr=_short(md.get("stderr"),
-                                                                         _OUTPUT_CAP),
-            result=blob, result_bytes=size,
-        )
+        engine = md.get("engine")
+        stdout, stderr = md.get("stdout"), md.get("stderr")
+        fields: dict[str, Any] = {
+            "status": status, "engine": engine, "engine_uuid": uuid,
+            "started": _epoch(md.get("started")), "completed": _epoch(md.get("completed")),
+            "received": _epoch(time.time()),
+            "stdout": stdout if stdout == "" or stdout is None else _short(stdout, _OUTPUT_CAP),
+            "stderr": stderr if stderr == "" or stderr is None else _short(stderr, _OUTPUT_CAP),
+            "result": blob, "result_bytes": size,
+        }
         if status != "ok":
             fields.update(ename=_short(content.get("ename"), 200),
                           evalue=_short(content.get("evalue"), _OUTPUT_CAP),
                           traceback=_short(content.get("traceback"), _OUTPUT_CAP))
         if state is None:
             # a reply whose request this Hub never saw (e.g. it restarted): keep it anyway
-            state = _InFlight(channel, status, md.get("engine"), str(parent.get("session", "")))
+            state = _InFlight(channel, status, engine, str(parent.get("session", "")))
             self._inflight[msg_id] = state
-            fields.update(client=parent.get("session"), submitted=parent.get("date"),
+            fields.update(client=parent.get("session"), submitted=_epoch(parent.get("date")),
                           queue=channel)
         state.status = status
-        state.engine = md.get("engine")
-        self._touch(msg_id, **fields)
+        state.engine = engine
+        row = self._dirty.get(msg_id)
+        if row is None:
+            if not self._dirty:
+                self._dirty_since = time.monotonic()
+            fields["msg_id"] = msg_id
+            self._dirty[msg_id] = fields
+        else:
+            row.update(fields)
 
     def _on_started(self, msg: Message) -> None:
         msg_id = str(msg.content.get("msg_id", ""))
@@ -644,27 +701,46 @@ class Hub:
                                     "started": started, "status": status,
                                     "queue": state.queue})
 
-    def flush(self) -> None:
-        """Write every dirty record in one transaction; forget finished tasks."""
+    def flush(self, hold: bool = False) -> None:
+        """Write every dirty record in one transaction; forget finished tasks.
+
+        ``hold`` (the loop's timed and size-triggered flushes): a task recorded
+        since the last flush and still pending waits for the next one, once, so
+        that a short task's reply usually finds its request's row unwritten and
+        the task is one INSERT instead of an INSERT, then an UPDATE (which also
+        has to read the row's old state for the aggregates).  Queries and
+        :meth:`close` write everything.
+        """
         if not self._dirty:
             return
-        inserts, updates = [], []
+        inserts, updates, states = [], [], []
+        inflight = self._inflight
+        held: dict[str, dict[str, Any]] = {}
+        was_held = self._held
         for msg_id, row in self._dirty.items():
-            state = self._inflight.get(msg_id)
+            state = inflight.get(msg_id)
             if state is not None and state.inserted:
                 updates.append(row)
+            elif hold and state is not None and state.status == "pending" and \
+                    msg_id not in was_held:
+                held[msg_id] = row
+                continue
             else:
                 inserts.append(row)
-        self.store.write(inserts, updates)
-        for msg_id in self._dirty:
-            state = self._inflight.get(msg_id)
+            states.append((msg_id, state))
+        if inserts or updates:
+            self.store.write(inserts, updates)
+        for msg_id, state in states:
             if state is None:
                 continue
             if state.status in TERMINAL:
-                del self._inflight[msg_id]
+                del inflight[msg_id]
             else:
                 state.inserted = True
-        self._dirty.clear()
+        self._dirty = held
+        self._held = frozenset(held)
+        if held:
+            self._dirty_since = time.monotonic()
 
     # -- engines ----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ UNFINISHED = ("pending", "running")
 STATUSES = UNFINISHED + FINISHED
 #: payload column -> the column that keeps its size when the payload is dropped
 PAYLOADS = {"request": "request_bytes", "result": "result_bytes"}
+_PAYLOAD_ITEMS = tuple(PAYLOADS.items())
 #: captured text: counted in a record's stored_bytes, searched by ``search=``
 TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
@@ -121,6 +123,10 @@ class TaskStore(TaskStats):
         self.payload_cap = payload_cap
         self._closed = False
         self._lock = threading.Lock()
+        #: write statements compiled once per column set (see _Positional)
+        self._statements: dict[tuple[str, frozenset[str]], _Positional | None] = {}
+        #: (insert or update, *columns) of rows already checked (see _prepare)
+        self._shapes: set[tuple[str, ...]] = set()
         self._engine = _make_engine(url)
         #: bytes the records keep (payloads and text), once counted; kept up to date by writes
         self._stored_total: int | None = None
@@ -198,7 +204,10 @@ class TaskStore(TaskStats):
             # A msg_id already stored (a relay copy seen twice, a controller
             # restart): a failed batch must not lose the other rows, so redo
             # it turning those inserts into updates.  Rare, so cost is fine.
+            # (_write changed the prepared rows in place: prepare them again)
             log.warning("task batch hit a duplicate msg_id; retrying as upserts", exc_info=True)
+            ins = [self._prepare(r, "insert") for r in inserts]
+            ups = [self._prepare(r, "update") for r in updates]
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
                 bounds = self._write(conn, ins, extra + ups)
@@ -206,8 +215,8 @@ class TaskStore(TaskStats):
         if self._pending_top is not None:
             self._top_submitted, self._pending_top = self._pending_top, None
         if self._stored_total is not None:
-            self._stored_total += sum(_stored_size(r) for r in ins) + \
-                sum(_stored_size(r) for r in ups)
+            self._stored_total += sum(r["stored_bytes"] for r in ins) + \
+                sum(r["stored_bytes"] for r in ups)
 
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
                ups: list[dict[str, Any]]) -> aggregates.TimeBounds | None:
@@ -220,10 +229,9 @@ class TaskStore(TaskStats):
             self._fts_forget(conn, changed)
         bounds = self._bounds
         if self.aggregates:
-            # payloads stored once: the rows get keys (copies: a retried batch starts over)
-            ins = [dict(r) for r in ins]
-            ups = [dict(r, stored_bytes=_stored_size(r)) for r in ups]
-            set_payload = [r for r in ups if any(col in r for col in payloads.KEYS)]
+            # payloads stored once: the rows get keys (in place: they are this batch's
+            # own copies, and a retried batch prepares new ones)
+            set_payload = [r for r in ups if "request" in r or "result" in r]
             payloads.store_refs(conn, ins + set_payload)
             for r in set_payload:  # what the row held before goes, inline or shared
                 for col, kcol in payloads.KEYS.items():
@@ -235,7 +243,7 @@ class TaskStore(TaskStats):
         if deltas is not None:  # before the rows are in: it reads the newest submitted time
             self._rowid_slack(conn, ins_groups, ups, deltas)
         for rows in ins_groups:
-            conn.execute(tasks.insert(), rows)
+            self._insert(conn, rows)
         self._update(conn, groups)
         if deltas is not None:
             deltas.apply(conn)
@@ -292,22 +300,48 @@ class TaskStore(TaskStats):
         for chunk in _chunks(ids):
             conn.execute(_FTS_INSERT, {"ids": chunk})
 
+    def _insert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """One executemany of rows that have the same columns."""
+        stmt = self._compiled("insert", rows[0])
+        if stmt is None:
+            conn.execute(tasks.insert(), rows)
+        else:
+            stmt.executemany(conn, rows)
+
     def _update(self, conn: Connection, groups: list[list[dict[str, Any]]]) -> None:
-        c = tasks.c
         for rows in groups:
-            cols = [k for k in rows[0] if k not in ("msg_id", "stored_bytes")]
-            values: dict[str, Any] = {k: bindparam(k) for k in cols}
-            if "started" in cols or "completed" in cols:
-                # SET expressions see the row as it was: a reply that brings only
-                # `completed` is timed against the `started` stored earlier
-                done = bindparam("completed") if "completed" in cols else c.completed
-                began = bindparam("started") if "started" in cols else c.started
-                values["duration"] = done - began
-            values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
-            stmt = tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
-            conn.execute(stmt, [{"b_msg_id": r["msg_id"],
-                                 "b_stored": r.get("stored_bytes", _stored_size(r)),
-                                 **{k: r[k] for k in cols}} for r in rows])
+            for r in rows:
+                r["b_msg_id"] = r["msg_id"]
+                r["b_stored"] = r["stored_bytes"]
+            stmt = self._compiled("update", rows[0])
+            if stmt is not None:
+                stmt.executemany(conn, rows)
+                continue
+            cols = _update_columns(rows[0])
+            conn.execute(_update_statement(cols), [
+                {"b_msg_id": r["msg_id"], "b_stored": r["stored_bytes"],
+                 **{k: r[k] for k in cols}} for r in rows])
+
+    def _compiled(self, what: str, row: dict[str, Any]) -> _Positional | None:
+        """The statement for rows with ``row``'s columns, compiled once (None: this
+        dialect takes SQLAlchemy's own path)."""
+        key = (what, frozenset(row))
+        try:
+            return self._statements[key]
+        except KeyError:
+            pass
+        if what == "insert":
+            cols = [c.name for c in tasks.columns if c.name in row]
+            stmt: Any = tasks.insert()
+            compiled = _Positional.compile(stmt, self._engine.dialect, cols, set(cols))
+        else:
+            cols = _update_columns(row)
+            compiled = _Positional.compile(_update_statement(cols), self._engine.dialect,
+                                           None, {*cols, "b_msg_id", "b_stored"})
+        if len(self._statements) >= 256:  # a bound: callers' column sets are few
+            self._statements.clear()
+        self._statements[key] = compiled
+        return compiled
 
     def _split_existing(self, conn: Connection, ins: list[dict[str, Any]]
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -330,33 +364,53 @@ class TaskStore(TaskStats):
     def _prepare(self, row: dict[str, Any], what: str) -> dict[str, Any]:
         if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
             raise HubError(f"task {what} needs a dict with a string msg_id, got {row!r:.200}")
-        unknown = row.keys() - _TASK_COLUMNS
-        if unknown:
-            raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
-                           f"{', '.join(sorted(unknown))}")
-        derived = row.keys() & DERIVED
-        if derived:
-            raise HubError(f"task {what} for {row['msg_id']}: {', '.join(sorted(derived))} "
-                           "are computed by the store, not written")
-        if what == "insert" and "status" not in row:
-            raise HubError(f"task insert for {row['msg_id']} needs a status")
+        shape = (what, *row)
+        if shape not in self._shapes:
+            # the columns are checked once per shape of row (the Hub's rows have a few)
+            unknown = row.keys() - _TASK_COLUMNS
+            if unknown:
+                raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
+                               f"{', '.join(sorted(unknown))}")
+            derived = row.keys() & DERIVED
+            if derived:
+                raise HubError(f"task {what} for {row['msg_id']}: "
+                               f"{', '.join(sorted(derived))} are computed by the store, "
+                               "not written")
+            if what == "insert" and "status" not in row:
+                raise HubError(f"task insert for {row['msg_id']} needs a status")
+            if len(self._shapes) >= 256:
+                self._shapes.clear()
+            self._shapes.add(shape)
         if "status" in row and row["status"] not in STATUSES:
             raise HubError(f"task {what} for {row['msg_id']}: unknown status "
                            f"{row['status']!r}; one of {', '.join(STATUSES)}")
         out = dict(row)  # never mutate the caller's row
-        for blob, size_col in PAYLOADS.items():
+        stored = 0  # what the row adds to the database: kept payloads and captured text
+        for blob, size_col in _PAYLOAD_ITEMS:
             data = out.get(blob)
             if data is None:
                 continue
-            if not isinstance(data, bytes):
+            if type(data) is not bytes:
                 data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
-            out.setdefault(size_col, len(data))
-            out[blob] = data if len(data) <= self.payload_cap else None
+            n = len(data)
+            if size_col not in out:
+                out[size_col] = n
+            if n <= self.payload_cap:
+                out[blob] = data
+                stored += n
+            else:
+                out[blob] = None
+        for col in TEXTS:
+            text = out.get(col)
+            if text:
+                stored += len(text)
         if what == "insert":
             started, completed = out.get("started"), out.get("completed")
             if started is not None and completed is not None:
                 out["duration"] = completed - started
-            out["stored_bytes"] = _stored_size(out)
+        # (an update's is added to what the row had), counted before its payloads move
+        # to the payloads table
+        out["stored_bytes"] = stored
         return out
 
     def upsert_engine(self, row: dict[str, Any]) -> None:
@@ -1020,14 +1074,102 @@ def _enough(rows: Sequence[Any], free: int | None) -> list[str]:
 def _by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Group rows by key set (executemany needs one shape), keeping each group's order."""
     groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    order: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(frozenset(r), []).append(r)
-    # give every row of a group the same key order as the first
-    out = []
-    for group in groups.values():
-        order = list(group[0])
-        out.append([{k: r[k] for k in order} for r in group])
-    return out
+        # rows mostly come with their keys in the same order: a tuple of them is
+        # cheaper to hash than a frozenset, which is built once per distinct order
+        k = tuple(r)
+        group = order.get(k)
+        if group is None:
+            group = order[k] = groups.setdefault(frozenset(k), [])
+        group.append(r)
+    return list(groups.values())
+
+
+def _update_columns(row: dict[str, Any]) -> list[str]:
+    """The columns an update row sets, in table order."""
+    return [c.name for c in tasks.columns if c.name in row and c.name not in
+            ("msg_id", "stored_bytes")]
+
+
+def _update_statement(cols: list[str]) -> Any:
+    c = tasks.c
+    values: dict[str, Any] = {k: bindparam(k) for k in cols}
+    if "started" in cols or "completed" in cols:
+        # SET expressions see the row as it was: a reply that brings only
+        # `completed` is timed against the `started` stored earlier
+        done = bindparam("completed") if "completed" in cols else c.completed
+        began = bindparam("started") if "started" in cols else c.started
+        values["duration"] = done - began
+    values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
+    return tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
+
+
+class _Positional:
+    """A write statement compiled once, run as an executemany of plain tuples.
+
+    SQLAlchemy builds and compiles the statement; every value stays a bound
+    parameter.  What is skipped is SQLAlchemy's per-row work at execution (a
+    parameter dict per row, built from the row dict): the Hub writes every
+    task once or twice, and that work was as much as SQLite's own.  Type
+    processors and Python-side column defaults are applied as SQLAlchemy
+    would; a statement needing anything else takes SQLAlchemy's path (None).
+    """
+
+    __slots__ = ("consts", "get", "procs", "sql")
+
+    def __init__(self, sql: str, names: list[str], consts: dict[str, Any],
+                 procs: list[tuple[int, Any]]) -> None:
+        self.sql = sql
+        self.consts = consts
+        self.procs = procs
+        get = itemgetter(*names)
+        self.get = get if len(names) > 1 else (lambda r: (get(r),))
+
+    @classmethod
+    def compile(cls, stmt: Any, dialect: Any, column_keys: list[str] | None,
+                provided: set[str]) -> _Positional | None:
+        if not dialect.positional:
+            return None
+        compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
+        names = compiled.positiontup
+        if names is None:
+            return None
+        base = compiled.construct_params(_check=False)
+        consts: dict[str, Any] = {}
+        for col in getattr(compiled, "insert_prefetch", ()):
+            if col.key in provided:
+                continue
+            if col.default is None or not col.default.is_scalar:
+                return None
+            consts[col.key] = col.default.arg
+        for name in names:
+            if name not in provided and name not in consts:
+                value = base.get(name)
+                if not isinstance(value, (int, float, str, bytes)):
+                    return None  # not a literal of the statement: not ours to fill
+                consts[name] = value
+        processors = getattr(compiled, "_bind_processors", None)
+        if processors is None:
+            return None
+        procs = [(i, processors[n]) for i, n in enumerate(names) if n in processors]
+        return cls(compiled.string, list(names), consts, procs)
+
+    def executemany(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        get, consts, procs = self.get, self.consts, self.procs
+        if consts:
+            for r in rows:
+                r.update(consts)
+        if procs:
+            params: list[Any] = []
+            for r in rows:
+                v = list(get(r))
+                for i, p in procs:
+                    v[i] = p(v[i])
+                params.append(tuple(v))
+        else:
+            params = [get(r) for r in rows]
+        conn.exec_driver_sql(self.sql, params)
 
 
 def _chunks(seq: list[Any]) -> Iterable[list[Any]]:

@@ -31,7 +31,11 @@ This class is the bookkeeping only, with no sockets, so it is tested alone.
 
 from __future__ import annotations
 
+import bisect
 import time
+
+#: seconds between the times kept of when requests were seen (see LoadTracker.seen)
+_SEEN_STEP = 0.01
 
 
 class LoadTracker:
@@ -39,8 +43,13 @@ class LoadTracker:
 
     def __init__(self) -> None:
         self.seq = 0
-        #: msg_id -> (seq, time seen) of requests no engine has read yet, in seq order
-        self.unread: dict[str, tuple[int, float]] = {}
+        #: msg_id -> seq of requests no engine has read yet, in seq order
+        self.unread: dict[str, int] = {}
+        #: when requests were seen: (first seq, monotonic time), one entry per
+        #: _SEEN_STEP seconds rather than one per request (a burst holds 100,000s of
+        #: them; the probe delay they decide is 0.25 s): seqs and times, in order
+        self._seen_seq: list[int] = []
+        self._seen_at: list[float] = []
         #: engine uuid -> horizon (see the module's docstring)
         self.horizon: dict[str, int] = {}
         #: engines whose horizon is not known yet (re-registered after a controller restart)
@@ -59,7 +68,11 @@ class LoadTracker:
         if reader is not None:
             self._advance(reader, self.seq)
         else:
-            self.unread[msg_id] = (self.seq, time.monotonic() if now is None else now)
+            self.unread[msg_id] = self.seq
+            now = time.monotonic() if now is None else now
+            if not self._seen_at or now - self._seen_at[-1] >= _SEEN_STEP:
+                self._seen_seq.append(self.seq)
+                self._seen_at.append(now)
         return self.seq
 
     def read(self, uuid: str, msg_id: str, seq: int | None) -> None:
@@ -71,7 +84,7 @@ class LoadTracker:
                 if len(self._early) < 100_000:
                     self._early[msg_id] = uuid
                 return
-            seq = entry[0]
+            seq = entry
         self.unread.pop(msg_id, None)
         self._advance(uuid, seq)
 
@@ -106,7 +119,7 @@ class LoadTracker:
             return []
         floor = min(self.horizon.values()) if self.horizon else self.seq
         out: list[str] = []
-        for msg_id, (seq, _) in self.unread.items():
+        for msg_id, seq in self.unread.items():
             if seq > floor:
                 break
             out.append(msg_id)
@@ -117,8 +130,19 @@ class LoadTracker:
     def needs_probe(self, older_than: float, now: float | None = None) -> bool:
         """True when the oldest unread request is older than ``older_than`` seconds and
         undecided: some live engine has to read further before it can be settled."""
-        if not self.unread or not (self.horizon or self.unknown):
+        if not self.unread:
+            self._seen_seq.clear()
+            self._seen_at.clear()
             return False
-        _, (seq, seen) = next(iter(self.unread.items()))
+        seq = next(iter(self.unread.values()))
+        # when the oldest unread request was seen: the time kept for the last seq at or
+        # below its own (up to _SEEN_STEP before it); the entries before that one go
+        i = bisect.bisect_right(self._seen_seq, seq) - 1
+        if i > 0:
+            del self._seen_seq[:i], self._seen_at[:i]
+            i = 0
+        if not (self.horizon or self.unknown):
+            return False
+        seen = self._seen_at[i] if i >= 0 else -float("inf")
         now = time.monotonic() if now is None else now
         return now - seen > older_than

@@ -1,0 +1,300 @@
+"""The Hub alone: CPU per task and bytes per task in flight, on recorded messages.
+
+Two steps:
+
+``record``: start a real 2-engine cluster whose controller also writes down,
+in order, every message its Hub handles (the monitor copies and what engines
+send to the Hub's ROUTER), run N no-ops with ``apply_async``, stop the
+cluster; the recording (and the cluster key) goes to a pickle file.
+
+``replay``: feed the recording into fresh Hubs (each with its own temporary
+SQLite history and fresh sockets that nothing talks to), exactly as
+``Hub._drain_monitor``/``_drain_router`` would, flushing every
+``flush_rows`` rows as the Hub does in a burst; report process CPU per task
+(time.process_time, so other load on the machine does not count), best of
+``--repeat`` runs.  Then feed only the request copies of the tasks (their
+replies not yet come: tasks in flight) and report the bytes the Hub holds
+per task in flight (tracemalloc), after the rows are written.
+
+Run:
+    python bench/hub_replay.py record --tasks 20000 --out /tmp/hub-rec.pkl
+    python bench/hub_replay.py replay /tmp/hub-rec.pkl [--repeat 5] [--profile out.prof]
+
+``replay --compare DIR`` also replays with the monq package found in DIR
+(another checkout, e.g. the commit before a change), in alternating runs, so
+before and after are measured in the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+# -- record -----------------------------------------------------------------------------
+
+
+def _controller(out: str, argv: list[str]) -> int:
+    """The controller (``python -m monq.hub``), writing down what its Hub handles."""
+    from monq.hub import controller
+    from monq.hub.hub import Hub
+
+    log: list[tuple[str, list[bytes]]] = []
+    on_monitor, on_router, close = Hub._on_monitor, Hub._on_router, Hub.close
+
+    def rec_monitor(self: Hub, frames: list[Any]) -> None:
+        log.append(("monitor", [f.bytes for f in frames]))
+        on_monitor(self, frames)
+
+    def rec_router(self: Hub, frames: list[Any]) -> None:
+        log.append(("router", [f.bytes for f in frames]))
+        on_router(self, frames)
+
+    def rec_close(self: Hub) -> None:
+        close(self)
+        with open(out, "wb") as f:
+            pickle.dump({"key": self.session.key, "messages": log}, f)
+
+    Hub._on_monitor, Hub._on_router, Hub.close = rec_monitor, rec_router, rec_close  # type: ignore[method-assign]
+    return controller.main(argv)
+
+
+def record(tasks: int, out: Path) -> None:
+    from common import make_funcs
+
+    import monq
+    from monq.cluster import Cluster, ClusterConfig, _Child, _child_setup
+
+    class RecordingCluster(Cluster):
+        def _spawn_controller(self, ready_fd: int = -1) -> _Child:
+            # as Cluster._spawn_controller, through _controller above
+            cfg = self.config
+            args = ["--profile-dir", str(cfg.profile_dir), "--profile", cfg.profile,
+                    "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
+                    "--supervisor-pid", str(os.getpid()), "--log-level", cfg.log_level]
+            if ready_fd >= 0:
+                args += ["--ready-fd", str(ready_fd)]
+            log_path = cfg.log_dir / "controller.log"
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, "_controller", str(out), *args], env=env,
+                    pass_fds=(ready_fd,) if ready_fd >= 0 else (), stdin=subprocess.DEVNULL,
+                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_child_setup(os.getpid()))
+            self.controller = _Child("controller", proc, log_path, 0)
+            return self.controller
+
+    noop, _, _ = make_funcs()
+    home = Path(tempfile.mkdtemp(prefix="monq-hub-replay-"))
+    cluster = RecordingCluster(ClusterConfig(n=2, home=home, log_level="WARNING",
+                                             restart=False))
+    try:
+        cluster.start(timeout=60)
+        with monq.Client(connection_file=cluster.connection_file) as c:
+            lb = c.load_balanced_view()
+            t0 = time.perf_counter()
+            for ar in [lb.apply_async(noop) for _ in range(tasks)]:
+                ar.get(600)
+            print(f"{tasks} no-ops in {time.perf_counter() - t0:.1f} s (wall)")
+    finally:
+        cluster.stop()
+    rec = pickle.loads(out.read_bytes())
+    kinds: dict[str, int] = {}
+    for where, _ in rec["messages"]:
+        kinds[where] = kinds.get(where, 0) + 1
+    print(f"recorded {kinds} to {out}")
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        rec: dict[str, Any] = pickle.load(f)
+    return rec
+
+
+def _hub(key: bytes, tmp: Path, name: str) -> Any:
+    import zmq
+
+    from monq.hub.hub import Hub, HubConfig
+    from monq.hub.store import TaskStore
+    from monq.protocol import Session
+
+    ctx = zmq.Context()
+    store = TaskStore(f"sqlite:///{tmp / name}")
+    hub = Hub(ctx, Session(key), store, HubConfig())
+    hub.bind()  # its own Context: the inproc monitor name is free
+    return hub, ctx
+
+
+def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[bool, list[Any]]]:
+    import zmq
+
+    return [(where == "monitor", [zmq.Frame(b) for b in frames]) for where, frames in messages]
+
+
+def _tasks(messages: list[tuple[str, list[bytes]]]) -> int:
+    return sum(1 for where, fr in messages
+               if where == "monitor" and fr[0] == b"in.task" and b"apply_request" in fr[4])
+
+
+def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = None
+               ) -> tuple[float, int]:
+    """Process CPU seconds to handle the whole recording (and write it), and the tasks."""
+    hub, ctx = _hub(rec["key"], tmp, name)
+    try:
+        msgs = _frames(rec["messages"])
+        on_monitor, on_router = hub._on_monitor, hub._on_router
+        rows = hub.config.flush_rows
+        # as Hub._drain_monitor does (its flush holds new pending rows back once, where
+        # it can: see Hub.flush)
+        if "hold" in inspect.signature(hub._safe_flush).parameters:
+            def flush() -> None:
+                hub._safe_flush(hold=True)
+        else:
+            flush = hub._safe_flush
+        prof = None
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+        gc.collect()
+        t0 = time.process_time()
+        if prof is not None:
+            prof.enable()
+        for is_monitor, frames in msgs:
+            if is_monitor:
+                on_monitor(frames)
+                if len(hub._dirty) >= rows:
+                    flush()
+            else:
+                on_router(frames)
+        hub._safe_flush()
+        if prof is not None:
+            prof.disable()
+        cpu = time.process_time() - t0
+        if prof is not None:
+            prof.dump_stats(profile)
+        n = _tasks(rec["messages"])
+        assert hub.store.count() == n, (hub.store.count(), n)
+        assert not hub._inflight, len(hub._inflight)
+        assert not hub.rejected, hub.rejected
+        return cpu, n
+    finally:
+        hub.close()
+        ctx.term()
+
+
+def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, float, int]:
+    """(bytes held per task in flight once written, bytes per dirty row, tasks): only the
+    request copies and engine messages, none of the replies."""
+    hub, ctx = _hub(rec["key"], tmp, name)
+    try:
+        import zmq
+
+        # no replies, and engines do not leave (that would end their tasks as lost); the
+        # frames are made as they come in, so that what they cache (Frame.bytes) is only
+        # counted if the Hub keeps them
+        msgs = [(where == "monitor", fr) for where, fr in rec["messages"]
+                if not (where == "monitor" and fr[0].startswith(b"out.")) and
+                not (where == "router" and any(b"unregistration_request" in f or
+                                               b"engine_exited" in f for f in fr))]
+        n = _tasks(rec["messages"])
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for is_monitor, raw in msgs:
+            frames = [zmq.Frame(b) for b in raw]
+            (hub._on_monitor if is_monitor else hub._on_router)(frames)
+            del frames
+        gc.collect()
+        dirty = tracemalloc.get_traced_memory()[0] - base
+        hub._safe_flush()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert len(hub._inflight) == n, (len(hub._inflight), n)
+        return held / n, dirty / n, n
+    finally:
+        hub.close()
+        ctx.term()
+
+
+def _one(path: str, repeat: int, profile: str | None) -> dict[str, Any]:
+    rec = _load(Path(path))
+    with tempfile.TemporaryDirectory(prefix="monq-hub-replay-") as d:
+        tmp = Path(d)
+        cpus = []
+        for i in range(repeat):
+            cpu, n = replay_cpu(rec, tmp, f"cpu{i}.db", profile if i == 0 else None)
+            cpus.append(cpu / n * 1e6)
+        held, dirty, n = replay_memory(rec, tmp, "mem.db")
+    return {"tasks": n, "cpu_us": cpus, "held_bytes": held, "dirty_bytes": dirty}
+
+
+def replay(path: Path, repeat: int, compare: Path | None, rounds: int, profile: str | None
+           ) -> None:
+    sides = {"this": HERE.parent} | ({"other": compare} if compare else {})
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    for _ in range(rounds if compare else 1):
+        for side, root in sides.items():
+            env = dict(os.environ, PYTHONPATH=str(root))
+            cmd = [sys.executable, __file__, "_replay", str(path), str(repeat)]
+            if profile and side == "this":
+                cmd.append(profile)
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for side, runs in results.items():
+        cpus = sorted(c for r in runs for c in r["cpu_us"])
+        print(f"{side} ({sides[side]}): {runs[0]['tasks']} tasks; Hub CPU per task "
+              f"min {cpus[0]:.1f} us, median {cpus[len(cpus) // 2]:.1f} us; held per task in "
+              f"flight {min(r['held_bytes'] for r in runs):.0f} B (before the flush: "
+              f"{min(r['dirty_bytes'] for r in runs):.0f} B)")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_controller":
+        sys.exit(_controller(sys.argv[2], sys.argv[3:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_replay":
+        print(json.dumps(_one(sys.argv[2], int(sys.argv[3]),
+                              sys.argv[4] if len(sys.argv) > 4 else None)))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("--tasks", type=int, default=20_000)
+    r.add_argument("--out", type=Path, required=True)
+    q = sub.add_parser("replay")
+    q.add_argument("recording", type=Path)
+    q.add_argument("--repeat", type=int, default=3, help="replays per process")
+    q.add_argument("--compare", type=Path, default=None,
+                   help="a checkout whose monq to replay too, alternating")
+    q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
+    q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
+    a = p.parse_args()
+    if a.cmd == "record":
+        record(a.tasks, a.out)
+    else:
+        replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
