@@ -40,7 +40,7 @@ def plus_one(x: Any) -> Any:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1,10,100", help="MB, comma-separated")
+    p.add_argument("--sizes", default="1,10,100", help="MiB, comma-separated (fractions allowed)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--engines", type=int, default=2)
     a = p.parse_args()
@@ -51,8 +51,8 @@ def main() -> None:
             c.wait_for_engines(a.engines, timeout=60)
             lb = c.load_balanced_view()
             print(f"{'MB':>5} {'function':>9} {'shm MB/s':>9} {'raw MB/s':>9} {'shm/raw':>8}")
-            for mb in (int(s) for s in a.sizes.split(",")):
-                x = np.ones(mb * MB // 8)
+            for mb in (float(s) for s in a.sizes.split(",")):
+                x = np.ones(int(mb * MB) // 8)
                 for f in (ident, plus_one):
                     times: dict[bool, list[float]] = {True: [], False: []}
                     for on in (True, False):  # warm both paths (and the pool)
@@ -65,7 +65,7 @@ def main() -> None:
                             lb.apply_sync(f, x)
                             times[on].append(time.perf_counter() - t0)
                     shm, raw = (2 * mb / statistics.median(times[k]) for k in (True, False))
-                    print(f"{mb:>5} {f.__name__:>9} {shm:>9,.0f} {raw:>9,.0f} {shm / raw:>8.1f}",
+                    print(f"{mb:>5g} {f.__name__:>9} {shm:>9,.0f} {raw:>9,.0f} {shm / raw:>8.1f}",
                           flush=True)
 
 

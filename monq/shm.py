@@ -59,7 +59,7 @@ Lifetime
 
 Configuration (environment, read when a Client or engine starts; a client's
 ``client.shm.config`` can be changed at run time): ``MONQ_SHM=0`` turns it
-off; ``MONQ_SHM_THRESHOLD`` (bytes, default 1 MiB) is the smallest buffer
+off; ``MONQ_SHM_THRESHOLD`` (bytes, default 512 KiB) is the smallest buffer
 that goes through shared memory; ``MONQ_SHM_POOL`` (bytes, default 256 MiB,
 0 = no pool) caps the idle segments a client keeps for reuse.
 """
@@ -116,13 +116,19 @@ def _env_size(env: dict[str, str], name: str, default: int) -> int:
             return default
 
 
+#: the default of ShmConfig.threshold and MONQ_SHM_THRESHOLD
+DEFAULT_THRESHOLD = 512 << 10
+
+
 @dataclass
 class ShmConfig:
     """Whether and when to use shared memory (see the module's doc for the variables)."""
 
     enabled: bool = True
-    #: the smallest buffer that travels through shared memory
-    threshold: int = 1 << 20
+    #: the smallest buffer that travels through shared memory: from 512 KiB a round
+    #: trip through a segment beat raw frames (1.1-1.5x at 512 KiB, 1.4-2.0x at 0.95 MiB,
+    #: about level at 256 KiB; bench/shm_roundtrip.py, alternating)
+    threshold: int = DEFAULT_THRESHOLD
     #: idle segments a client keeps for reuse, in bytes (0: unlink each at the task's end)
     pool_bytes: int = 256 << 20
     #: seconds an idle pooled segment is kept
@@ -133,7 +139,7 @@ class ShmConfig:
         env = dict(os.environ) if env is None else env
         return cls(enabled=env.get("MONQ_SHM", "1").strip().lower() not in
                    ("0", "off", "false", "no"),
-                   threshold=max(1, _env_size(env, "MONQ_SHM_THRESHOLD", 1 << 20)),
+                   threshold=max(1, _env_size(env, "MONQ_SHM_THRESHOLD", DEFAULT_THRESHOLD)),
                    pool_bytes=max(0, _env_size(env, "MONQ_SHM_POOL", 256 << 20)))
 
 
