@@ -12,6 +12,7 @@ import pytest
 
 import monq
 from monq.cluster import Cluster, ClusterConfig
+from tests.conftest import wait_until
 
 PERIOD = 0.2  # heartbeat period: an engine silent for 3 periods (0.6 s) is declared dead
 
@@ -95,6 +96,31 @@ def test_huge_output_is_capped(client: monq.Client) -> None:
     ar.get(20)
     assert len(ar.stdout) < (1 << 20) + 100
     assert "characters dropped" in ar.stdout
+
+
+@pytest.mark.slow
+def test_stopping_an_engine_answers_its_waiting_tasks(tmp_path: Path) -> None:
+    """Tasks an engine has read but not started are answered ``aborted`` when it stops,
+    not left for the client to wait on (one engine: the second task waits behind the
+    first in it, as it did when a load-balanced pair landed on one engine)."""
+    cluster = Cluster(ClusterConfig(n=1, home=tmp_path / "stop1", restart=False))
+    try:
+        cluster.start(timeout=60)
+        with monq.Client(connection_file=cluster.connection_file) as c:
+            v = c.load_balanced_view()
+            running = v.apply_async(time.sleep, 600)
+            waiting = [v.apply_async(abs, -i) for i in range(3)]
+            wait_until(lambda: [r.status for r in c.history(msg_id=running.msg_id)]
+                       == ["running"], 30, "the first task to start")
+            cluster.stop(timeout=20)
+            for ar in [running, *waiting]:
+                with pytest.raises(monq.RemoteError) as info:
+                    ar.get(timeout=10)
+                assert info.value.ename == "Stopping"
+                assert ar.metadata["status"] == "aborted"
+            assert "before the task started" in str(waiting[0].exception())
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.slow

@@ -501,6 +501,37 @@ class Engine:
             except Exception:
                 log.exception("failed to answer %s", item.msg.msg_id)
 
+    def abort_waiting(self, why: str) -> int:
+        """Answer every task read but not started (and those still waiting on the
+        sockets) as ``aborted``: a stopping engine leaves none of its tasks unanswered.
+
+        Returns how many were answered.  Called once the loop has ended, before
+        :meth:`close`.
+        """
+        n = 0
+        with self.lock:
+            try:
+                self.read_available()
+            except zmq.ZMQError:
+                pass
+            while self.backlog:
+                item = self.backlog.popleft()
+                content = _error_content(Stopping(why), skip_frames=False)
+                content["status"] = "aborted"
+                now = time.time()
+                metadata = {"engine": self.id, "engine_uuid": self.uuid,
+                            "status": "aborted", "received": item.received,
+                            "started": None, "completed": now, "stdout": "", "stderr": ""}
+                try:
+                    _, frames = self.session.serialize("apply_reply", item.channel, content,
+                                                       parent=item.msg.header,
+                                                       metadata=metadata)
+                    send_frames(item.sock, [*item.msg.idents, *frames])
+                    n += 1
+                except zmq.ZMQError as e:
+                    log.warning("could not answer %s as aborted: %s", item.msg.msg_id, e)
+        return n
+
     # -- tasks --------------------------------------------------------------------
 
     def handle_apply(self, item: _Item) -> None:
@@ -712,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Stopping):
         pass
     finally:
+        if engine.id is not None:
+            n = engine.abort_waiting("the engine was stopped before the task started")
+            if n:
+                log.info("answered %d waiting task(s) as aborted", n)
         engine.close()
         signal.set_wakeup_fd(-1)
         os.close(wake_r)

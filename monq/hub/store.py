@@ -205,7 +205,9 @@ class TaskStore(TaskStats):
             # restart): a failed batch must not lose the other rows, so redo
             # it turning those inserts into updates.  Rare, so cost is fine.
             # (_write changed the prepared rows in place: prepare them again)
-            log.warning("task batch hit a duplicate msg_id; retrying as upserts", exc_info=True)
+            # (expected, e.g. an engine's "aborted" reply read after its stop had the task
+            # recorded lost: one line, no traceback)
+            log.info("task batch hit a msg_id already stored; writing it as updates")
             ins = [self._prepare(r, "insert") for r in inserts]
             ups = [self._prepare(r, "update") for r in updates]
             with self._engine.begin() as conn:
