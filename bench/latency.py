@@ -41,14 +41,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(len(s) * q))]
-
-
 def one_run(n: int, burst: int, engines: int) -> dict[str, Any]:
     import monq
     from monq.cluster import Cluster, ClusterConfig
+    from monq_basics import latency  # bench/ (this script's directory) is on sys.path
 
     def noop() -> None:
         return None
@@ -62,15 +58,9 @@ def one_run(n: int, burst: int, engines: int) -> dict[str, Any]:
             client.wait_for_engines(engines, timeout=60)
             views = {"lb": client.load_balanced_view(), "direct": client[client.ids[0]]}
             for kind, view in views.items():
-                for _ in range(200):
-                    view.apply_sync(noop)
-                ts = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    view.apply_sync(noop)
-                    ts.append(time.perf_counter() - t0)
-                out[f"{kind}_median_us"] = statistics.median(ts) * 1e6
-                out[f"{kind}_p99_us"] = percentile(ts, 0.99) * 1e6
+                r = latency(view, n, noop, warm=200)
+                out[f"{kind}_median_us"] = r["median_us"]
+                out[f"{kind}_p99_us"] = r["p99_us"]
             pids = cluster.pids
             eng = [p for name, p in pids.items() if name.startswith("engine")]
             ctl = pids["controller"]

@@ -17,13 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import Any
+
 import monq
 from monq.cluster import Cluster, ClusterConfig
 
 
-def latency(view: monq.LoadBalancedView | monq.DirectView, n: int) -> dict[str, float]:
-    f = _noop
-    for _ in range(100):
+def latency(view: monq.LoadBalancedView | monq.DirectView, n: int,
+            f: Any = None, warm: int = 100) -> dict[str, float]:
+    """``n`` sequential ``apply_sync(f)`` (default: a no-op) after ``warm`` untimed ones:
+    median and p99 in microseconds."""
+    f = _noop if f is None else f
+    for _ in range(warm):
         view.apply_sync(f)
     ts = []
     for _ in range(n):
