@@ -32,7 +32,7 @@ import signal
 import socket as _socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,9 @@ MONITOR_URL = "inproc://monq-monitor"
 TERMINAL = frozenset({"ok", "error", "aborted", "timeout", "lost", "resubmitted"})
 # cap on a reply's captured output kept per stream (bytes of text)
 _OUTPUT_CAP = 1 << 20
+#: monitor copies handled on an engine's receipt before the receipt itself; if more are
+#: waiting (a burst), the receipt is parked until the backlog is drained (see _receipt)
+RECEIPT_DRAIN = 5000
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ class Hub:
         self._received_keys: dict[tuple[str, str], str] = {}
         self._next_probe = 0.0
         self._timed: dict[str, _InFlight] = {}  # running tasks with a timeout
+        #: engines' receipts (task_started, tasks_received) waiting for the monitor copies
+        #: sent before them to be handled (see _receipt)
+        self._parked: deque[Message] = deque()
         self._recovering = 0
         self._hostname = _socket.gethostname()
         self.probe: zmq.Socket | None = None
@@ -326,7 +332,7 @@ class Hub:
                     not any(st.status not in TERMINAL or st.status == "lost"
                             for st in self._inflight.values()):
                 # one last look: a copy may have come with the goodbyes
-                self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+                self._catch_up()
                 return
             try:
                 events = poller.poll(max(1, math.ceil(min(quiet, left) * 1000)))
@@ -335,9 +341,10 @@ class Hub:
                     continue
                 raise
             if not events:
-                return
+                break
             for sock, _ in events:
                 handlers[sock]()
+        self._catch_up()
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -370,6 +377,8 @@ class Hub:
                     self._engine_gone(eng.uuid, "stopped for a task that overran its timeout",
                                       kill=True)
         if self._recovering:
+            # a claim is settled by the engines' receipts: apply any parked first
+            self._catch_up()
             left = 0
             for msg_id, st in list(self._inflight.items()):
                 if st.claim_by is None:
@@ -408,21 +417,24 @@ class Hub:
             self.probe.send_multipart(frames)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
-               limit: int = 1000) -> None:
+               limit: int = 1000) -> bool:
+        """Handle up to ``limit`` waiting messages; True if none is left waiting."""
         for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return True
             try:
                 handle(frames)
             except Exception:
                 # one bad message must never end the loop
                 log.exception("error handling a message")
                 self.rejected["handler error"] += 1
+        return False
 
     def _drain_monitor(self) -> None:
-        self._drain(self.monitor, self._on_monitor, limit=5000)
+        if self._drain(self.monitor, self._on_monitor, limit=5000) and self._parked:
+            self._apply_parked()
         if len(self._dirty) >= self.config.flush_rows:
             self._safe_flush(hold=True)
 
@@ -629,6 +641,37 @@ class Hub:
         else:
             row.update(fields)
 
+    def _receipt(self, msg: Message) -> None:
+        """An engine's ``task_started`` or ``tasks_received``.
+
+        The monitor copies of the requests it names were sent before it, so
+        they are handled first.  In a burst hundreds of thousands of copies can
+        be waiting: draining them all here kept the loop from beating (and from
+        answering pongs) for seconds.  So at most :data:`RECEIPT_DRAIN` are
+        handled now; if more wait, the receipt is parked, in arrival order, and
+        applied as soon as the monitor is drained (the loop's next turns) or
+        when a decision needs it: a query, an engine's end, the final settle.
+        Until then it only delays what it would tell (which engine holds a
+        task), never changes it.
+        """
+        self._parked.append(msg)
+        if self._drain(self.monitor, self._on_monitor, limit=RECEIPT_DRAIN):
+            self._apply_parked()
+
+    def _catch_up(self) -> None:
+        """Handle every waiting monitor copy, then every parked receipt."""
+        self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+        self._apply_parked()
+
+    def _apply_parked(self) -> None:
+        while self._parked:
+            msg = self._parked.popleft()
+            try:
+                (self._on_started if msg.msg_type == "task_started" else self._on_received)(msg)
+            except Exception:
+                log.exception("error handling a %s", msg.msg_type)
+                self.rejected["handler error"] += 1
+
     def _on_started(self, msg: Message) -> None:
         msg_id = str(msg.content.get("msg_id", ""))
         uuid = str(msg.content.get("engine_uuid", ""))
@@ -784,6 +827,8 @@ class Hub:
         eng = self._engines.get(uuid)
         if eng is None or eng.status != "alive":
             return
+        # which tasks it held is known only once every receipt it sent is applied
+        self._catch_up()
         eng.status = "stopped" if reason == "stopped" else "dead"
         self.heart.remove(uuid.encode())
         self.tracker.engine_removed(uuid)
@@ -823,9 +868,7 @@ class Hub:
         t = msg.msg_type
         self.received[f"hub {t}"] += 1
         if t in ("task_started", "tasks_received"):
-            # the monitor copy of what they name has been sent before they were: read it
-            self._drain(self.monitor, self._on_monitor, limit=1_000_000)
-            (self._on_started if t == "task_started" else self._on_received)(msg)
+            self._receipt(msg)
             return
         if t == "unregistration_request":
             self._engine_gone(str(msg.content.get("uuid", "")), "stopped")
@@ -839,7 +882,7 @@ class Hub:
                               "evalue": f"unknown request {t!r}"})
             return
         # see every copy the relays have made, and write it, before answering
-        self._drain(self.monitor, self._on_monitor, limit=1_000_000)
+        self._catch_up()
         self._safe_flush()
         buffers: list[Any] = []
         raw: list[bool] = []
