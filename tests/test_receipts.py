@@ -30,6 +30,7 @@ UUID = "engine-uuid-0"
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
           ) -> Iterator[tuple[Hub, zmq.Socket, Session]]:
     monkeypatch.setattr(hub_mod, "RECEIPT_DRAIN", 100)
+    monkeypatch.setattr(hub_mod, "TURN", 60.0)  # counts, not time, bound these tests' turns
     ctx = zmq.Context()
     hub = Hub(ctx, Session(KEY), TaskStore(f"sqlite:///{tmp_path / 'h.db'}"),
               HubConfig(ip="127.0.0.1"))
@@ -85,14 +86,28 @@ def test_a_receipt_in_a_burst_is_parked_and_applied_once_the_backlog_is_gone(
     assert hub.received["in.task apply_request"] == 100
     assert len(hub._parked) == 1
     assert all(hub._inflight[m].holder is None for m in ids[:10])
+    # a second receipt meanwhile is parked behind it without handling more copies
+    hub._on_router(_receipt(hub, ids[10:12]))
+    assert hub.received["in.task apply_request"] == 100 and len(hub._parked) == 2
     turns = 0
     while hub._parked:
         hub._drain_monitor()
         turns += 1
         assert turns < 100
     assert hub.received["in.task apply_request"] == 1000
-    assert all(hub._inflight[m].holder == UUID for m in ids[:10])
-    assert all(hub._inflight[m].holder is None for m in ids[10:])
+    assert all(hub._inflight[m].holder == UUID for m in ids[:12])
+    assert all(hub._inflight[m].holder is None for m in ids[12:])
+
+
+@pytest.mark.timeout(30)
+def test_a_turn_on_the_monitor_is_bounded_in_time(
+        setup: tuple[Hub, zmq.Socket, Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    hub, pub, client = setup
+    _requests(pub, client, 3000)
+    monkeypatch.setattr(hub_mod, "TURN", 0.0)
+    hub._drain_monitor()
+    # the budget is looked at every 64 messages: an exhausted one ends the turn at the first
+    assert hub.received["in.task apply_request"] == 1
 
 
 @pytest.mark.timeout(30)

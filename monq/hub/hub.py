@@ -61,6 +61,9 @@ _OUTPUT_CAP = 1 << 20
 #: monitor copies handled on an engine's receipt before the receipt itself; if more are
 #: waiting (a burst), the receipt is parked until the backlog is drained (see _receipt)
 RECEIPT_DRAIN = 5000
+#: seconds the loop spends on one socket's backlog before it looks at the others and
+#: at its heartbeat (a burst's monitor backlog can take minutes on a loaded machine)
+TURN = 0.1
 
 
 @dataclass(frozen=True)
@@ -417,9 +420,11 @@ class Hub:
             self.probe.send_multipart(frames)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
-               limit: int = 1000) -> bool:
-        """Handle up to ``limit`` waiting messages; True if none is left waiting."""
-        for _ in range(limit):
+               limit: int = 1000, budget: float | None = None) -> bool:
+        """Handle up to ``limit`` waiting messages, for at most about ``budget``
+        seconds if given; True if none is left waiting."""
+        end = None if budget is None else time.monotonic() + budget
+        for i in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -430,10 +435,13 @@ class Hub:
                 # one bad message must never end the loop
                 log.exception("error handling a message")
                 self.rejected["handler error"] += 1
+            if end is not None and not i & 63 and time.monotonic() > end:
+                break
         return False
 
     def _drain_monitor(self) -> None:
-        if self._drain(self.monitor, self._on_monitor, limit=5000) and self._parked:
+        if self._drain(self.monitor, self._on_monitor, limit=5000, budget=TURN) and \
+                self._parked:
             self._apply_parked()
         if len(self._dirty) >= self.config.flush_rows:
             self._safe_flush(hold=True)
@@ -448,7 +456,7 @@ class Hub:
             self._dirty.clear()
 
     def _drain_router(self) -> None:
-        self._drain(self.router, self._on_router)
+        self._drain(self.router, self._on_router, budget=TURN)
 
     def _drain_pong(self) -> None:
         self._drain(self.heart.pong, self._on_pong)
@@ -654,8 +662,12 @@ class Hub:
         Until then it only delays what it would tell (which engine holds a
         task), never changes it.
         """
+        if self._parked:
+            # receipts are waiting already: the backlog is not drained yet
+            self._parked.append(msg)
+            return
         self._parked.append(msg)
-        if self._drain(self.monitor, self._on_monitor, limit=RECEIPT_DRAIN):
+        if self._drain(self.monitor, self._on_monitor, limit=RECEIPT_DRAIN, budget=TURN):
             self._apply_parked()
 
     def _catch_up(self) -> None:
