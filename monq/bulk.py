@@ -76,6 +76,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,10 @@ _OK, _UNKNOWN, _REFUSED = 0, 1, 2
 IDLE = 600.0
 #: the most one recv_into asks for (the kernel returns what it has anyway)
 _CHUNK = 16 << 20
+
+
+#: every live Server of this process (served_in_process)
+_servers: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
 class BulkError(SerializationError):
@@ -223,6 +228,7 @@ class Server:
         #: fetches answered in full, and requests refused (tests count them)
         self.sent = 0
         self.refused = 0
+        _servers.add(self)
 
     def _start(self) -> None:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -362,7 +368,8 @@ class Server:
 
 def _peer(conn: socket.socket) -> str:
     try:
-        return "%s:%s" % conn.getpeername()[:2]
+        host, port = conn.getpeername()[:2]
+        return f"{host}:{port}"
     except OSError:
         return "?"
 
@@ -375,7 +382,7 @@ def _alloc(n: int) -> memoryview:
     try:
         import numpy as np
 
-        return memoryview(np.empty(n, np.uint8))
+        return memoryview(np.empty(n, np.uint8))  # type: ignore[arg-type]
     except ImportError:
         return memoryview(bytearray(n))
 
@@ -601,6 +608,11 @@ class Bulk:
         if server is not None:
             server.close()
         self.fetcher.close()
+
+
+def served_in_process() -> int:
+    """How many buffers this process serves now (every side of it: diagnostics, tests)."""
+    return sum(s.served() for s in list(_servers))
 
 
 def payload_bytes(metadata: dict[str, Any]) -> int:
