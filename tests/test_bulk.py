@@ -343,3 +343,30 @@ def test_tampered_bulk_handle_is_rejected_by_the_mac() -> None:
         assert b.served() == 0
     finally:
         b.close()
+
+
+def test_receive_buffers_reused_only_when_nothing_views_them() -> None:
+    pool = bulk.RecvPool(idle=0.2)
+    a = pool.take(MB)
+    del a
+    b = pool.take(MB)  # the first one, free again
+    assert (pool.allocated, pool.reused) == (1, 1)
+    view = np.frombuffer(memoryview(b), np.float64)  # what pickle would hand out
+    del b
+    c = pool.take(MB)  # the first is still viewed: a second buffer
+    assert (pool.allocated, pool.reused) == (2, 1)
+    assert not np.shares_memory(view, c)
+    del view, c
+    wait_until(lambda: pool.pooled() == 0, 10, "idle buffers to be freed")
+
+
+def test_repeated_roundtrips_reuse_receive_buffers(bc: monq.Client) -> None:
+    dv = bc[bc.ids[0]]
+    a = np.arange(MB, dtype=np.float64)
+    pool = bc.shm.bulk.fetcher.pool
+    held = dv.apply_sync(ident, a)  # held: its buffer is never written again
+    reused = pool.reused
+    for i in range(4):
+        assert dv.apply_sync(ident, a + i)[-1] == a[-1] + i  # each result dropped at once
+    assert pool.reused - reused >= 3
+    assert np.array_equal(held, a)
