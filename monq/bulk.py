@@ -73,8 +73,8 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import struct
+import sys
 import threading
 import time
 import weakref
