@@ -34,7 +34,9 @@ Safety
   uses shared memory for a load-balanced task only when every live engine
   has its host id, for a direct task when the target has; an engine writes
   a result into shared memory only when the request carries its host id.
-  Everything else travels as raw frames, as before.
+  Everything else that is large is served peer to peer over TCP
+  (:mod:`monq.bulk`: the hooks are ``offload``/``on_reply`` here and the
+  engine's ``attach``/``reply``), or travels as raw frames, as before.
 
 Lifetime
 --------
