@@ -560,11 +560,16 @@ class Fetcher:
             return pos, self._request((host, port), _OP_GET, bid, n)
 
     def drop(self, handle: Any) -> None:
-        """Tell the sender a served buffer is not wanted (best effort, never raises)."""
+        """Tell the sender a served buffer is not wanted (best effort, never raises).
+
+        Only over a connection already open to that sender: no new connection
+        (and no connect timeout) for this; the sender's grace period covers the rest.
+        """
         try:
             _, host, port, bid, _ = parse_handle(handle)
             with self.lock:
-                self._request((host, port), _OP_DROP, bid, 0)
+                if (host, port) in self._conns:
+                    self._request((host, port), _OP_DROP, bid, 0)
         except BulkError as e:
             log.debug("could not drop a served buffer: %s", e)
 

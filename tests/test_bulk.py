@@ -277,8 +277,11 @@ def test_once_entries_served_once_or_expire_and_drop(server: Server) -> None:
         wait_until(lambda: server.served() == 0, 10, "the unfetched result to expire")
         b = bulk.Bulk(b"k" * 32)
         h2 = [0, *server.serve(b"z" * 100, once=True)]
+        b.discard({"bufs": [h2]})  # no connection to that sender yet: left to the grace
+        assert server.served() == 1
+        b.fetch_all([], {"bufs": [[0, *server.serve(b"w" * 10)]]})  # now there is one
         b.discard({"bufs": [h2]})  # the client says it will not fetch it
-        assert server.served() == 0
+        assert server.served() == 1  # only the one it fetched (not once) is left
         b.close()
     finally:
         f.close()
