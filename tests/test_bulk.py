@@ -330,10 +330,14 @@ def test_tampered_bulk_handle_is_rejected_by_the_mac() -> None:
     key = os.urandom(32)
     b = bulk.Bulk(key)
     try:
-        bufs, raw = pack_apply(ident, (np.ones(MB),), {})
+        arr = np.ones(MB)
+        bufs, raw = pack_apply(ident, (arr,), {})
         md: dict[str, Any] = {}
         bufs, raw, ticket = b.offload(bufs, raw, md, once=False)
         assert ticket is not None and b.served() == 1 and len(md["bulk"]["bufs"]) == 1
+        # served in place: the server sends from the caller's array, no copy was made
+        (entry,) = b.server._entries.values()
+        assert np.frombuffer(entry.view, np.uint8).ctypes.data == arr.ctypes.data
         sender, receiver = Session(key), Session(key)
         _, frames = sender.serialize("apply_request", "task", {}, metadata=md, buffers=bufs,
                                      raw=raw)
