@@ -34,7 +34,9 @@ Safety
   uses shared memory for a load-balanced task only when every live engine
   has its host id, for a direct task when the target has; an engine writes
   a result into shared memory only when the request carries its host id.
-  Everything else travels as raw frames, as before.
+  Everything else that is large is served peer to peer over TCP
+  (:mod:`monq.bulk`: the hooks are ``offload``/``on_reply`` here and the
+  engine's ``attach``/``reply``), or travels as raw frames, as before.
 
 Lifetime
 --------
@@ -82,6 +84,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from monq.bulk import Bulk, Ticket
 from monq.errors import SerializationError
 
 log = logging.getLogger(__name__)
@@ -420,9 +423,13 @@ def payload_bytes(metadata: dict[str, Any]) -> int:
 class ClientShm:
     """A client's side: puts large arguments in (pooled) segments, maps results."""
 
-    def __init__(self, key: bytes, config: ShmConfig | None = None) -> None:
+    def __init__(self, key: bytes, config: ShmConfig | None = None,
+                 reach: str = "127.0.0.1") -> None:
         self.config = config or ShmConfig.from_env()
         self.cid = cluster_id(key)
+        #: where shared memory cannot be used: large buffers served peer to peer (monq.bulk);
+        #: ``reach`` is the controller's address (the interface to serve on)
+        self.bulk = Bulk(key, reach)
         self.pid = os.getpid()
         self.host = host_id() if supported() else ""
         #: host id of each engine, by engine id (from the Hub; see engine_added)
@@ -467,7 +474,7 @@ class ClientShm:
     # sending
 
     def offload(self, buffers: list[Any], raw: list[bool], md: dict[str, Any],
-                engine: int | None) -> tuple[list[Any], list[bool], list[Segment] | None]:
+                engine: int | None) -> tuple[list[Any], list[bool], list[Any] | None]:
         """Move large raw buffers into a segment; handles (and this client's host, so the
         engine may answer through shared memory) go into ``md["shm"]``.
 
@@ -476,7 +483,9 @@ class ClientShm:
         new segment.
         """
         if not self.local(engine):
-            return buffers, raw, None
+            # not through shared memory: large buffers are served to the engine (monq.bulk)
+            buffers, raw, ticket = self.bulk.offload(buffers, raw, md, once=False)
+            return buffers, raw, [ticket] if ticket is not None else None
         spec: dict[str, Any] = {"host": self.host, "pid": self.pid,
                                 "min": self.config.threshold}
         md["shm"] = spec
@@ -502,18 +511,25 @@ class ClientShm:
         drop = set(big)
         return _without(buffers, drop), _without(raw, drop), segs
 
-    def track(self, fut: Any, segs: list[Segment] | None) -> None:
-        """The task ``fut`` uses ``segs`` until it is done (any way it ends)."""
+    def track(self, fut: Any, segs: list[Any] | None) -> None:
+        """The task ``fut`` uses ``segs`` (segments, or a bulk Ticket) until it is done
+        (any way it ends)."""
+        if segs and isinstance(segs[0], Ticket):
+            fut.add_done_callback(segs[0].release)
+            return
         if not segs:
             return
         with self.lock:
             self._tasks[fut.msg_id] = segs
         fut.add_done_callback(self._task_done)
 
-    def drop(self, segs: list[Segment] | None) -> None:
-        """Segments whose message was never sent."""
+    def drop(self, segs: list[Any] | None) -> None:
+        """Segments (or a bulk Ticket) whose message was never sent."""
         for seg in segs or ():
-            self._forget(seg)
+            if isinstance(seg, Ticket):
+                seg.release()
+            else:
+                self._forget(seg)
 
     # receiving
 
@@ -524,6 +540,8 @@ class ClientShm:
         result handles (a handle to one of our own segments holds it out of the
         pool while the view lives) and unlinks result segments the engine made.
         """
+        if "bulk" in msg.metadata:  # result buffers the engine serves: fetched here
+            return self.bulk.fetch_all(msg.buffers, msg.metadata["bulk"])
         spec = msg.metadata.get("shm")
         segs = self._tasks.get(str(msg.parent.get("msg_id", ""))) or ()
         rel = spec.get("released") if isinstance(spec, dict) else None
@@ -583,7 +601,10 @@ class ClientShm:
             return seg
 
     def discard_reply(self, msg: Any) -> None:
-        """Unlink the result segments an engine made for a reply (mapped or not wanted)."""
+        """Unlink the result segments an engine made for a reply (mapped or not wanted);
+        tell an engine serving the results that nobody will fetch them."""
+        if "bulk" in msg.metadata:
+            self.bulk.discard(msg.metadata["bulk"])
         spec = msg.metadata.get("shm")
         with contextlib.suppress(ShmError):
             for _, name, _, _ in _entries(spec):
@@ -682,6 +703,7 @@ class ClientShm:
                 self._timer = None
         for s in segs:
             s.destroy()
+        self.bulk.close()
 
     def segments(self) -> list[str]:
         """Names of this client's live segments (pool included)."""
@@ -695,9 +717,12 @@ class ClientShm:
 class EngineShm:
     """An engine's side: maps a request's segments, answers large results through shm."""
 
-    def __init__(self, key: bytes, config: ShmConfig | None = None) -> None:
+    def __init__(self, key: bytes, config: ShmConfig | None = None,
+                 reach: str = "127.0.0.1") -> None:
         self.config = config or ShmConfig.from_env()
         self.cid = cluster_id(key)
+        #: large arguments fetched from, and results served to, non-local clients (monq.bulk)
+        self.bulk = Bulk(key, reach)
         #: registered with the Hub: '' (off here, or no /dev/shm) makes clients send frames
         self.host = host_id() if supported() and self.config.enabled else ""
         #: this task's mappings: (name, weak mmap, start address, size)
@@ -709,6 +734,8 @@ class EngineShm:
     def attach(self, msg: Any) -> list[Any]:
         """The request's frames, its shared-memory arguments mapped in place (no copy)."""
         self._maps = []
+        if "bulk" in msg.metadata:  # arguments the client serves: fetched here
+            return self.bulk.fetch_all(msg.buffers, msg.metadata["bulk"])
         spec = msg.metadata.get("shm")
         if not spec or not _entries(spec):
             return list(msg.buffers)
@@ -736,7 +763,7 @@ class EngineShm:
         spec = msg.metadata.get("shm")
         if not (self.host and isinstance(spec, dict) and
                 spec.get("host") == self.host):
-            return buffers, raw
+            return self._bulk_reply(msg, buffers, raw, metadata)
         try:
             threshold = max(1, int(spec.get("min", self.config.threshold)))
             owner = int(spec["pid"])
@@ -778,6 +805,20 @@ class EngineShm:
         metadata["shm"] = {"bufs": entries}
         drop = {e[0] for e in entries}
         return _without(buffers, drop), _without(raw, drop)
+
+    def _bulk_reply(self, msg: Any, buffers: list[Any], raw: list[bool],
+                    metadata: dict[str, Any]) -> tuple[list[Any], list[bool]]:
+        """Serve large results to a client that fetches served buffers (its request said
+        so, with its threshold); each is served once."""
+        want = msg.metadata.get("bulk")
+        if not isinstance(want, dict):
+            return buffers, raw
+        md: dict[str, Any] = {}
+        buffers, raw, _ = self.bulk.offload(buffers, raw, md, once=True,
+                                            threshold=want.get("min"))
+        if md.get("bulk", {}).get("bufs"):
+            metadata["bulk"] = {"bufs": md["bulk"]["bufs"]}
+        return buffers, raw
 
     def _spare(self, name: Any, owner: int) -> Segment | None:
         """The segment the client lent for this result (its pages are warm), if usable."""

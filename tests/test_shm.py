@@ -193,6 +193,7 @@ def test_new_results_reuse_pooled_segments(shm_cluster: Cluster) -> None:
 def test_fallback_when_disabled_or_not_local(sc: monq.Client) -> None:
     lb = sc.load_balanced_view()
     a = np.arange(2 * MB, dtype=np.float64)
+    sc.shm.bulk.config.enabled = False  # the frames (the bulk path: tests/test_bulk.py)
     for how in ("off", "remote"):
         if how == "off":
             sc.shm.config.enabled = False

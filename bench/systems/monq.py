@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 import time
 from importlib.metadata import version
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import make_funcs, median_time, time_calls
+from common import make_funcs, median_time, time_calls, timed
 
 import monq
 import monq.client  # noqa: F401 - `import monq` no longer loads it: keep it out of start_s, as before
@@ -99,15 +100,25 @@ class Adapter(System):
         return median_time(lambda: self.lb.apply_sync(self.ident, arr), repeat)
 
     def roundtrip_variants(self, nbytes: int, repeat: int) -> dict[str, float]:
-        """The same with shared memory off: raw frames through the relay (the TCP path)."""
+        """The same with shared memory off (the TCP path, as with engines on another
+        host): "raw", frames through the relay (MONQ_BULK=0), and "bulk", buffers pulled
+        peer to peer (monq.bulk); timed alternately, so both see the same load."""
         assert self.client is not None
-        cfg = self.client.shm.config
-        was = cfg.enabled
+        cfg, bcfg = self.client.shm.config, self.client.shm.bulk.config
+        was = cfg.enabled, bcfg.enabled
         cfg.enabled = False
+        arr = np.ones(nbytes // 8)
+        times: dict[str, list[float]] = {"raw": [], "bulk": []}
         try:
-            return {"raw": self.roundtrip(nbytes, repeat)}
+            for i in range(max(1, repeat) + 1):
+                for name in ("bulk", "raw"):
+                    bcfg.enabled = name == "bulk"
+                    t = timed(lambda: self.lb.apply_sync(self.ident, arr))
+                    if i:  # the first of each warms its path
+                        times[name].append(t)
+            return {k: statistics.median(v) for k, v in times.items()}
         finally:
-            cfg.enabled = was
+            cfg.enabled, bcfg.enabled = was
 
     def history(self, rows: int, repeat: int) -> dict[str, Any]:
         from systems.monq_history import run_history

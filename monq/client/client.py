@@ -69,7 +69,7 @@ class Client:
         #: the session of the controller's Hub; another one means it restarted
         self._hub_session: str | None = None
         #: large buffers through shared memory with engines on this host (monq.shm)
-        self.shm = ClientShm(self.info.key)
+        self.shm = ClientShm(self.info.key, reach=self.info.ip)
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,

@@ -274,7 +274,7 @@ class Engine:
         self.id: int | None = None
         self.session = Session(info.key)
         #: large arguments and results through shared memory with local clients (monq.shm)
-        self.shm = EngineShm(info.key)
+        self.shm = EngineShm(info.key, reach=info.ip)
         self.ctx = zmq.Context()
         self.ctx.linger = 0
         self._stop = False

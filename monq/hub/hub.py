@@ -40,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from monq import shm
+from monq import bulk, shm
 from monq.errors import HubError, ProtocolError
 from monq.hub import blobs
 from monq.hub.filters import FILTER_KEYS, split_filters
@@ -544,13 +544,19 @@ class Hub:
     def _payload(self, msg: Message) -> tuple[bytes | None, int]:
         bufs = msg.buffers
         size = blobs.total_size(bufs)
-        # handles count as their size, unread (only messages with an "shm" entry have any)
+        # handles count as their size, unread (only messages with an "shm" entry have
+        # shared-memory handles, only those with a "bulk" entry buffers served peer to peer)
         in_shm = shm.payload_bytes(msg.metadata) if "shm" in msg.metadata else 0
+        in_bulk = bulk.payload_bytes(msg.metadata) if "bulk" in msg.metadata else 0
         self.payload_bytes["wire"] += size
-        if in_shm:
-            # the segment is freed when the task ends: keep the size only
-            self.payload_bytes["shm"] += in_shm
-            return None, size + in_shm
+        if in_shm or in_bulk:
+            # the segment is freed (the buffer no longer served) when the task ends: keep
+            # the size only
+            if in_shm:
+                self.payload_bytes["shm"] += in_shm
+            if in_bulk:
+                self.payload_bytes["bulk"] += in_bulk
+            return None, size + in_shm + in_bulk
         if size > self.config.payload_cap:
             return None, size
         return blobs.pack(bufs, [s[1] for s in msg.header["buffers"]]), size
