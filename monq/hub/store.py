@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import sqltypes
 
 from monq.errors import HubError
 from monq.hub import aggregates, payloads, schema
@@ -77,6 +78,9 @@ TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
 DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted", "request_key",
                      "result_key"})
+_TEXTS = frozenset(TEXTS)
+#: payload key column -> its place in a row's state before a batch (aggregates.read_states)
+_KEY_AT = (("request_key", aggregates.REQUEST_KEY), ("result_key", aggregates.RESULT_KEY))
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
 #: rows a purge deletes per transaction (retention's default step): each delete recounts
@@ -223,12 +227,6 @@ class TaskStore(TaskStats):
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
                ups: list[dict[str, Any]]) -> aggregates.TimeBounds | None:
         """One batch in ``conn``'s transaction; the time bounds once it commits."""
-        # full-text index: forget the old text of rows whose text changes, and
-        # index the new text once the rows are written (only rows with text)
-        texted = [r["msg_id"] for r in ins if _has_text(r)]
-        changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
-        if self.fts_table and changed:
-            self._fts_forget(conn, changed)
         bounds = self._bounds
         if self.aggregates:
             # payloads stored once: the rows get keys (in place: they are this batch's
@@ -240,8 +238,14 @@ class TaskStore(TaskStats):
                     if col in r:
                         r.setdefault(kcol, None)
         groups = _by_keys(ups)
-        deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
         ins_groups = _by_keys(ins)
+        deltas = aggregates.batch_deltas(conn, ins_groups, groups) if self.aggregates \
+            else None
+        # full-text index: forget the old text of rows whose text changes, and
+        # index the new text once the rows are written (only rows with text)
+        forget, index = self._fts_rows(ins, ups, deltas)
+        if forget:
+            self._fts_forget(conn, forget)
         if deltas is not None:  # before the rows are in: it reads the newest submitted time
             self._rowid_slack(conn, ins_groups, ups, deltas)
         for rows in ins_groups:
@@ -249,20 +253,55 @@ class TaskStore(TaskStats):
         self._update(conn, groups)
         if deltas is not None:
             deltas.apply(conn)
-            released: set[tuple[str, str]] = set()
+            before = deltas.before
             old: list[int | None] = []
-            for r in ups:
-                before = deltas.before.get(r["msg_id"])
-                for kcol in payloads.KEYS.values():
-                    if before is not None and kcol in r and (r["msg_id"], kcol) not in released:
-                        released.add((r["msg_id"], kcol))  # each old reference once
-                        old.append(before.get(kcol))
+            if before:
+                released: set[tuple[str, int]] = set()
+                for r in ups:
+                    b = before.get(r["msg_id"])
+                    if b is None:
+                        continue
+                    for kcol, at in _KEY_AT:
+                        if kcol in r and (r["msg_id"], at) not in released:
+                            released.add((r["msg_id"], at))  # each old reference once
+                            old.append(b[at])
             payloads.forget(conn, old)
             if deltas.gaps:
                 bounds = aggregates.merge_time_bounds(conn, deltas.gaps, bounds)
-        if self.fts_table and (texted or changed):
-            self._fts_index(conn, texted + changed)
+        if index:
+            self._fts_index(conn, index)
         return bounds
+
+    def _fts_rows(self, ins: list[dict[str, Any]], ups: list[dict[str, Any]],
+                  deltas: aggregates.Deltas | None) -> tuple[list[str], list[str]]:
+        """The msg_ids whose full-text entries go before the batch, and those (re)indexed
+        after it.
+
+        An update names text columns whenever a task ends (mostly empty
+        stdout and stderr): only rows that had text lose their entries, and
+        only rows that have text after the batch (had it, or get some) are
+        indexed; both statements select exactly those rows anyway, so
+        skipping them for the others changes nothing but their cost.
+        """
+        if not self.fts_table:
+            return [], []
+        texted = [r["msg_id"] for r in ins if _has_text(r)]
+        changed = [r for r in ups if not _TEXTS.isdisjoint(r)]
+        if deltas is None:  # no state read: every changed row, as the statements select
+            ids = [r["msg_id"] for r in changed]
+            return ids, texted + ids
+        before = deltas.before
+        forget: list[str] = []
+        index = texted
+        for r in changed:
+            msg_id = r["msg_id"]
+            b = before.get(msg_id)
+            if b is not None and b[aggregates.HAS_TEXT]:
+                forget.append(msg_id)
+                index.append(msg_id)
+            elif _has_text(r):
+                index.append(msg_id)
+        return forget, index
 
     def _rowid_slack(self, conn: Connection, ins_groups: list[list[dict[str, Any]]],
                      ups: list[dict[str, Any]], deltas: aggregates.Deltas) -> None:
@@ -312,9 +351,6 @@ class TaskStore(TaskStats):
 
     def _update(self, conn: Connection, groups: list[list[dict[str, Any]]]) -> None:
         for rows in groups:
-            for r in rows:
-                r["b_msg_id"] = r["msg_id"]
-                r["b_stored"] = r["stored_bytes"]
             stmt = self._compiled("update", rows[0])
             if stmt is not None:
                 stmt.executemany(conn, rows)
@@ -339,7 +375,8 @@ class TaskStore(TaskStats):
         else:
             cols = _update_columns(row)
             compiled = _Positional.compile(_update_statement(cols), self._engine.dialect,
-                                           None, {*cols, "b_msg_id", "b_stored"})
+                                           None, {*cols, "b_msg_id", "b_stored"},
+                                           _UPDATE_KEYS)
         if len(self._statements) >= 256:  # a bound: callers' column sets are few
             self._statements.clear()
         self._statements[key] = compiled
@@ -869,8 +906,8 @@ class TaskStore(TaskStats):
         n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
         if deltas is not None:
             deltas.apply(conn)
-            payloads.forget(conn, [r.get(k) for r in deltas.before.values()
-                                   for k in payloads.KEYS.values()])
+            payloads.forget(conn, [r[at] for r in deltas.before.values()
+                                   for _, at in _KEY_AT])
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return n
@@ -1094,6 +1131,10 @@ def _update_columns(row: dict[str, Any]) -> list[str]:
             ("msg_id", "stored_bytes")]
 
 
+#: an update statement's own parameters -> the row keys that fill them
+_UPDATE_KEYS = {"b_msg_id": "msg_id", "b_stored": "stored_bytes"}
+
+
 def _update_statement(cols: list[str]) -> Any:
     c = tasks.c
     values: dict[str, Any] = {k: bindparam(k) for k in cols}
@@ -1103,7 +1144,9 @@ def _update_statement(cols: list[str]) -> Any:
         done = bindparam("completed") if "completed" in cols else c.completed
         began = bindparam("started") if "started" in cols else c.started
         values["duration"] = done - began
-    values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
+    # (a literal 0, not a bound one: a constant parameter would be filled in every row)
+    values["stored_bytes"] = func.coalesce(c.stored_bytes, literal_column("0")) + \
+        bindparam("b_stored")
     return tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
 
 
@@ -1116,12 +1159,19 @@ class _Positional:
     task once or twice, and that work was as much as SQLite's own.  Type
     processors and Python-side column defaults are applied as SQLAlchemy
     would; a statement needing anything else takes SQLAlchemy's path (None).
+
+    The rows' tuples are taken with one ``itemgetter`` each (``keys`` maps
+    the statement's own parameter names to the row keys that fill them).
+    A type processor runs only on a column holding values it would change:
+    Float's and LargeBinary's give back a float or bytes-like value the same
+    as a float or bytes one, and a column's value types are checked for the
+    whole batch at once (:meth:`executemany`).
     """
 
     __slots__ = ("consts", "get", "procs", "sql")
 
     def __init__(self, sql: str, names: list[str], consts: dict[str, Any],
-                 procs: list[tuple[int, Any]]) -> None:
+                 procs: list[tuple[int, Any, frozenset[type]]]) -> None:
         self.sql = sql
         self.consts = consts
         self.procs = procs
@@ -1130,7 +1180,8 @@ class _Positional:
 
     @classmethod
     def compile(cls, stmt: Any, dialect: Any, column_keys: list[str] | None,
-                provided: set[str]) -> _Positional | None:
+                provided: set[str], keys: dict[str, str] | None = None
+                ) -> _Positional | None:
         if not dialect.positional:
             return None
         compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
@@ -1154,24 +1205,51 @@ class _Positional:
         processors = getattr(compiled, "_bind_processors", None)
         if processors is None:
             return None
-        procs = [(i, processors[n]) for i, n in enumerate(names) if n in processors]
-        return cls(compiled.string, list(names), consts, procs)
+        procs = [(i, processors[n], _unchanged(compiled, dialect, n, processors[n]))
+                 for i, n in enumerate(names) if n in processors]
+        keys = keys or {}
+        return cls(compiled.string, [keys.get(n, n) for n in names], consts, procs)
 
     def executemany(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        get, consts, procs = self.get, self.consts, self.procs
+        get, consts = self.get, self.consts
         if consts:
             for r in rows:
                 r.update(consts)
+        params: list[Any] = list(map(get, rows))
+        # the columns whose values a processor would change: any type outside the ones it
+        # leaves as they are (a set of the column's types, built at C speed)
+        procs = [(i, p) for i, p, same in self.procs
+                 if not same.issuperset(map(type, map(itemgetter(i), params)))]
         if procs:
-            params: list[Any] = []
-            for r in rows:
-                v = list(get(r))
+            for j, v in enumerate(params):
+                v = list(v)
                 for i, p in procs:
                     v[i] = p(v[i])
-                params.append(tuple(v))
-        else:
-            params = [get(r) for r in rows]
+                params[j] = tuple(v)
         conn.exec_driver_sql(self.sql, params)
+
+
+#: value types a bind processor gives back as they are, by the SQLAlchemy type it serves
+_UNCHANGED: dict[type, frozenset[type]] = {
+    sqltypes.Float: frozenset({float, type(None)}),  # to_float(x) == x
+    # the DBAPI's Binary(x): the same bytes, bound as the same BLOB
+    sqltypes.LargeBinary: frozenset({bytes, type(None)}),
+}
+
+
+def _unchanged(compiled: Any, dialect: Any, name: str, proc: Any) -> frozenset[type]:
+    """The value types that parameter ``name``'s processor ``proc`` need not see (none
+    if unsure): found by the type of the bound parameter that gave ``proc`` (a name
+    bound twice, as ``started`` in an update's SET and its duration, has two)."""
+    for bind, bound in compiled.bind_names.items():
+        t = bind.type
+        if bound != name or t._cached_bind_processor(dialect) is not proc:
+            continue
+        if type(t) is sqltypes.Float and not t.asdecimal:
+            return _UNCHANGED[sqltypes.Float]
+        if type(t) is sqltypes.LargeBinary:
+            return _UNCHANGED[sqltypes.LargeBinary]
+    return frozenset()
 
 
 def _chunks(seq: list[Any]) -> Iterable[list[Any]]:
