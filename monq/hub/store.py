@@ -130,7 +130,7 @@ class TaskStore(TaskStats):
         #: write statements compiled once per column set (see _Positional)
         self._statements: dict[tuple[str, frozenset[str]], _Positional | None] = {}
         #: (insert or update, *columns) of rows already checked (see _prepare)
-        self._shapes: set[tuple[str, ...]] = set()
+        self._shapes: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._engine = _make_engine(url)
         #: bytes the records keep (payloads and text), once counted; kept up to date by writes
         self._stored_total: int | None = None
@@ -262,9 +262,10 @@ class TaskStore(TaskStats):
                     if b is None:
                         continue
                     for kcol, at in _KEY_AT:
-                        if kcol in r and (r["msg_id"], at) not in released:
+                        k = b[at]
+                        if k is not None and kcol in r and (r["msg_id"], at) not in released:
                             released.add((r["msg_id"], at))  # each old reference once
-                            old.append(b[at])
+                            old.append(k)
             payloads.forget(conn, old)
             if deltas.gaps:
                 bounds = aggregates.merge_time_bounds(conn, deltas.gaps, bounds)
@@ -404,29 +405,19 @@ class TaskStore(TaskStats):
         if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
             raise HubError(f"task {what} needs a dict with a string msg_id, got {row!r:.200}")
         shape = (what, *row)
-        if shape not in self._shapes:
-            # the columns are checked once per shape of row (the Hub's rows have a few)
-            unknown = row.keys() - _TASK_COLUMNS
-            if unknown:
-                raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
-                               f"{', '.join(sorted(unknown))}")
-            derived = row.keys() & DERIVED
-            if derived:
-                raise HubError(f"task {what} for {row['msg_id']}: "
-                               f"{', '.join(sorted(derived))} are computed by the store, "
-                               "not written")
-            if what == "insert" and "status" not in row:
-                raise HubError(f"task insert for {row['msg_id']} needs a status")
-            if len(self._shapes) >= 256:
-                self._shapes.clear()
-            self._shapes.add(shape)
-        if "status" in row and row["status"] not in STATUSES:
+        plan = self._shapes.get(shape)
+        if plan is None:
+            # the columns are checked once per shape of row (the Hub's rows have a few),
+            # and what the loop below looks at is the columns this shape has
+            plan = self._shapes[shape] = self._plan_shape(row, what)
+        blobs, texts, has_status, timed = plan
+        if has_status and row["status"] not in STATUSES:
             raise HubError(f"task {what} for {row['msg_id']}: unknown status "
                            f"{row['status']!r}; one of {', '.join(STATUSES)}")
         out = dict(row)  # never mutate the caller's row
         stored = 0  # what the row adds to the database: kept payloads and captured text
-        for blob, size_col in _PAYLOAD_ITEMS:
-            data = out.get(blob)
+        for blob, size_col in blobs:
+            data = out[blob]
             if data is None:
                 continue
             if type(data) is not bytes:
@@ -439,18 +430,39 @@ class TaskStore(TaskStats):
                 stored += n
             else:
                 out[blob] = None
-        for col in TEXTS:
-            text = out.get(col)
+        for col in texts:
+            text = out[col]
             if text:
                 stored += len(text)
-        if what == "insert":
-            started, completed = out.get("started"), out.get("completed")
+        if timed:
+            started, completed = out["started"], out["completed"]
             if started is not None and completed is not None:
                 out["duration"] = completed - started
         # (an update's is added to what the row had), counted before its payloads move
         # to the payloads table
         out["stored_bytes"] = stored
         return out
+
+    def _plan_shape(self, row: dict[str, Any], what: str
+                    ) -> tuple[list[tuple[str, str]], list[str], bool, bool]:
+        """Check a new shape of row (its columns); what :meth:`_prepare` does with rows of
+        it: (payload columns, text columns, has a status, an insert with both times)."""
+        unknown = row.keys() - _TASK_COLUMNS
+        if unknown:
+            raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
+                           f"{', '.join(sorted(unknown))}")
+        derived = row.keys() & DERIVED
+        if derived:
+            raise HubError(f"task {what} for {row['msg_id']}: "
+                           f"{', '.join(sorted(derived))} are computed by the store, "
+                           "not written")
+        if what == "insert" and "status" not in row:
+            raise HubError(f"task insert for {row['msg_id']} needs a status")
+        if len(self._shapes) >= 256:
+            self._shapes.clear()
+        return ([(b, size) for b, size in _PAYLOAD_ITEMS if b in row],
+                [c for c in TEXTS if c in row], "status" in row,
+                what == "insert" and "started" in row and "completed" in row)
 
     def upsert_engine(self, row: dict[str, Any]) -> None:
         """Insert an engine row, or update the one with the same ``id``."""
@@ -1079,8 +1091,13 @@ def _dicts(result: Any) -> list[dict[str, Any]]:
     return [dict(zip(keys, r)) for r in result.fetchall()]
 
 
+_T0, _T1, _T2, _T3 = TEXTS
+
+
 def _has_text(row: dict[str, Any]) -> bool:
-    return any(row.get(c) for c in TEXTS)
+    """Whether a row has captured text (TEXTS, spelled out: this runs per row)."""
+    get = row.get
+    return bool(get(_T0) or get(_T1) or get(_T2) or get(_T3))
 
 
 def _stored_size(row: dict[str, Any]) -> int:
