@@ -83,7 +83,7 @@ def replay_cpu(batches: list[Any], db: Path, profile: str | None = None) -> floa
             if prof is not None:
                 prof.disable()
             cpu += time.process_time() - t0
-        if prof is not None:
+        if prof is not None and profile:
             prof.dump_stats(profile)
         return cpu
     finally:

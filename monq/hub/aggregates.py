@@ -192,23 +192,22 @@ class Deltas:
             self._gaps(states)
 
     def _gaps(self, states: Sequence[State]) -> None:
+        """The largest (submitted - x, x - submitted) of rows counted in, x: started,
+        completed (as ``max``: a NaN gap is kept only if it comes first)."""
         for name, col in (("started", _STARTED), ("completed", _COMPLETED)):
             g = self.gaps.get(name)
-            lead, lag = (None, None) if g is None else g
             for st in states:
                 s, x = st[_SUBMITTED], st[col]
                 if s is None or x is None:
                     continue
-                a, b = s - x, x - s
-                if lead is None:
-                    lead, lag = a, b
+                if g is None:
+                    g = self.gaps[name] = [s - x, x - s]
                     continue
-                if a > lead:
-                    lead = a
-                if b > lag:
-                    lag = b
-            if lead is not None:
-                self.gaps[name] = [lead, lag]
+                a, b = s - x, x - s
+                if a > g[0]:
+                    g[0] = a
+                if b > g[1]:
+                    g[1] = b
 
     def apply(self, conn: Connection) -> None:
         """One upsert executemany per table that changes.
