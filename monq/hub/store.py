@@ -243,7 +243,7 @@ class TaskStore(TaskStats):
             else None
         # full-text index: forget the old text of rows whose text changes, and
         # index the new text once the rows are written (only rows with text)
-        forget, index = self._fts_rows(ins, ups, deltas)
+        forget, index = self._fts_rows(ins_groups, ups, deltas)
         if forget:
             self._fts_forget(conn, forget)
         if deltas is not None:  # before the rows are in: it reads the newest submitted time
@@ -273,7 +273,7 @@ class TaskStore(TaskStats):
             self._fts_index(conn, index)
         return bounds
 
-    def _fts_rows(self, ins: list[dict[str, Any]], ups: list[dict[str, Any]],
+    def _fts_rows(self, ins_groups: list[list[dict[str, Any]]], ups: list[dict[str, Any]],
                   deltas: aggregates.Deltas | None) -> tuple[list[str], list[str]]:
         """The msg_ids whose full-text entries go before the batch, and those (re)indexed
         after it.
@@ -286,7 +286,9 @@ class TaskStore(TaskStats):
         """
         if not self.fts_table:
             return [], []
-        texted = [r["msg_id"] for r in ins if _has_text(r)]
+        # (inserts come grouped by columns: a group without text columns is skipped whole)
+        texted = [r["msg_id"] for g in ins_groups if not _TEXTS.isdisjoint(g[0])
+                  for r in g if _has_text(r)]
         changed = [r for r in ups if not _TEXTS.isdisjoint(r)]
         if deltas is None:  # no state read: every changed row, as the statements select
             ids = [r["msg_id"] for r in changed]
