@@ -1259,7 +1259,10 @@ _UNCHANGED: dict[type, frozenset[type]] = {
 def _unchanged(compiled: Any, dialect: Any, name: str, proc: Any) -> frozenset[type]:
     """The value types that parameter ``name``'s processor ``proc`` need not see (none
     if unsure): found by the type of the bound parameter that gave ``proc`` (a name
-    bound twice, as ``started`` in an update's SET and its duration, has two)."""
+    bound twice, as ``started`` in an update's SET and its duration, has two).  SQLite's
+    driver only: it binds bytes and float as its Binary and to_float results."""
+    if dialect.name != "sqlite":
+        return frozenset()
     for bind, bound in compiled.bind_names.items():
         t = bind.type
         if bound != name or t._cached_bind_processor(dialect) is not proc:
