@@ -62,6 +62,8 @@ def test_file_is_private_and_wal(store: TaskStore, tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+        # a page cache of 32 MiB, not SQLite's 2 MiB: a long history's indexes outgrow it
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -32768
 
 
 def test_existing_file_is_made_private_and_reopened(tmp_path: Path) -> None:

@@ -1320,6 +1320,10 @@ def _touch_private(path: Path) -> None:
         log.warning("cannot make %s private (mode 0600): %s", path, e)
 
 
+#: SQLite's page cache per connection, KiB (as a negative cache_size)
+_CACHE_KIB = -32768
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
@@ -1329,5 +1333,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=10000")
+        # a page cache of up to 32 MiB (SQLite's default is 2 MiB), filled only as pages
+        # are read: the tasks' indexes of a long history (random msg_ids in the primary
+        # key's) outgrow 2 MiB soon, and every page read again from the OS cost a
+        # system call; at 300,000 tasks a burst's writes took ~9 % less CPU (sys time
+        # 42 -> 27 us per task, bench/PROFILE.md)
+        cur.execute(f"PRAGMA cache_size={_CACHE_KIB}")
     finally:
         cur.close()
