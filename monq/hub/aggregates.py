@@ -52,7 +52,14 @@ from sqlalchemy import bindparam, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from monq.hub.schema import duration_hist, meta_table, minute_counts, task_counts, tasks
+from monq.hub.schema import (
+    FTS_COLUMNS,
+    duration_hist,
+    meta_table,
+    minute_counts,
+    task_counts,
+    tasks,
+)
 
 __all__ = ["NO_ENGINE", "NO_LABEL", "PER_DECADE", "Deltas", "bucket", "bucket_upper",
            "engine_key", "label_key", "minute_of", "rebuild", "unkey_engine", "unkey_label"]
@@ -186,7 +193,7 @@ class Deltas:
                 have = extremes.get(key)
                 if have is None:
                     extremes[key] = [dlo, dhi]
-                else:  # two raw keys, one table key (an engine numbered NO_ENGINE)
+                else:  # counted by an earlier call, or two raw keys for one table key
                     have[0], have[1] = min(have[0], dlo), max(have[1], dhi)
         if sign > 0:
             self._gaps(states)
@@ -486,10 +493,8 @@ _CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 500
 
 #: read with the state of an updated row: the payloads it references (monq.hub.payloads)
 KEY_COLUMNS = ("request_key", "result_key")
-#: the text columns of the full-text index (monq.hub.schema.FTS_COLUMNS)
-_TEXT_COLUMNS = ("stdout", "stderr", "traceback", "evalue")
 #: SQL: the row has text to index (some text column neither NULL nor empty)
-HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in _TEXT_COLUMNS)
+HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in FTS_COLUMNS)
 #: what :func:`read_states` gives per row, in this order: the state, the payload keys and
 #: whether the row has text in the full-text index
 BEFORE_COLUMNS = (*STATE_COLUMNS, *KEY_COLUMNS, "has_text")
