@@ -73,6 +73,70 @@ def test_a_batch_of_2000_records_is_a_few_statements(tmp_path: Path) -> None:
     assert n_insert <= 8 and n_update <= 16  # updates go in a few groups by columns set
 
 
+def test_a_burst_batch_costs_no_per_row_python_calls_or_full_text_statements(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch as a Hub writes it in a burst (new pending tasks, and earlier ones that
+    finished with empty stdout and stderr): the statements are a fixed handful, none
+    for the full-text index (no row has text), no IN list re-rendered by SQLAlchemy
+    (the state SELECT is plain SQL), and the aggregates are counted in bulk (a minute
+    is worked out per minute, not per row)."""
+    from sqlalchemy.sql import compiler
+
+    from monq.hub import aggregates
+
+    store = TaskStore(f"sqlite:///{tmp_path / 'h.db'}")
+    statements: list[str] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def count(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        statements.append(" ".join(statement.split()[:3]))
+
+    calls = collections.Counter[str]()
+    expand = compiler.SQLCompiler._process_parameters_for_postcompile
+    minute_of = aggregates.minute_of
+
+    def counting_expand(self: Any, *a: Any, **kw: Any) -> Any:
+        calls["expanded IN"] += 1
+        return expand(self, *a, **kw)
+
+    def counting_minute(s: float) -> int:
+        calls["minute_of"] += 1
+        return minute_of(s)
+
+    def pending(i: int) -> dict[str, Any]:
+        return {"msg_id": f"m{i:06d}", "status": "pending", "client": "c", "queue": "task",
+                "submitted": 1000.0 + i / 100, "engine": None, "label": None,
+                "request": b"f" * 600, "request_bytes": 600, "retries": 0}
+
+    def done(i: int) -> dict[str, Any]:
+        return {"msg_id": f"m{i:06d}", "status": "ok", "engine": i % 4,
+                "started": 1001.0 + i / 100, "completed": 1001.5 + i / 100,
+                "received": 1002.0 + i / 100, "stdout": "", "stderr": "",
+                "result": b"r", "result_bytes": 1}
+
+    try:
+        store.write([pending(i) for i in range(2000)], [])
+        store.write([pending(i) for i in range(2000, 3000)], [done(i) for i in range(1000)])
+        monkeypatch.setattr(compiler.SQLCompiler, "_process_parameters_for_postcompile",
+                            counting_expand)
+        monkeypatch.setattr(aggregates, "minute_of", counting_minute)
+        statements.clear()
+        store.write([pending(i) for i in range(3000, 4000)],
+                    [done(i) for i in range(1000, 2000)])
+        monkeypatch.undo()
+        print(f"\n1,000 inserts + 1,000 updates: {len(statements)} statements, {dict(calls)}")
+        assert not [s for s in statements if "tasks_fts" in s], statements
+        assert calls["expanded IN"] == 0, calls
+        # the batch spans 20 s of submitted times, and its updates' 10 s: a few minutes
+        assert calls["minute_of"] <= 6, calls
+        # 7: the state SELECT, payloads, INSERT, UPDATE and one upsert per aggregate table
+        assert len(statements) <= 8, statements
+        assert store.count(status="ok") == 2000
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_a_function_is_pickled_once_for_many_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     import monq.serialize as ser
 

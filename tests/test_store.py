@@ -62,6 +62,8 @@ def test_file_is_private_and_wal(store: TaskStore, tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+        # a page cache of 32 MiB, not SQLite's 2 MiB: a long history's indexes outgrow it
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -32768
 
 
 def test_existing_file_is_made_private_and_reopened(tmp_path: Path) -> None:
@@ -479,3 +481,49 @@ def test_purge_many_msg_ids(store: TaskStore) -> None:
     store.write([{"msg_id": f"m{i}", "status": "ok"} for i in range(2500)], [])
     assert store.purge(msg_ids=[f"m{i}" for i in range(2000)]) == 2000
     assert len(store.hub_history()) == 500
+
+
+# -- the full-text index kept in step by writes that skip rows without text ---------
+
+
+def test_full_text_index_follows_updates_that_set_clear_or_keep_text(store: TaskStore) -> None:
+    """The store forgets and indexes only rows that had or get text (most finished tasks
+    come with empty stdout and stderr): what searches find is the rows' text."""
+    store.write([
+        {"msg_id": "had", "status": "running", "submitted": 1.0, "stdout": "alpha"},
+        {"msg_id": "none", "status": "running", "submitted": 2.0},
+        {"msg_id": "kept", "status": "error", "submitted": 3.0, "traceback": "boom"},
+        {"msg_id": "new", "status": "running", "submitted": 4.0, "stdout": ""},
+    ], [])
+    store.write([{"msg_id": "late", "status": "running", "submitted": 5.0}], [
+        {"msg_id": "had", "status": "ok", "stdout": "", "stderr": ""},  # text cleared
+        {"msg_id": "none", "status": "ok", "stdout": "", "stderr": "gamma"},  # text set
+        {"msg_id": "kept", "stdout": ""},  # its traceback stays
+        {"msg_id": "new", "stdout": "delta"},
+        {"msg_id": "new", "stderr": "epsilon"},  # twice in one batch
+        {"msg_id": "late", "stdout": "zeta"},  # inserted in the same batch
+        {"msg_id": "unknown", "stdout": "eta"},  # no such task: nothing
+    ])
+    for word, want in (("alpha", []), ("gamma", ["none"]), ("boom", ["kept"]),
+                       ("delta", ["new"]), ("epsilon", ["new"]), ("zeta", ["late"]),
+                       ("eta", [])):
+        assert ids(store.history(search=word)) == want, word
+    # the index holds exactly the rows with text (an external-content FTS5 table is
+    # checked against its content by 'integrity-check')
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO tasks_fts(tasks_fts) VALUES ('integrity-check')")
+
+
+def test_float_columns_still_convert_other_types(store: TaskStore) -> None:
+    """Type processors are skipped only for columns already holding floats (or bytes);
+    a value of another type is converted as SQLAlchemy would (the driver itself
+    would refuse a Decimal)."""
+    from decimal import Decimal
+
+    store.write([{"msg_id": "a", "status": "ok", "submitted": 1.5, "received": Decimal("4.5")},
+                 {"msg_id": "b", "status": "ok", "submitted": 1.5, "received": 4.0}], [])
+    store.write([], [{"msg_id": "a", "status": "ok", "received": Decimal("5.25")},
+                     {"msg_id": "b", "status": "ok", "received": 6.0}])
+    got = {m: store.get_task(m) for m in "ab"}
+    assert [(t["received"], type(t["received"])) for t in got.values() if t] == [
+        (5.25, float), (6.0, float)]

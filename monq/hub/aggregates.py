@@ -43,15 +43,23 @@ import json
 import math
 import sqlite3
 from bisect import bisect_right
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import bindparam, func, literal_column, select, text, tuple_
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from monq.hub.schema import duration_hist, meta_table, minute_counts, task_counts, tasks
+from monq.hub.schema import (
+    FTS_COLUMNS,
+    duration_hist,
+    meta_table,
+    minute_counts,
+    task_counts,
+    tasks,
+)
 
 __all__ = ["NO_ENGINE", "NO_LABEL", "PER_DECADE", "Deltas", "bucket", "bucket_upper",
            "engine_key", "label_key", "minute_of", "rebuild", "unkey_engine", "unkey_label"]
@@ -108,6 +116,13 @@ def unkey_label(k: str) -> str | None:
     return None if k == NO_LABEL else k
 
 
+#: a task's state as the aggregates see it: a tuple of its STATE_COLUMNS, in that order
+State = tuple[Any, ...]
+_STATUS, _ENGINE, _LABEL, _SUBMITTED, _STARTED, _COMPLETED, _DURATION = range(7)
+#: (status, engine, label) of a state: what task_counts is keyed by (before the sentinels)
+_COUNT_KEY = itemgetter(_STATUS, _ENGINE, _LABEL)
+
+
 class Deltas:
     """What a batch changes in the three tables, summed per key."""
 
@@ -120,40 +135,86 @@ class Deltas:
         self.minutes: dict[tuple[int, str], int] = defaultdict(int)
         #: largest (submitted - x, x - submitted) of the rows counted in, x: started, completed
         self.gaps: dict[str, list[float]] = {}
-        #: the stored rows' states before the batch, by msg_id (updates only)
-        self.before: dict[str, dict[str, Any]] = {}
+        #: the stored rows before the batch, by msg_id (updates only): :data:`BEFORE_COLUMNS`
+        self.before: dict[str, State] = {}
 
     def add(self, row: dict[str, Any], sign: int) -> None:
         """Count a task (its state: :data:`STATE_COLUMNS`) in (+1) or out (-1)."""
-        status = row["status"]
-        eng = engine_key(row.get("engine"))
-        lab = label_key(row.get("label"))
-        self.counts[(status, eng, lab)] += sign
-        d = row.get("duration")
-        if d is not None:
-            k = (eng, lab, status, bucket(d))
-            self.hist[k] += sign
-            # the extremes of what comes in (lo, hi), and of what goes (see apply)
-            ends = (self.hist_in if sign > 0 else self.hist_out).get(k)
-            if ends is None:
-                (self.hist_in if sign > 0 else self.hist_out)[k] = [d, d]
-            elif d < ends[0]:
-                ends[0] = d
-            elif d > ends[1]:
-                ends[1] = d
-        s = row.get("submitted")
-        if s is not None:
-            self.minutes[(minute_of(s), status)] += sign
-            if sign > 0:
-                for name in TIME_BOUND_COLUMNS:
-                    x = row.get(name)
-                    if x is not None:
-                        g = self.gaps.get(name)
-                        if g is None:
-                            self.gaps[name] = [s - x, x - s]
-                        else:
-                            g[0] = max(g[0], s - x)
-                            g[1] = max(g[1], x - s)
+        self.add_states([tuple(row.get(k) for k in STATE_COLUMNS)], sign)
+
+    def add_states(self, states: Sequence[State], sign: int) -> None:
+        """Count tasks (tuples of :data:`STATE_COLUMNS`) in (+1) or out (-1), all at once.
+
+        Rows are counted by their raw keys first (a C-level Counter over tuples,
+        or one pass that touches each row once), and only the few distinct keys
+        are then mapped to the tables' keys (sentinels for no engine or label).
+        """
+        if not states:
+            return
+        counts = self.counts
+        for (status, eng, lab), n in Counter(map(_COUNT_KEY, states)).items():
+            counts[(status, NO_ENGINE if eng is None else eng,
+                    NO_LABEL if lab is None else lab)] += sign * n
+        minutes = self.minutes
+        lo = hi = math.inf  # the minute [lo, hi) last computed (its number: m)
+        m = 0
+        for st in states:
+            s = st[_SUBMITTED]
+            if s is None:
+                continue
+            if not lo <= s < hi:  # a batch's tasks mostly share a minute or two
+                m = minute_of(s)
+                lo, hi = 60 * m, 60 * (m + 1)
+            minutes[(m, st[_STATUS])] += sign
+        # durations: [lo, hi, n] per raw histogram key
+        ends: dict[tuple[Any, Any, str, int], list[Any]] = {}
+        upper = _UPPER
+        for st in states:
+            d = st[_DURATION]
+            if d is None:
+                continue
+            k = (st[_ENGINE], st[_LABEL], st[_STATUS], bisect_right(upper, d))
+            e = ends.get(k)
+            if e is None:
+                ends[k] = [d, d, 1]
+            else:
+                e[2] += 1
+                if d < e[0]:
+                    e[0] = d
+                elif d > e[1]:
+                    e[1] = d
+        if ends:
+            hist = self.hist
+            extremes = self.hist_in if sign > 0 else self.hist_out
+            for (eng, lab, status, b), (dlo, dhi, n) in ends.items():
+                key = (NO_ENGINE if eng is None else eng, NO_LABEL if lab is None else lab,
+                       status, b)
+                hist[key] += sign * n
+                have = extremes.get(key)
+                if have is None:
+                    extremes[key] = [dlo, dhi]
+                else:  # counted by an earlier call, or two raw keys for one table key
+                    have[0], have[1] = min(have[0], dlo), max(have[1], dhi)
+        if sign > 0:
+            self._gaps(states)
+
+    def _gaps(self, states: Sequence[State]) -> None:
+        """The largest (submitted - x, x - submitted) of rows counted in, x: started,
+        completed (as ``max``: a NaN gap is kept only if it comes first)."""
+        for name, col in (("started", _STARTED), ("completed", _COMPLETED)):
+            g = self.gaps.get(name)
+            for st in states:
+                s, x = st[_SUBMITTED], st[col]
+                if s is None or x is None:
+                    continue
+                if g is None:
+                    g = self.gaps[name] = [s - x, x - s]
+                    continue
+                a, b = s - x, x - s
+                if a > g[0]:
+                    g[0] = a
+                if b > g[1]:
+                    g[1] = b
 
     def apply(self, conn: Connection) -> None:
         """One upsert executemany per table that changes.
@@ -432,62 +493,104 @@ _CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 500
 
 #: read with the state of an updated row: the payloads it references (monq.hub.payloads)
 KEY_COLUMNS = ("request_key", "result_key")
+#: SQL: the row has text to index (some text column neither NULL nor empty)
+HAS_TEXT_SQL = " OR ".join(f"COALESCE({c}, '') != ''" for c in FTS_COLUMNS)
+#: what :func:`read_states` gives per row, in this order: the state, the payload keys and
+#: whether the row has text in the full-text index
+BEFORE_COLUMNS = (*STATE_COLUMNS, *KEY_COLUMNS, "has_text")
+#: positions in a :data:`BEFORE_COLUMNS` tuple
+REQUEST_KEY, RESULT_KEY, HAS_TEXT = range(len(STATE_COLUMNS), len(BEFORE_COLUMNS))
+_READ_STATES = (f"SELECT msg_id, {', '.join(STATE_COLUMNS + KEY_COLUMNS)}, "
+                f"({HAS_TEXT_SQL}) FROM tasks WHERE msg_id IN ({{}})")
 
 
 def read_states(conn: Connection, ids: Iterable[str], chunk: int = _CHUNK
-                ) -> dict[str, dict[str, Any]]:
-    """The aggregate-keyed columns (and payload keys) of the stored rows among ``ids``."""
+                ) -> dict[str, State]:
+    """The aggregate-keyed columns, payload keys and whether the row has indexed text
+    (:data:`BEFORE_COLUMNS`) of the stored rows among ``ids``, by msg_id.
+
+    Plain SQL with one placeholder per id, run as is: SQLAlchemy's expanding IN
+    renders its 5,000 parameters again on every call, which cost more than
+    the SELECT.
+    """
     ids = list(ids)
-    cols = [tasks.c.msg_id] + [tasks.c[k] for k in STATE_COLUMNS + KEY_COLUMNS]
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, State] = {}
     for i in range(0, len(ids), chunk):
-        for r in conn.execute(select(*cols).where(tasks.c.msg_id.in_(ids[i:i + chunk]))
-                              ).mappings():
-            out[r["msg_id"]] = {k: r[k] for k in STATE_COLUMNS + KEY_COLUMNS}
+        part = ids[i:i + chunk]
+        rows = conn.exec_driver_sql(_READ_STATES.format(", ".join("?" * len(part))),
+                                    tuple(part)).fetchall()
+        out.update(zip(map(itemgetter(0), rows), (r[1:] for r in rows)))
     return out
 
 
-def batch_deltas(conn: Connection, ins: Sequence[dict[str, Any]],
+def _state_getter(row: dict[str, Any]) -> Any:
+    """A function giving the state tuple of rows with ``row``'s columns (one shape)."""
+    present = [k for k in STATE_COLUMNS if k in row]
+    n = len(present)
+    if present == list(STATE_COLUMNS[:n]) and n > 1:  # the usual shapes: a prefix
+        get = itemgetter(*present)
+        pad = (None,) * (len(STATE_COLUMNS) - n)
+        return (lambda r: get(r) + pad) if pad else get
+    return lambda r: tuple(r.get(k) for k in STATE_COLUMNS)
+
+
+def batch_deltas(conn: Connection, insert_groups: Sequence[Sequence[dict[str, Any]]],
                  update_groups: Sequence[Sequence[dict[str, Any]]]) -> Deltas:
     """The deltas of a write batch, read before it is applied.
 
-    ``update_groups`` are the updates in the order the store executes them
-    (one executemany per key set), so that two updates of one task in one
-    batch end where the database ends.
+    ``insert_groups`` are the inserts, grouped by key set; ``update_groups``
+    the updates in the order the store executes them (one executemany per
+    key set), so that two updates of one task in one batch end where the
+    database ends.  Rows are turned into state tuples a group at a time and
+    counted in bulk (:meth:`Deltas.add_states`); only updated rows go through
+    Python one by one.
     """
     deltas = Deltas()
-    state: dict[str, dict[str, Any]] = {}
-    for r in ins:
-        state[r["msg_id"]] = {k: r.get(k) for k in STATE_COLUMNS}
-    inserted = list(state)
-    stored_ids = {r["msg_id"] for g in update_groups for r in g} - state.keys()
-    if not stored_ids:
-        before: dict[str, dict[str, Any]] = {}
-    else:
-        before = read_states(conn, stored_ids)
+    ins: list[State] = []
+    for group in insert_groups:
+        if group:
+            ins += map(_state_getter(group[0]), group)
+    if not any(update_groups):
+        deltas.add_states(ins, +1)
+        return deltas
+    by_id = itemgetter("msg_id")
+    inserted = {by_id(r): i for i, r in enumerate(r for g in insert_groups for r in g)}
+    updated = {by_id(r) for g in update_groups for r in g}
+    stored_ids = updated - inserted.keys()
+    before = read_states(conn, stored_ids) if stored_ids else {}
     deltas.before = before
-    for msg_id, old_row in before.items():
-        state[msg_id] = dict(old_row)
+    # the states updates move: lists, changed in place
+    state: dict[str, list[Any]] = {k: list(v[:_DURATION + 1]) for k, v in before.items()}
+    for msg_id in updated & inserted.keys():
+        state[msg_id] = list(ins[inserted[msg_id]])
     for group in update_groups:
+        if not group:
+            continue
+        first = group[0]
+        sets = [(i, k) for i, k in enumerate(STATE_COLUMNS[:_DURATION]) if k in first]
+        timed = "started" in first or "completed" in first
         for r in group:
             row = state.get(r["msg_id"])
             if row is None:
                 continue  # an update of an unknown task changes nothing
-            for k in ("status", "engine", "label", "submitted", "started", "completed"):
-                if k in r:
-                    row[k] = r[k]
-            if "started" in r or "completed" in r:
-                s, c = row["started"], row["completed"]
-                row["duration"] = None if s is None or c is None else c - s
-    for msg_id in inserted:  # counted in as they end the batch
-        deltas.add(state[msg_id], +1)
+            for i, k in sets:
+                row[i] = r[k]
+            if timed:
+                s, c = row[_STARTED], row[_COMPLETED]
+                row[_DURATION] = None if s is None or c is None else c - s
+    for msg_id in updated & inserted.keys():  # counted in as they end the batch
+        ins[inserted[msg_id]] = tuple(state[msg_id])
+    # a stored task whose keys did not change moves nothing (and, taking nothing
+    # out of its histogram row, never makes its lo/hi recounted)
+    gone: list[State] = []
     for msg_id, old in before.items():
-        new = state[msg_id]
-        # a stored task whose keys did not change moves nothing (and, taking nothing
-        # out of its histogram row, never makes its lo/hi recounted)
-        if any(old[k] != new[k] for k in STATE_COLUMNS):
-            deltas.add(old, -1)
-            deltas.add(new, +1)
+        new = tuple(state[msg_id])
+        old = old[:_DURATION + 1]
+        if new != old:
+            gone.append(old)
+            ins.append(new)
+    deltas.add_states(ins, +1)
+    deltas.add_states(gone, -1)
     return deltas
 
 
@@ -495,8 +598,7 @@ def delete_deltas(conn: Connection, ids: Sequence[str]) -> Deltas:
     """The deltas of deleting the rows ``ids`` (read before they go)."""
     deltas = Deltas()
     deltas.before = read_states(conn, ids)
-    for row in deltas.before.values():
-        deltas.add(row, -1)
+    deltas.add_states([r[:_DURATION + 1] for r in deltas.before.values()], -1)
     return deltas
 
 

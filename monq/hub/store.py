@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import sqltypes
 
 from monq.errors import HubError
 from monq.hub import aggregates, payloads, schema
@@ -77,6 +78,9 @@ TEXTS = ("stdout", "stderr", "traceback", "evalue")
 #: computed by the store, never written by callers
 DERIVED = frozenset({"duration", "stored_bytes", "payload_evicted", "request_key",
                      "result_key"})
+_TEXTS = frozenset(TEXTS)
+#: payload key column -> its place in a row's state before a batch (aggregates.read_states)
+_KEY_AT = (("request_key", aggregates.REQUEST_KEY), ("result_key", aggregates.RESULT_KEY))
 #: rows per IN (...) list: SQLite builds before 3.32 allow only 999 bound variables
 _CHUNK = 500
 #: rows a purge deletes per transaction (retention's default step): each delete recounts
@@ -126,7 +130,7 @@ class TaskStore(TaskStats):
         #: write statements compiled once per column set (see _Positional)
         self._statements: dict[tuple[str, frozenset[str]], _Positional | None] = {}
         #: (insert or update, *columns) of rows already checked (see _prepare)
-        self._shapes: set[tuple[str, ...]] = set()
+        self._shapes: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._engine = _make_engine(url)
         #: bytes the records keep (payloads and text), once counted; kept up to date by writes
         self._stored_total: int | None = None
@@ -223,12 +227,6 @@ class TaskStore(TaskStats):
     def _write(self, conn: Connection, ins: list[dict[str, Any]],
                ups: list[dict[str, Any]]) -> aggregates.TimeBounds | None:
         """One batch in ``conn``'s transaction; the time bounds once it commits."""
-        # full-text index: forget the old text of rows whose text changes, and
-        # index the new text once the rows are written (only rows with text)
-        texted = [r["msg_id"] for r in ins if _has_text(r)]
-        changed = [r["msg_id"] for r in ups if any(k in r for k in TEXTS)]
-        if self.fts_table and changed:
-            self._fts_forget(conn, changed)
         bounds = self._bounds
         if self.aggregates:
             # payloads stored once: the rows get keys (in place: they are this batch's
@@ -240,8 +238,14 @@ class TaskStore(TaskStats):
                     if col in r:
                         r.setdefault(kcol, None)
         groups = _by_keys(ups)
-        deltas = aggregates.batch_deltas(conn, ins, groups) if self.aggregates else None
         ins_groups = _by_keys(ins)
+        deltas = aggregates.batch_deltas(conn, ins_groups, groups) if self.aggregates \
+            else None
+        # full-text index: forget the old text of rows whose text changes, and
+        # index the new text once the rows are written (only rows with text)
+        forget, index = self._fts_rows(ins_groups, ups, deltas)
+        if forget:
+            self._fts_forget(conn, forget)
         if deltas is not None:  # before the rows are in: it reads the newest submitted time
             self._rowid_slack(conn, ins_groups, ups, deltas)
         for rows in ins_groups:
@@ -249,20 +253,58 @@ class TaskStore(TaskStats):
         self._update(conn, groups)
         if deltas is not None:
             deltas.apply(conn)
-            released: set[tuple[str, str]] = set()
+            before = deltas.before
             old: list[int | None] = []
-            for r in ups:
-                before = deltas.before.get(r["msg_id"])
-                for kcol in payloads.KEYS.values():
-                    if before is not None and kcol in r and (r["msg_id"], kcol) not in released:
-                        released.add((r["msg_id"], kcol))  # each old reference once
-                        old.append(before.get(kcol))
+            if before:
+                released: set[tuple[str, int]] = set()
+                for r in ups:
+                    b = before.get(r["msg_id"])
+                    if b is None:
+                        continue
+                    for kcol, at in _KEY_AT:
+                        k = b[at]
+                        if k is not None and kcol in r and (r["msg_id"], at) not in released:
+                            released.add((r["msg_id"], at))  # each old reference once
+                            old.append(k)
             payloads.forget(conn, old)
             if deltas.gaps:
                 bounds = aggregates.merge_time_bounds(conn, deltas.gaps, bounds)
-        if self.fts_table and (texted or changed):
-            self._fts_index(conn, texted + changed)
+        if index:
+            self._fts_index(conn, index)
         return bounds
+
+    def _fts_rows(self, ins_groups: list[list[dict[str, Any]]], ups: list[dict[str, Any]],
+                  deltas: aggregates.Deltas | None) -> tuple[list[str], list[str]]:
+        """The msg_ids whose full-text entries go before the batch, and those (re)indexed
+        after it.
+
+        An update names text columns whenever a task ends (mostly empty
+        stdout and stderr): only rows that had text lose their entries, and
+        only rows that have text after the batch (had it, or get some) are
+        indexed; both statements select exactly those rows anyway, so
+        skipping them for the others changes nothing but their cost.
+        """
+        if not self.fts_table:
+            return [], []
+        # (inserts come grouped by columns: a group without text columns is skipped whole)
+        texted = [r["msg_id"] for g in ins_groups if not _TEXTS.isdisjoint(g[0])
+                  for r in g if _has_text(r)]
+        changed = [r for r in ups if not _TEXTS.isdisjoint(r)]
+        if deltas is None:  # no state read: every changed row, as the statements select
+            ids = [r["msg_id"] for r in changed]
+            return ids, texted + ids
+        before = deltas.before
+        forget: list[str] = []
+        index = texted
+        for r in changed:
+            msg_id = r["msg_id"]
+            b = before.get(msg_id)
+            if b is not None and b[aggregates.HAS_TEXT]:
+                forget.append(msg_id)
+                index.append(msg_id)
+            elif _has_text(r):
+                index.append(msg_id)
+        return forget, index
 
     def _rowid_slack(self, conn: Connection, ins_groups: list[list[dict[str, Any]]],
                      ups: list[dict[str, Any]], deltas: aggregates.Deltas) -> None:
@@ -312,9 +354,6 @@ class TaskStore(TaskStats):
 
     def _update(self, conn: Connection, groups: list[list[dict[str, Any]]]) -> None:
         for rows in groups:
-            for r in rows:
-                r["b_msg_id"] = r["msg_id"]
-                r["b_stored"] = r["stored_bytes"]
             stmt = self._compiled("update", rows[0])
             if stmt is not None:
                 stmt.executemany(conn, rows)
@@ -339,7 +378,8 @@ class TaskStore(TaskStats):
         else:
             cols = _update_columns(row)
             compiled = _Positional.compile(_update_statement(cols), self._engine.dialect,
-                                           None, {*cols, "b_msg_id", "b_stored"})
+                                           None, {*cols, "b_msg_id", "b_stored"},
+                                           _UPDATE_KEYS)
         if len(self._statements) >= 256:  # a bound: callers' column sets are few
             self._statements.clear()
         self._statements[key] = compiled
@@ -367,29 +407,19 @@ class TaskStore(TaskStats):
         if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
             raise HubError(f"task {what} needs a dict with a string msg_id, got {row!r:.200}")
         shape = (what, *row)
-        if shape not in self._shapes:
-            # the columns are checked once per shape of row (the Hub's rows have a few)
-            unknown = row.keys() - _TASK_COLUMNS
-            if unknown:
-                raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
-                               f"{', '.join(sorted(unknown))}")
-            derived = row.keys() & DERIVED
-            if derived:
-                raise HubError(f"task {what} for {row['msg_id']}: "
-                               f"{', '.join(sorted(derived))} are computed by the store, "
-                               "not written")
-            if what == "insert" and "status" not in row:
-                raise HubError(f"task insert for {row['msg_id']} needs a status")
-            if len(self._shapes) >= 256:
-                self._shapes.clear()
-            self._shapes.add(shape)
-        if "status" in row and row["status"] not in STATUSES:
+        plan = self._shapes.get(shape)
+        if plan is None:
+            # the columns are checked once per shape of row (the Hub's rows have a few),
+            # and what the loop below looks at is the columns this shape has
+            plan = self._shapes[shape] = self._plan_shape(row, what)
+        blobs, texts, has_status, timed = plan
+        if has_status and row["status"] not in STATUSES:
             raise HubError(f"task {what} for {row['msg_id']}: unknown status "
                            f"{row['status']!r}; one of {', '.join(STATUSES)}")
         out = dict(row)  # never mutate the caller's row
         stored = 0  # what the row adds to the database: kept payloads and captured text
-        for blob, size_col in _PAYLOAD_ITEMS:
-            data = out.get(blob)
+        for blob, size_col in blobs:
+            data = out[blob]
             if data is None:
                 continue
             if type(data) is not bytes:
@@ -402,18 +432,39 @@ class TaskStore(TaskStats):
                 stored += n
             else:
                 out[blob] = None
-        for col in TEXTS:
-            text = out.get(col)
+        for col in texts:
+            text = out[col]
             if text:
                 stored += len(text)
-        if what == "insert":
-            started, completed = out.get("started"), out.get("completed")
+        if timed:
+            started, completed = out["started"], out["completed"]
             if started is not None and completed is not None:
                 out["duration"] = completed - started
         # (an update's is added to what the row had), counted before its payloads move
         # to the payloads table
         out["stored_bytes"] = stored
         return out
+
+    def _plan_shape(self, row: dict[str, Any], what: str
+                    ) -> tuple[list[tuple[str, str]], list[str], bool, bool]:
+        """Check a new shape of row (its columns); what :meth:`_prepare` does with rows of
+        it: (payload columns, text columns, has a status, an insert with both times)."""
+        unknown = row.keys() - _TASK_COLUMNS
+        if unknown:
+            raise HubError(f"task {what} for {row['msg_id']}: unknown columns "
+                           f"{', '.join(sorted(unknown))}")
+        derived = row.keys() & DERIVED
+        if derived:
+            raise HubError(f"task {what} for {row['msg_id']}: "
+                           f"{', '.join(sorted(derived))} are computed by the store, "
+                           "not written")
+        if what == "insert" and "status" not in row:
+            raise HubError(f"task insert for {row['msg_id']} needs a status")
+        if len(self._shapes) >= 256:
+            self._shapes.clear()
+        return ([(b, size) for b, size in _PAYLOAD_ITEMS if b in row],
+                [c for c in TEXTS if c in row], "status" in row,
+                what == "insert" and "started" in row and "completed" in row)
 
     def upsert_engine(self, row: dict[str, Any]) -> None:
         """Insert an engine row, or update the one with the same ``id``."""
@@ -869,8 +920,8 @@ class TaskStore(TaskStats):
         n = int(conn.execute(tasks.delete().where(which)).rowcount or 0)
         if deltas is not None:
             deltas.apply(conn)
-            payloads.forget(conn, [r.get(k) for r in deltas.before.values()
-                                   for k in payloads.KEYS.values()])
+            payloads.forget(conn, [r[at] for r in deltas.before.values()
+                                   for _, at in _KEY_AT])
         if self._stored_total is not None:
             self._stored_total -= int(freed or 0)
         return n
@@ -1042,8 +1093,13 @@ def _dicts(result: Any) -> list[dict[str, Any]]:
     return [dict(zip(keys, r)) for r in result.fetchall()]
 
 
+_T0, _T1, _T2, _T3 = TEXTS
+
+
 def _has_text(row: dict[str, Any]) -> bool:
-    return any(row.get(c) for c in TEXTS)
+    """Whether a row has captured text (TEXTS, spelled out: this runs per row)."""
+    get = row.get
+    return bool(get(_T0) or get(_T1) or get(_T2) or get(_T3))
 
 
 def _stored_size(row: dict[str, Any]) -> int:
@@ -1094,6 +1150,10 @@ def _update_columns(row: dict[str, Any]) -> list[str]:
             ("msg_id", "stored_bytes")]
 
 
+#: an update statement's own parameters -> the row keys that fill them
+_UPDATE_KEYS = {"b_msg_id": "msg_id", "b_stored": "stored_bytes"}
+
+
 def _update_statement(cols: list[str]) -> Any:
     c = tasks.c
     values: dict[str, Any] = {k: bindparam(k) for k in cols}
@@ -1103,7 +1163,9 @@ def _update_statement(cols: list[str]) -> Any:
         done = bindparam("completed") if "completed" in cols else c.completed
         began = bindparam("started") if "started" in cols else c.started
         values["duration"] = done - began
-    values["stored_bytes"] = func.coalesce(c.stored_bytes, 0) + bindparam("b_stored")
+    # (a literal 0, not a bound one: a constant parameter would be filled in every row)
+    values["stored_bytes"] = func.coalesce(c.stored_bytes, literal_column("0")) + \
+        bindparam("b_stored")
     return tasks.update().where(c.msg_id == bindparam("b_msg_id")).values(values)
 
 
@@ -1116,12 +1178,19 @@ class _Positional:
     task once or twice, and that work was as much as SQLite's own.  Type
     processors and Python-side column defaults are applied as SQLAlchemy
     would; a statement needing anything else takes SQLAlchemy's path (None).
+
+    The rows' tuples are taken with one ``itemgetter`` each (``keys`` maps
+    the statement's own parameter names to the row keys that fill them).
+    A type processor runs only on a column holding values it would change:
+    Float's and LargeBinary's give back a float or bytes-like value the same
+    as a float or bytes one, and a column's value types are checked for the
+    whole batch at once (:meth:`executemany`).
     """
 
     __slots__ = ("consts", "get", "procs", "sql")
 
     def __init__(self, sql: str, names: list[str], consts: dict[str, Any],
-                 procs: list[tuple[int, Any]]) -> None:
+                 procs: list[tuple[int, Any, frozenset[type]]]) -> None:
         self.sql = sql
         self.consts = consts
         self.procs = procs
@@ -1130,7 +1199,8 @@ class _Positional:
 
     @classmethod
     def compile(cls, stmt: Any, dialect: Any, column_keys: list[str] | None,
-                provided: set[str]) -> _Positional | None:
+                provided: set[str], keys: dict[str, str] | None = None
+                ) -> _Positional | None:
         if not dialect.positional:
             return None
         compiled = stmt.compile(dialect=dialect, column_keys=column_keys)
@@ -1154,24 +1224,54 @@ class _Positional:
         processors = getattr(compiled, "_bind_processors", None)
         if processors is None:
             return None
-        procs = [(i, processors[n]) for i, n in enumerate(names) if n in processors]
-        return cls(compiled.string, list(names), consts, procs)
+        procs = [(i, processors[n], _unchanged(compiled, dialect, n, processors[n]))
+                 for i, n in enumerate(names) if n in processors]
+        keys = keys or {}
+        return cls(compiled.string, [keys.get(n, n) for n in names], consts, procs)
 
     def executemany(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        get, consts, procs = self.get, self.consts, self.procs
+        get, consts = self.get, self.consts
         if consts:
             for r in rows:
                 r.update(consts)
+        params: list[Any] = list(map(get, rows))
+        # the columns whose values a processor would change: any type outside the ones it
+        # leaves as they are (a set of the column's types, built at C speed)
+        procs = [(i, p) for i, p, same in self.procs
+                 if not same.issuperset(map(type, map(itemgetter(i), params)))]
         if procs:
-            params: list[Any] = []
-            for r in rows:
-                v = list(get(r))
+            for j, v in enumerate(params):
+                v = list(v)
                 for i, p in procs:
                     v[i] = p(v[i])
-                params.append(tuple(v))
-        else:
-            params = [get(r) for r in rows]
+                params[j] = tuple(v)
         conn.exec_driver_sql(self.sql, params)
+
+
+#: value types a bind processor gives back as they are, by the SQLAlchemy type it serves
+_UNCHANGED: dict[type, frozenset[type]] = {
+    sqltypes.Float: frozenset({float, type(None)}),  # to_float(x) == x
+    # the DBAPI's Binary(x): the same bytes, bound as the same BLOB
+    sqltypes.LargeBinary: frozenset({bytes, type(None)}),
+}
+
+
+def _unchanged(compiled: Any, dialect: Any, name: str, proc: Any) -> frozenset[type]:
+    """The value types that parameter ``name``'s processor ``proc`` need not see (none
+    if unsure): found by the type of the bound parameter that gave ``proc`` (a name
+    bound twice, as ``started`` in an update's SET and its duration, has two).  SQLite's
+    driver only: it binds bytes and float as its Binary and to_float results."""
+    if dialect.name != "sqlite":
+        return frozenset()
+    for bind, bound in compiled.bind_names.items():
+        t = bind.type
+        if bound != name or t._cached_bind_processor(dialect) is not proc:
+            continue
+        if type(t) is sqltypes.Float and not t.asdecimal:
+            return _UNCHANGED[sqltypes.Float]
+        if type(t) is sqltypes.LargeBinary:
+            return _UNCHANGED[sqltypes.LargeBinary]
+    return frozenset()
 
 
 def _chunks(seq: list[Any]) -> Iterable[list[Any]]:
@@ -1220,6 +1320,10 @@ def _touch_private(path: Path) -> None:
         log.warning("cannot make %s private (mode 0600): %s", path, e)
 
 
+#: SQLite's page cache per connection, KiB (as a negative cache_size)
+_CACHE_KIB = -32768
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
@@ -1229,5 +1333,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=10000")
+        # a page cache of up to 32 MiB (SQLite's default is 2 MiB), filled only as pages
+        # are read: the tasks' indexes of a long history (random msg_ids in the primary
+        # key's) outgrow 2 MiB soon, and every page read again from the OS cost a
+        # system call; at 300,000 tasks a burst's writes took ~9 % less CPU (sys time
+        # 42 -> 27 us per task, bench/PROFILE.md)
+        cur.execute(f"PRAGMA cache_size={_CACHE_KIB}")
     finally:
         cur.close()
