@@ -23,7 +23,7 @@ import zmq
 
 from monq import errors, security
 from monq.client.executor import MonqExecutor
-from monq.client.io import IOThread, Outbox
+from monq.client.io import IOThread, Outbox, Queued, QueuedTask
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
 from monq.connection import find_connection_file, load_connection_file, pid_alive
@@ -74,7 +74,7 @@ class Client:
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
                             self._outbox, self._on_hub_lost, self._on_unsent,
-                            self._awaiting)
+                            self._awaiting, lambda: len(self._engines) or 1)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -169,14 +169,18 @@ class Client:
         self._after_emit(wake, got)
         return hdr
 
-    def _emit(self, channel: bytes, frames: list[Any], got: list[Any]) -> bool:
+    def _emit(self, channel: bytes, frames: Queued, got: list[Any]) -> bool:
         """Send now if nobody holds the sockets, else queue for the holder (the caller
-        holds ``self._lock``).  True when sent while the I/O thread is passive."""
+        holds ``self._lock``).  True when sent while the I/O thread is passive.
+
+        ``frames``: a signed message, or a task to be signed when sent (alone
+        when sent now; queued, maybe in a batch with the tasks queued around it).
+        """
         io = self._io
         if io.lock.acquire(blocking=False):
             try:
                 io.flush(got, locked=True)  # what was queued before goes first
-                io.send(channel, frames, got)
+                io.send_item(channel, frames, got)
             finally:
                 io.lock.release()
             return not io.active
@@ -270,7 +274,19 @@ class Client:
             self.shm.track(fut, segs)
 
         try:
-            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register, sync)
+            got: list[Any] = []
+            with self._lock:
+                if self._closed:
+                    raise errors.MonqError("this client is closed")
+                hdr = self.session.header("apply_request", channel)
+                task: Queued = QueuedTask(hdr, md, buffers, raw, idents)
+                if segs is not None:
+                    # arguments in shared memory: signed now and sent alone, never batched
+                    # (a batch carries only the host spec, for results sent that way)
+                    task = task.frames(self.session)
+                register(hdr)  # before sending, so the reply always finds its future
+                wake = self._emit(channel.encode(), task, got) and not sync
+            self._after_emit(wake, got)
         except BaseException:
             if not holder:
                 self.shm.drop(segs)

@@ -48,7 +48,7 @@ from monq.hub.heart import HeartMonitor
 from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.hub.tracker import LoadTracker
-from monq.protocol import DELIM, Message, Session
+from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, Message, Session
 from monq.schedulers.relay import bind_port
 from monq.security import SMALL_MSG
 
@@ -134,7 +134,8 @@ class Hub:
         self.ports: dict[str, int] = {}
         self.rejected: Counter[str] = Counter()
         #: verified messages handled, by source and type ("out.task apply_reply", "hub
-        #: tasks_received", ...): what each task costs the Hub (monq status --json)
+        #: tasks_received", ...): what each task costs the Hub (monq status --json); a
+        #: batch counts as one message, and "<source> apply_batch tasks" counts its tasks
         self.received: Counter[str] = Counter()
         self._stop = False
         self._sockets: list[zmq.Socket] = []
@@ -508,6 +509,23 @@ class Hub:
             self._on_request(msg, channel, target)
         elif direction == "out" and msg_type == "apply_reply":
             self._on_reply(msg, channel)
+        elif (direction == "in" and msg_type == BATCH_REQUEST) or \
+                (direction == "out" and msg_type == BATCH_REPLY):
+            # verified once, recorded as its tasks: each exactly as if it came alone
+            try:
+                tasks = self.session.split_batch(msg)
+            except ProtocolError as e:
+                self.rejected[e.reason] += 1
+                return
+            self.received[f"{key} tasks"] += len(tasks)
+            if direction == "in":
+                target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
+                    msg.idents else None
+                for m in tasks:
+                    self._on_request(m, channel, target)
+            else:
+                for m in tasks:
+                    self._on_reply(m, channel)
         elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
