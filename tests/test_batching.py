@@ -28,8 +28,14 @@ from monq.client.io import QueuedTask, pack
 from monq.cluster import Cluster, ClusterConfig
 from monq.connection import load_connection_file
 from monq.errors import ProtocolError
-from monq.protocol import (BATCH_REPLY, BATCH_REQUEST, MAX_BATCH_TASKS, BatchBuilder, Message,
-                           Session)
+from monq.protocol import (
+    BATCH_REPLY,
+    BATCH_REQUEST,
+    MAX_BATCH_TASKS,
+    BatchBuilder,
+    Message,
+    Session,
+)
 from monq.serialize import pack_apply
 from tests.conftest import START_TIMEOUT, wait_until
 

@@ -279,11 +279,10 @@ class Client:
                 if self._closed:
                     raise errors.MonqError("this client is closed")
                 hdr = self.session.header("apply_request", channel)
-                task: Queued = QueuedTask(hdr, md, buffers, raw, idents)
-                if segs is not None:
-                    # arguments in shared memory: signed now and sent alone, never batched
-                    # (a batch carries only the host spec, for results sent that way)
-                    task = task.frames(self.session)
+                queued = QueuedTask(hdr, md, buffers, raw, idents)
+                # arguments in shared memory: signed now and sent alone, never batched
+                # (a batch carries only the host spec, for results sent that way)
+                task: Queued = queued if segs is None else queued.frames(self.session)
                 register(hdr)  # before sending, so the reply always finds its future
                 wake = self._emit(channel.encode(), task, got) and not sync
             self._after_emit(wake, got)

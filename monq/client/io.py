@@ -138,7 +138,7 @@ def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
                     other.idents != item.idents:
                 break
             j += 1
-        run = [t for _, t in items[i:j]]  # type: ignore[misc]
+        run = [t for _, t in items[i:j] if isinstance(t, QueuedTask)]
         i = j
         cap = -(-len(run) // max(1, engines)) if channel == b"task" else len(run)
         k = 0

@@ -65,8 +65,15 @@ import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
-from monq.protocol import (BATCH_REPLY, BATCH_REQUEST, MAX_BATCH_BYTES, MAX_BATCH_TASKS,
-                           BatchBuilder, Message, Session)
+from monq.protocol import (
+    BATCH_REPLY,
+    BATCH_REQUEST,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_TASKS,
+    BatchBuilder,
+    Message,
+    Session,
+)
 from monq.security import client_socket_setup
 from monq.serialize import recv_frames, send_frames, serialize, unpack_apply
 from monq.shm import EngineShm
