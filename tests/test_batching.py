@@ -442,3 +442,50 @@ def test_a_message_object_per_task_is_what_single_handlers_expect() -> None:
     assert all(isinstance(m, Message) and m.idents == [b"ident"] for m in tasks)
     tasks[0].header["x"] = 1
     assert "x" not in tasks[1].header
+
+
+def test_the_hub_takes_a_backlog_of_batches_a_few_thousand_tasks_a_turn(
+        tmp_path: Path) -> None:
+    """A backlog of batch copies is handled about MONITOR_TURN tasks per turn of the loop,
+    rows written every flush_rows: never 100,000s of unwritten rows (nor a loop that stops
+    beating) as when it took 5,000 *messages* a turn."""
+    from monq.hub.hub import Hub, HubConfig
+    from monq.hub.store import TaskStore
+
+    client = Session(KEY)
+    copies = []
+    for _ in range(200):  # 200 batches of 64: 12,800 tasks
+        (_, frames, _), = pack(_queued(client, 64), client, engines=1)
+        copies.append([zmq.Frame(b"in.task"), zmq.Frame(b"cid"),
+                       *(zmq.Frame(bytes(f)) for f in frames)])
+
+    class Backlog:
+        def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[Any]:
+            if not copies:
+                raise zmq.Again()
+            return copies.pop(0)
+
+    store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
+    dirty: list[int] = []
+    real_flush = hub._safe_flush
+
+    def flush(hold: bool = False) -> None:
+        dirty.append(len(hub._dirty))
+        real_flush(hold)
+
+    hub._safe_flush = flush  # type: ignore[method-assign]
+    hub.monitor = Backlog()  # type: ignore[assignment]
+    try:
+        turns = 0
+        while copies:
+            seen = hub.monitor_tasks
+            hub._drain_monitor()
+            turns += 1
+            assert hub.monitor_tasks - seen <= hub.MONITOR_TURN + hub.MONITOR_STEP * MAX_BATCH_TASKS
+        assert hub.monitor_tasks == 12_800 and turns >= 12_800 // hub.MONITOR_TURN
+        rows = hub.config.flush_rows
+        # (a flush holds new pending rows back once: they are written at the next one)
+        assert dirty and max(dirty) <= 2 * (rows + hub.MONITOR_STEP * MAX_BATCH_TASKS), dirty
+    finally:
+        hub.close()

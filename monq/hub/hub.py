@@ -137,6 +137,8 @@ class Hub:
         #: tasks_received", ...): what each task costs the Hub (monq status --json); a
         #: batch counts as one message, and "<source> apply_batch tasks" counts its tasks
         self.received: Counter[str] = Counter()
+        #: monitor copies handled, a batch counting as its tasks (paces _drain_monitor)
+        self.monitor_tasks = 0
         self._stop = False
         self._sockets: list[zmq.Socket] = []
         self._inflight: dict[str, _InFlight] = {}
@@ -409,23 +411,44 @@ class Hub:
             self.probe.send_multipart(frames)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
-               limit: int = 1000) -> None:
-        for _ in range(limit):
+               limit: int = 1000) -> int:
+        """Handle up to ``limit`` waiting messages; returns how many there were."""
+        for i in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return i
             try:
                 handle(frames)
             except Exception:
                 # one bad message must never end the loop
                 log.exception("error handling a message")
                 self.rejected["handler error"] += 1
+        return limit
+
+    #: tasks' worth of monitor copies handled per turn of the loop, and per step
+    MONITOR_TURN = 5000
+    MONITOR_STEP = 16
 
     def _drain_monitor(self) -> None:
-        self._drain(self.monitor, self._on_monitor, limit=5000)
-        if len(self._dirty) >= self.config.flush_rows:
-            self._safe_flush(hold=True)
+        """Handle waiting monitor copies, about MONITOR_TURN tasks' worth per turn.
+
+        A batch copy carries up to MAX_BATCH_TASKS tasks, so copies are taken a
+        few at a time and rows are written as soon as ``flush_rows`` are
+        dirty: a backlog of batches never piles up 100,000s of unwritten rows
+        (memory), nor keeps the loop from beating and answering for long.
+        """
+        budget = self.MONITOR_TURN
+        rows = self.config.flush_rows
+        while budget > 0:
+            seen = self.monitor_tasks
+            step = min(budget, self.MONITOR_STEP)
+            n = self._drain(self.monitor, self._on_monitor, limit=step)
+            if len(self._dirty) >= rows:
+                self._safe_flush(hold=True)
+            if n < step:
+                return
+            budget -= max(n, self.monitor_tasks - seen)
 
     def _safe_flush(self, hold: bool = False) -> None:
         try:
@@ -503,6 +526,7 @@ class Hub:
             if len(self._received_keys) < 1024:
                 self._received_keys[(source, msg_type)] = key
         self.received[key] += 1
+        self.monitor_tasks += 1
         if direction == "in" and msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
@@ -518,6 +542,7 @@ class Hub:
                 self.rejected[e.reason] += 1
                 return
             self.received[f"{key} tasks"] += len(tasks)
+            self.monitor_tasks += len(tasks) - 1
             if direction == "in":
                 target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                     msg.idents else None
