@@ -355,13 +355,16 @@ def test_an_engine_stopped_or_killed_mid_batch_leaves_no_task_hanging(
         print(f"\n{how.name} mid-batch: {dict(got)}")
         assert sum(got.values()) == 20 and got["ok"] >= 3
         assert got["ok"] < 20  # the victim did not finish its batch
-        expected = {"RemoteError"} if how == signal.SIGTERM else {"EngineDied"}
+        # SIGTERM: answered aborted (a RemoteError), unless the engine's goodbye reached
+        # the Hub before those answers (then reported lost, as for a single task)
+        expected = {"RemoteError", "EngineDied"} if how == signal.SIGTERM else {"EngineDied"}
         assert set(got) - {"ok"} <= expected, got
         rows = c.db_query({"msg_id": {"$in": [a.msg_id for a in ars]}},
                           keys=["msg_id", "status"])
         db = collections.Counter(r["status"] for r in rows)
         assert sum(db.values()) == 20 and db["ok"] == got["ok"], db
-        assert set(db) - {"ok"} <= ({"aborted"} if how == signal.SIGTERM else {"lost"}), db
+        assert set(db) - {"ok"} <= ({"aborted", "lost"} if how == signal.SIGTERM
+                                    else {"lost"}), db
         # load-balanced batches in flight on a killed engine: each ends too
         if how == signal.SIGKILL:
             v = c.load_balanced_view()

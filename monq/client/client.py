@@ -179,8 +179,13 @@ class Client:
         io = self._io
         if io.lock.acquire(blocking=False):
             try:
-                io.flush(got, locked=True)  # what was queued before goes first
-                io.send_item(channel, frames, got)
+                if len(self._outbox):
+                    # what was queued before goes first, this task maybe in its batch
+                    items = self._outbox.take_locked()
+                    items.append((channel, frames))
+                    io.send_all(items, got)
+                else:
+                    io.send_item(channel, frames, got)
             finally:
                 io.lock.release()
             return not io.active
