@@ -313,6 +313,19 @@ def test_a_small_burst_of_long_tasks_is_spread_over_both_engines(client: monq.Cl
     assert len({ar.metadata["engine"] for ar in ars}) == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_timeout_ends_one_task_of_a_batch_and_not_the_others(client: monq.Client) -> None:
+    v = client.load_balanced_view(timeout=0.5)
+    dv = client.direct_view(client.ids[0], timeout=0.5)
+    for view in (v, dv):
+        with held(client):
+            ars = [view.apply_async(abs, -1), view.apply_async(_nap, 5.0),
+                   view.apply_async(abs, -2)]
+        assert ars[0].get(30) == 1 and ars[2].get(30) == 2
+        with pytest.raises(monq.TaskTimeout):
+            ars[1].get(30)
+
+
 # -- engines that stop or die in the middle of a batch ----------------------------------------
 
 
