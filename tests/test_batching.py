@@ -228,13 +228,15 @@ def test_a_burst_goes_in_few_messages_and_every_task_is_recorded(client: monq.Cl
     assert d["out.task apply_reply"] + d["out.task apply_batch_reply tasks"] == 2000
     assert d["out.task apply_batch_reply"] + d["out.task apply_reply"] <= 2000 // 4, d
     assert client._io.sent["apply_batch"] - sent["apply_batch"] == messages
+    # none was taken for lost and sent again (the first task of a batch needs a receipt)
+    assert not any(ar.metadata.get("retries") for ar in ars)
     ids = {ar.msg_id for ar in ars}
     rows = client.db_query({"msg_id": {"$in": sorted(ids)}},
                            keys=["msg_id", "status", "engine", "started", "completed",
-                                 "submitted", "result_bytes"])
+                                 "submitted", "result_bytes", "retries"])
     assert len(rows) == 2000 and {r["msg_id"] for r in rows} == ids
     for r in rows:
-        assert r["status"] == "ok" and r["engine"] is not None
+        assert r["status"] == "ok" and r["engine"] is not None and not r["retries"]
         assert r["submitted"] <= r["started"] <= r["completed"]
         assert r["result_bytes"] and r["result_bytes"] < 100  # one result, not a batch's
 
@@ -505,3 +507,32 @@ def test_the_hub_takes_a_backlog_of_batches_a_few_thousand_tasks_a_turn(
         assert dirty and max(dirty) <= 2 * (rows + hub.MONITOR_STEP * MAX_BATCH_TASKS), dirty
     finally:
         hub.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_first_task_of_a_batch_is_never_taken_for_lost(tmp_path: Path) -> None:
+    """One engine reads a batch: its first task starts at once, the others wait with
+    receipts.  Were the first one not in the receipts, those of the others could tell
+    the Hub (before the first is running) that the engine has read past it, and the Hub
+    would report it lost and the client send it again: it would run twice."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def mark(i: int) -> int:
+        import os
+        import pathlib
+
+        pathlib.Path(runs, f"{i}-{os.getpid()}").touch()
+        return i
+
+    with own_cluster(tmp_path, 1) as (cl, c):
+        v = c.load_balanced_view()
+        ars: list[Any] = []
+        for r in range(10):
+            with held(c):
+                ars += [v.apply_async(mark, 100 * r + i) for i in range(40)]
+            for ar in ars[-40:]:
+                ar.get(30)
+        assert not [ar.msg_id for ar in ars if ar.metadata.get("retries")]
+        assert len(list(runs.iterdir())) == 400  # each ran once

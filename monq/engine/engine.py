@@ -533,8 +533,12 @@ class Engine:
                     if msg.msg_type == "probe":
                         self.receipts.append(msg.msg_id)
                         continue
-                    for item in self._items(sock, self.channels[sock], msg):
-                        if self.backlog:
+                    items = self._items(sock, self.channels[sock], msg)
+                    for item in items:
+                        # a batch's first task has a receipt too: the receipts of the
+                        # others could reach the Hub before it is running (or answered),
+                        # and the Hub would take it for one no engine read (a lost task)
+                        if self.backlog or len(items) > 1:
                             self.receipts.append(item.msg.msg_id)
                         self.backlog.append(item)
             return self.backlog.popleft() if self.backlog else None
