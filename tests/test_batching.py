@@ -536,3 +536,31 @@ def test_the_first_task_of_a_batch_is_never_taken_for_lost(tmp_path: Path) -> No
                 ar.get(30)
         assert not [ar.msg_id for ar in ars if ar.metadata.get("retries")]
         assert len(list(runs.iterdir())) == 400  # each ran once
+
+
+def test_after_a_restart_a_task_whose_answer_was_dropped_is_fetched_later(
+        client: monq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller's relay drops an answer for a client not yet reconnected to it (a
+    batch's answer: many tasks), while its Hub records it: the client looks again at
+    what the new Hub held as unfinished, and fetches what has finished since."""
+    from monq.client.results import TaskFuture
+
+    done = client.load_balanced_view().apply_async(abs, -7)
+    assert done.get(30) == 7
+    msg_id = done.msg_id
+    fut = TaskFuture(msg_id, time.time(), "task")  # its answer "never came"
+    client._tasks[msg_id] = fut
+    real = client._query
+    asked: list[dict[str, Any]] = []
+
+    def query(msg_type: str, content: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        if msg_type == "tasks_status_request":
+            asked.append(content)
+            if len(asked) == 1:  # at the first look the new Hub still had it running
+                return {"statuses": {m: "running" for m in content["msg_ids"]}}
+        return real(msg_type, content, **kw)
+
+    monkeypatch.setattr(client, "_query", query)
+    monkeypatch.setattr(client, "RECONCILE_EVERY", 0.01)
+    client._reconcile()
+    assert fut.result(5) == 7 and len(asked) == 2

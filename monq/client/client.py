@@ -410,6 +410,11 @@ class Client:
             except Exception:
                 log.exception("an engine listener failed")
 
+    #: after a controller restart, how many times (and how often, seconds) the tasks
+    #: the new Hub still holds as unfinished are looked at again (see _reconcile)
+    RECONCILE_LOOKS = 8
+    RECONCILE_EVERY = 1.0
+
     def _reconcile(self) -> None:
         """After a controller restart: settle every task still waiting here.
 
@@ -417,31 +422,47 @@ class Client:
         fetched from the history; one it holds as unfinished will be answered
         or reported lost; one it never heard of was lost with the old
         controller before being recorded, and is treated as never started.
+
+        An answer sent while this client was not yet connected to the new
+        controller's relay is dropped there (a ROUTER drops what it cannot
+        route) although the Hub records it, so the tasks it still held as
+        unfinished are looked at again a few times, a second apart: one
+        finished meanwhile whose answer did not come is fetched from the
+        history.  A batch's answer carries many tasks: this matters more with
+        batching.
         """
-        try:
-            self._refresh_engines()
-            ids = [m for m, f in list(self._tasks.items()) if not f.done()]
-            if not ids:
+        ids: list[str] = []
+        for look in range(self.RECONCILE_LOOKS):
+            if look:
+                time.sleep(self.RECONCILE_EVERY)
+                ids = [m for m in ids if (f := self._tasks.get(m)) is not None and
+                       not f.done()]
+            try:
+                if not look:
+                    self._refresh_engines()
+                    ids = [m for m, f in list(self._tasks.items()) if not f.done()]
+                if not ids or self._closed:
+                    return
+                known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
+            except errors.MonqError as e:
+                log.warning("could not reconcile tasks with the restarted controller: %s", e)
                 return
-            known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
-        except errors.MonqError as e:
-            log.warning("could not reconcile tasks with the restarted controller: %s", e)
-            return
-        unknown = []
-        for msg_id in ids:
-            status = known.get(msg_id)
-            if status is None:
-                unknown.append(msg_id)
-            elif status not in ("pending", "running"):
-                fut = self._tasks.pop(msg_id, None)
-                if fut is not None and not fut.done():
-                    try:
-                        self._fetch_result(fut)
-                    except errors.MonqError as e:
-                        fut.set_exception(e)
-        if unknown:
-            self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
-                           "reason": "the controller restarted before recording it"})
+            unknown = []
+            for msg_id in ids:
+                status = known.get(msg_id)
+                if status is None:
+                    unknown.append(msg_id)
+                elif status not in ("pending", "running"):
+                    fut = self._tasks.pop(msg_id, None)
+                    if fut is not None and not fut.done():
+                        try:
+                            self._fetch_result(fut)
+                        except errors.MonqError as e:
+                            fut.set_exception(e)
+            if unknown and not look:
+                self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
+                               "reason": "the controller restarted before recording it"})
+            ids = [m for m in ids if known.get(m) in ("pending", "running")]
 
     def _on_lost(self, c: dict[str, Any]) -> None:
         """The Hub says tasks will not be answered: send them again, or fail them.
