@@ -151,8 +151,16 @@ def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[bool, list[An
 
 
 def _tasks(messages: list[tuple[str, list[bytes]]]) -> int:
-    return sum(1 for where, fr in messages
-               if where == "monitor" and fr[0] == b"in.task" and b"apply_request" in fr[4])
+    """Load-balanced tasks in a recording: single requests, and the tasks of batches."""
+    n = 0
+    for where, fr in messages:
+        if where != "monitor" or fr[0] != b"in.task":
+            continue
+        if b'"apply_request"' in fr[4]:
+            n += 1
+        elif b'"apply_batch"' in fr[4]:
+            n += len(json.loads(fr[7])["tasks"])
+    return n
 
 
 def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = None

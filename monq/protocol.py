@@ -22,6 +22,8 @@ counted in :attr:`Session.rejected`; callers drop it and keep going.
 Message types (``msg_type``), by channel:
 
 - task/direct (client -> engine): ``apply_request``; reply ``apply_reply``.
+  Or, for many tasks at once, ``apply_batch``; reply ``apply_batch_reply``
+  (or single ``apply_reply`` messages): see *Batches* below.
 - hub (engine -> hub): ``registration_request`` -> ``registration_reply``,
   ``task_started`` (no reply), ``unregistration_request`` (no reply).
 - hub (client -> hub): ``connect_request``, ``engines_request``,
@@ -30,6 +32,34 @@ Message types (``msg_type``), by channel:
   ``status_request``, ``shutdown_request``; each answered by the matching ``*_reply`` whose
   content has ``status`` ``ok`` or ``error`` (with ``ename``/``evalue``).
 - notify (hub -> clients, PUB): ``engine_registered``, ``engine_unregistered``.
+
+Batches.  Most of a small task's cost is per *message* (framing, one HMAC,
+a relay hop and a monitor copy, verification by engine and Hub), so a
+client that submits faster than it can send packs consecutive queued tasks
+into one ``apply_batch``, and an engine finishing a batch's tasks in quick
+succession answers them in one ``apply_batch_reply``.  A batch is one signed
+message; its own header is numbered on its channel like any message (the
+client uses the highest number of the tasks it packs, so the channel's order
+holds) and its ``buffers`` spec lists every buffer frame of every task.
+Its content is ``{"tasks": [entry, ...]}`` (at most :data:`MAX_BATCH_TASKS`),
+one entry per task:
+
+- request entry: ``msg_id`` (the task's own id: what the Hub records and the
+  client's futures key on), ``date`` (its submission time), ``metadata``
+  (what a single request carries as metadata) and ``b``, the indices of the
+  task's buffer frames in the message (a frame may serve several tasks: the
+  function's stream, pickled once, is sent once);
+- reply entry: ``parent`` (``msg_id``, ``session``, ``date`` of the request),
+  ``metadata``, ``content`` (what a single reply carries) and ``b``.
+
+:meth:`Session.split_batch` turns a verified batch into one :class:`Message`
+per task, shaped exactly as the single request or reply would be (the
+``msg_type`` is ``apply_request`` / ``apply_reply``, the header's
+``buffers`` spec is the task's own), so engines, the Hub and clients handle
+each task as they handle a single one.  A batch whose entries do not fit
+(not a list, too many, an index out of range, a missing id) is rejected
+whole with :class:`ProtocolError` ``malformed`` and counted.  Single-task
+messages are unchanged: a task sent while nothing else is queued goes alone.
 """
 
 from __future__ import annotations
@@ -54,6 +84,14 @@ from monq.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 DELIM = b"<IDS|MSG>"
+#: message types of a batch of tasks and of a batch of their replies (see above)
+BATCH_REQUEST = "apply_batch"
+BATCH_REPLY = "apply_batch_reply"
+#: at most this many tasks in one batch message (a receiver refuses more)
+MAX_BATCH_TASKS = 64
+#: a sender closes a batch once its buffers reach this many bytes
+MAX_BATCH_BYTES = 1 << 20
+_SINGLE = {BATCH_REQUEST: "apply_request", BATCH_REPLY: "apply_reply"}
 VERSION = 1
 #: Frames after the delimiter that every message has: signature + 4 JSON docs.
 N_FIXED = 5
@@ -216,6 +254,10 @@ class Session:
             h.update(p)
         return h.hexdigest().encode()
 
+    def new_msg_id(self) -> str:
+        """A fresh message id (not numbered: for a message that takes another's number)."""
+        return self._new_msg_id()
+
     def header(self, msg_type: str, channel: str, msg_id: str | None = None) -> dict[str, Any]:
         """A fresh header; numbers the message on ``channel`` (see ReplayGuard).
 
@@ -362,6 +404,20 @@ class Session:
             raise ProtocolError(why, header.get("msg_id", "?"))
         return Message(idents, header, parent, metadata, content, bufs, sig)
 
+    def split_batch(self, msg: Message) -> list[Message]:
+        """The tasks of a verified ``apply_batch`` / ``apply_batch_reply``, one Message
+        each, shaped as the single request / reply would be.
+
+        Raises ProtocolError ``malformed`` (after counting it) when the entries do
+        not fit the message: nothing of a bad batch is used.
+        """
+        try:
+            return _split_batch(msg)
+        except ProtocolError as e:
+            self.rejected[e.reason] += 1
+            log.debug("rejected batch: %s", e)
+            raise
+
     def recv(self, socket: zmq.Socket, flags: int = 0) -> Message | None:
         """Receive one message; None (after counting and logging) if rejected."""
         frames = socket.recv_multipart(flags, copy=False)
@@ -369,6 +425,89 @@ class Session:
             return self.feed(frames)
         except ProtocolError:
             return None
+
+
+def _split_batch(msg: Message) -> list[Message]:
+    single = _SINGLE.get(msg.msg_type)
+    if single is None:
+        raise ProtocolError("malformed", f"{msg.msg_type} is not a batch")
+    tasks = msg.content.get("tasks")
+    if type(tasks) is not list or not 0 < len(tasks) <= MAX_BATCH_TASKS:
+        raise ProtocolError("malformed", "a batch needs 1 to "
+                            f"{MAX_BATCH_TASKS} task entries")
+    base = msg.header
+    spec = base["buffers"]
+    bufs = msg.buffers
+    n = len(bufs)
+    reply = single == "apply_reply"
+    out: list[Message] = []
+    for k, t in enumerate(tasks):
+        if type(t) is not dict:
+            raise ProtocolError("malformed", f"batch entry {k} is not an object")
+        idx = t.get("b", ())
+        md = t.get("metadata", {})
+        if type(idx) is not list or type(md) is not dict or \
+                not all(type(i) is int and 0 <= i < n for i in idx):
+            raise ProtocolError("malformed", f"batch entry {k}: bad buffers or metadata")
+        hdr = dict(base)
+        hdr["msg_type"] = single
+        hdr["buffers"] = [spec[i] for i in idx]
+        if reply:
+            parent, content = t.get("parent"), t.get("content")
+            if type(parent) is not dict or type(content) is not dict or \
+                    type(parent.get("msg_id")) is not str:
+                raise ProtocolError("malformed", f"batch reply entry {k}: bad parent or "
+                                    "content")
+            hdr["msg_id"] = f"{base.get('msg_id')}.{k}"
+        else:
+            msg_id, date = t.get("msg_id"), t.get("date")
+            if type(msg_id) is not str or not msg_id or len(msg_id) > 64 or \
+                    type(date) not in (int, float):
+                raise ProtocolError("malformed", f"batch entry {k}: bad msg_id or date")
+            hdr["msg_id"] = msg_id
+            hdr["date"] = date
+            parent, content = {}, {}
+        out.append(Message(msg.idents, hdr, parent, md, content, [bufs[i] for i in idx],
+                           msg.signature))
+    if not reply and len({m.header["msg_id"] for m in out}) != len(out):
+        raise ProtocolError("malformed", "a task appears twice in one batch")
+    return out
+
+
+class BatchBuilder:
+    """Packs tasks (or replies) into the content and buffer frames of one batch message.
+
+    A frame passed several times as the *same object* (the function's stream,
+    pickled once and cached) is sent once and named by every task using it.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.buffers: list[Any] = []
+        self.raw: list[bool] = []
+        self.nbytes = 0
+        self._index: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: dict[str, Any], buffers: Sequence[Buffer], raw: Sequence[bool]
+            ) -> None:
+        idx: list[int] = []
+        for b, r in zip(buffers, raw):
+            i = self._index.get(id(b))
+            if i is None or self.raw[i] != bool(r):
+                i = len(self.buffers)
+                self.buffers.append(b)
+                self.raw.append(bool(r))
+                self.nbytes += _nbytes(b)
+                self._index[id(b)] = i
+            idx.append(i)
+        entry["b"] = idx
+        self.entries.append(entry)
+
+    def full(self) -> bool:
+        return len(self.entries) >= MAX_BATCH_TASKS or self.nbytes >= MAX_BATCH_BYTES
 
 
 def _frame_view(buf: Any) -> Any:

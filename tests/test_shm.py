@@ -121,6 +121,38 @@ def test_roundtrip_goes_through_shared_memory(sc: monq.Client) -> None:
     assert rec.result_bytes is not None and rec.result_bytes >= a.nbytes
 
 
+def _big_result(n: int) -> Any:
+    import numpy as np
+
+    return np.full(n, 3.0)
+
+
+def test_batches_carry_shared_memory_results_and_large_arguments_go_alone(
+        sc: monq.Client) -> None:
+    """Tasks queued together go in one batch (monq.protocol); a large result still comes
+    back through shared memory inside the batch's reply, and a task whose argument went
+    into shared memory is sent alone."""
+    lb = sc.load_balanced_view()
+    a = np.arange(MB, dtype=np.float64)
+    sent = dict(sc._io.sent)
+    io = sc._io
+    assert io.lock.acquire(timeout=10)  # hold the sockets, as the I/O thread in a burst
+    try:
+        ars = [lb.apply_async(_big_result, MB) for _ in range(4)]
+        ars.append(lb.apply_async(ident, a))
+        ars += [lb.apply_async(_big_result, 10) for _ in range(4)]
+    finally:
+        io.dispatch(io.release())
+        io.activate_if_needed()
+    results = [ar.get(30) for ar in ars]
+    assert all(np.array_equal(r, np.full(MB, 3.0)) and _mapped(r) for r in results[:4])
+    assert np.array_equal(results[4], a) and _mapped(results[4])
+    assert all(np.array_equal(r, np.full(10, 3.0)) for r in results[5:])
+    # [4 tasks] [the large argument alone] [4 tasks]: batches cut at the lone one
+    assert sc._io.sent["apply_batch"] - sent.get("apply_batch", 0) >= 2
+    assert sc._io.sent["apply_request"] - sent.get("apply_request", 0) >= 1
+
+
 def test_direct_view_and_small_buffers(sc: monq.Client) -> None:
     dv = sc[sc.ids[0]]
     a = np.arange(2 * MB, dtype=np.int32)

@@ -23,7 +23,7 @@ import zmq
 
 from monq import errors, security
 from monq.client.executor import MonqExecutor
-from monq.client.io import IOThread, Outbox
+from monq.client.io import IOThread, Outbox, Queued, QueuedTask
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
 from monq.connection import find_connection_file, load_connection_file, pid_alive
@@ -74,7 +74,7 @@ class Client:
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
                             self._outbox, self._on_hub_lost, self._on_unsent,
-                            self._awaiting)
+                            self._awaiting, lambda: len(self._engines) or 1)
         self._io.start()
         self._io.ready.wait(10)
         if self._io.error is not None:
@@ -169,14 +169,23 @@ class Client:
         self._after_emit(wake, got)
         return hdr
 
-    def _emit(self, channel: bytes, frames: list[Any], got: list[Any]) -> bool:
+    def _emit(self, channel: bytes, frames: Queued, got: list[Any]) -> bool:
         """Send now if nobody holds the sockets, else queue for the holder (the caller
-        holds ``self._lock``).  True when sent while the I/O thread is passive."""
+        holds ``self._lock``).  True when sent while the I/O thread is passive.
+
+        ``frames``: a signed message, or a task to be signed when sent (alone
+        when sent now; queued, maybe in a batch with the tasks queued around it).
+        """
         io = self._io
         if io.lock.acquire(blocking=False):
             try:
-                io.flush(got, locked=True)  # what was queued before goes first
-                io.send(channel, frames, got)
+                if len(self._outbox):
+                    # what was queued before goes first, this task maybe in its batch
+                    items = self._outbox.take_locked()
+                    items.append((channel, frames))
+                    io.send_all(items, got)
+                else:
+                    io.send_item(channel, frames, got)
             finally:
                 io.lock.release()
             return not io.active
@@ -270,7 +279,18 @@ class Client:
             self.shm.track(fut, segs)
 
         try:
-            self._send(channel, "apply_request", {}, md, buffers, raw, idents, register, sync)
+            got: list[Any] = []
+            with self._lock:
+                if self._closed:
+                    raise errors.MonqError("this client is closed")
+                hdr = self.session.header("apply_request", channel)
+                queued = QueuedTask(hdr, md, buffers, raw, idents)
+                # arguments in shared memory: signed now and sent alone, never batched
+                # (a batch carries only the host spec, for results sent that way)
+                task: Queued = queued if segs is None else queued.frames(self.session)
+                register(hdr)  # before sending, so the reply always finds its future
+                wake = self._emit(channel.encode(), task, got) and not sync
+            self._after_emit(wake, got)
         except BaseException:
             if not holder:
                 self.shm.drop(segs)
@@ -390,6 +410,11 @@ class Client:
             except Exception:
                 log.exception("an engine listener failed")
 
+    #: after a controller restart, how many times (and how often, seconds) the tasks
+    #: the new Hub still holds as unfinished are looked at again (see _reconcile)
+    RECONCILE_LOOKS = 8
+    RECONCILE_EVERY = 1.0
+
     def _reconcile(self) -> None:
         """After a controller restart: settle every task still waiting here.
 
@@ -397,31 +422,47 @@ class Client:
         fetched from the history; one it holds as unfinished will be answered
         or reported lost; one it never heard of was lost with the old
         controller before being recorded, and is treated as never started.
+
+        An answer sent while this client was not yet connected to the new
+        controller's relay is dropped there (a ROUTER drops what it cannot
+        route) although the Hub records it, so the tasks it still held as
+        unfinished are looked at again a few times, a second apart: one
+        finished meanwhile whose answer did not come is fetched from the
+        history.  A batch's answer carries many tasks: this matters more with
+        batching.
         """
-        try:
-            self._refresh_engines()
-            ids = [m for m, f in list(self._tasks.items()) if not f.done()]
-            if not ids:
+        ids: list[str] = []
+        for look in range(self.RECONCILE_LOOKS):
+            if look:
+                time.sleep(self.RECONCILE_EVERY)
+                ids = [m for m in ids if (f := self._tasks.get(m)) is not None and
+                       not f.done()]
+            try:
+                if not look:
+                    self._refresh_engines()
+                    ids = [m for m, f in list(self._tasks.items()) if not f.done()]
+                if not ids or self._closed:
+                    return
+                known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
+            except errors.MonqError as e:
+                log.warning("could not reconcile tasks with the restarted controller: %s", e)
                 return
-            known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
-        except errors.MonqError as e:
-            log.warning("could not reconcile tasks with the restarted controller: %s", e)
-            return
-        unknown = []
-        for msg_id in ids:
-            status = known.get(msg_id)
-            if status is None:
-                unknown.append(msg_id)
-            elif status not in ("pending", "running"):
-                fut = self._tasks.pop(msg_id, None)
-                if fut is not None and not fut.done():
-                    try:
-                        self._fetch_result(fut)
-                    except errors.MonqError as e:
-                        fut.set_exception(e)
-        if unknown:
-            self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
-                           "reason": "the controller restarted before recording it"})
+            unknown = []
+            for msg_id in ids:
+                status = known.get(msg_id)
+                if status is None:
+                    unknown.append(msg_id)
+                elif status not in ("pending", "running"):
+                    fut = self._tasks.pop(msg_id, None)
+                    if fut is not None and not fut.done():
+                        try:
+                            self._fetch_result(fut)
+                        except errors.MonqError as e:
+                            fut.set_exception(e)
+            if unknown and not look:
+                self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
+                               "reason": "the controller restarted before recording it"})
+            ids = [m for m in ids if known.get(m) in ("pending", "running")]
 
     def _on_lost(self, c: dict[str, Any]) -> None:
         """The Hub says tasks will not be answered: send them again, or fail them.

@@ -33,6 +33,17 @@ Rules that keep this correct (``outbox.lock`` is the client's send lock):
   I/O thread unless it is active (:meth:`IOThread.activate_if_needed`), under
   ``outbox.lock``, where the I/O thread also decides to stay active or not.
 
+Batching.  A task submitted while another thread holds the sockets (a burst
+of ``apply_async``) is numbered and registered at once but queued *unsigned*
+(a :class:`QueuedTask`); whoever sends what is queued packs each run of
+consecutive queued tasks bound for the same place into ``apply_batch``
+messages (:func:`pack`; monq.protocol describes them): one signature and one
+trip through the relay for up to ``MAX_BATCH_TASKS`` tasks.  Batching is
+natural: tasks are only batched when they had to wait anyway, so a lone
+task is never delayed, and a sequential ``apply_sync`` still sends single
+``apply_request`` messages.  A batch is numbered with the highest number of
+the tasks it packs, so the channel's order rule above still holds.
+
 Resource handling: :meth:`IOThread.stop` asks the thread to end; the thread
 takes the lock for good and closes every socket; the caller then terminates
 the Context.
@@ -46,7 +57,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -54,7 +66,7 @@ import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
-from monq.protocol import DELIM, Message, Session
+from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, BatchBuilder, Message, Session
 from monq.security import client_socket_setup
 from monq.serialize import recv_frames, send_frames
 
@@ -75,6 +87,81 @@ _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
 Received = tuple[str, Any]
 
 
+@dataclass(slots=True)
+class QueuedTask:
+    """A task queued unsigned: signed (alone or in a batch) by whoever sends it.
+
+    ``header`` was numbered when the task was queued (under ``outbox.lock``).
+    """
+
+    header: dict[str, Any]
+    metadata: dict[str, Any]
+    buffers: list[Any]
+    raw: list[bool]
+    idents: list[bytes]
+
+    def frames(self, session: Session) -> list[Any]:
+        """The task signed as a single ``apply_request`` (with its routing idents)."""
+        _, frames = session.serialize("apply_request", self.header["channel"], {},
+                                      metadata=self.metadata, buffers=self.buffers,
+                                      raw=self.raw, header=self.header)
+        return [*self.idents, *frames]
+
+
+#: what the Outbox holds: a signed message's frames, or a task to sign when sent
+Queued = list[Any] | QueuedTask
+
+
+def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
+         ) -> Iterator[tuple[bytes, list[Any], list[str]]]:
+    """Sign what was queued, in order: ``(channel, frames, msg_ids)`` per message.
+
+    Each run of consecutive queued tasks for the same channel and target is
+    packed into batches of at most ``MAX_BATCH_TASKS`` tasks and about
+    ``MAX_BATCH_BYTES``; on the load-balanced channel also of at most
+    ``ceil(run / engines)`` tasks, so that a small burst of long tasks still
+    spreads over the engines (the task relay deals out messages, not tasks).
+    A batch of one task is a plain ``apply_request``.  ``msg_ids`` are the
+    tasks' ids (for a message that cannot be sent), or the message's own.
+    """
+    i, n = 0, len(items)
+    while i < n:
+        channel, item = items[i]
+        if not isinstance(item, QueuedTask):
+            yield channel, item, [_msg_id(item)]
+            i += 1
+            continue
+        j = i + 1
+        while j < n:
+            c, other = items[j]
+            if c != channel or not isinstance(other, QueuedTask) or \
+                    other.idents != item.idents:
+                break
+            j += 1
+        run = [t for _, t in items[i:j] if isinstance(t, QueuedTask)]
+        i = j
+        cap = -(-len(run) // max(1, engines)) if channel == b"task" else len(run)
+        k = 0
+        while k < len(run):
+            b = BatchBuilder()
+            start = k
+            while k < len(run) and len(b) < cap and not b.full():
+                t = run[k]
+                b.add({"msg_id": t.header["msg_id"], "date": t.header["date"],
+                       "metadata": t.metadata}, t.buffers, t.raw)
+                k += 1
+            group = run[start:k]
+            if len(group) == 1:
+                yield channel, group[0].frames(session), [group[0].header["msg_id"]]
+                continue
+            last = group[-1].header
+            hdr = {**last, "msg_id": session.new_msg_id(), "msg_type": BATCH_REQUEST}
+            _, frames = session.serialize(BATCH_REQUEST, last["channel"],
+                                          {"tasks": b.entries}, buffers=b.buffers,
+                                          raw=b.raw, header=hdr)
+            yield channel, [*item.idents, *frames], [t.header["msg_id"] for t in group]
+
+
 class Outbox:
     """Messages waiting for whoever holds the sockets, in send order, one bell per batch.
 
@@ -85,11 +172,11 @@ class Outbox:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._items: collections.deque[tuple[bytes, list[Any]]] = collections.deque()
+        self._items: collections.deque[tuple[bytes, Queued]] = collections.deque()
         self._rung = False
 
-    def put(self, channel: bytes, frames: list[Any], bell: zmq.Socket) -> None:
-        """Queue one message; the caller holds ``lock``."""
+    def put(self, channel: bytes, frames: Queued, bell: zmq.Socket) -> None:
+        """Queue one message (or task); the caller holds ``lock``."""
         self._items.append((channel, frames))
         if not self._rung:
             self._rung = True
@@ -101,7 +188,10 @@ class Outbox:
             self._rung = True
             bell.send(b"")
 
-    def take_locked(self) -> list[tuple[bytes, list[Any]]]:
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take_locked(self) -> list[tuple[bytes, Queued]]:
         """Everything queued; the caller holds ``lock``."""
         self._rung = False
         if not self._items:
@@ -110,7 +200,7 @@ class Outbox:
         self._items.clear()
         return items
 
-    def take(self) -> list[tuple[bytes, list[Any]]]:
+    def take(self) -> list[tuple[bytes, Queued]]:
         if not self._items:
             return []  # the lock is contended in a burst: do not take it for nothing
         with self.lock:
@@ -134,7 +224,8 @@ class IOThread(threading.Thread):
                  on_auth_error: Callable[[str], None], outbox: Outbox,
                  on_hub_lost: Callable[[float], None],
                  on_unsent: Callable[[str], None] = lambda msg_id: None,
-                 awaiting: Callable[[], bool] = lambda: True) -> None:
+                 awaiting: Callable[[], bool] = lambda: True,
+                 engines: Callable[[], int] = lambda: 1) -> None:
         super().__init__(name="monq-client-io", daemon=True)
         self.ctx = ctx
         self.info = info
@@ -149,6 +240,11 @@ class IOThread(threading.Thread):
         #: called with the msg_id of a message that could not be sent
         self.on_unsent = on_unsent
         self.awaiting = awaiting
+        #: how many engines take load-balanced tasks (caps a batch's size, see pack)
+        self.engines = engines
+        #: messages sent, by type: "apply_request", "apply_batch" (+ "tasks in batches"),
+        #: other (tests count them)
+        self.sent: collections.Counter[str] = collections.Counter()
         #: the right to use the shared sockets (and the bell's receiving end)
         self.lock = threading.Lock()
         #: whether this thread takes the sockets on its next turn without being woken;
@@ -362,10 +458,24 @@ class IOThread(threading.Thread):
     def flush(self, got: list[Received], locked: bool = False) -> None:
         """Send everything queued (the caller holds ``lock``; ``locked``: and
         ``outbox.lock``)."""
-        for channel, frames in (self.outbox.take_locked() if locked else self.outbox.take()):
-            self.send(channel, frames, got)
+        self.send_all(self.outbox.take_locked() if locked else self.outbox.take(), got)
 
-    def send(self, channel: bytes, frames: list[Any], got: list[Received]) -> None:
+    def send_all(self, items: list[tuple[bytes, Queued]], got: list[Received]) -> None:
+        """Sign and send what was queued, queued tasks packed in batches (see :func:`pack`)."""
+        if not items:
+            return
+        for channel, frames, ids in pack(items, self.session, self.engines()):
+            self.send(channel, frames, got, ids)
+
+    def send_item(self, channel: bytes, item: Queued, got: list[Received]) -> None:
+        """Send one message, or one task alone, now (the caller holds ``lock``)."""
+        if isinstance(item, QueuedTask):
+            self.send(channel, item.frames(self.session), got, [item.header["msg_id"]])
+        else:
+            self.send(channel, item, got)
+
+    def send(self, channel: bytes, frames: list[Any], got: list[Received],
+             msg_ids: list[str] | None = None) -> None:
         """Send one message now (the caller holds ``lock``)."""
         try:
             # never blocks on a live connection (unlimited HWM); only a connection the
@@ -374,7 +484,14 @@ class IOThread(threading.Thread):
         except zmq.Again:
             log.warning("could not send a message to %s: no connection (refused?)",
                         CHANNELS[channel])
-            got.append(("unsent", _msg_id(frames)))
+            got.extend(("unsent", m) for m in (msg_ids or [_msg_id(frames)]))
+            return
+        if channel != b"hub":
+            if msg_ids is not None and len(msg_ids) > 1:
+                self.sent[BATCH_REQUEST] += 1
+                self.sent["tasks in batches"] += len(msg_ids)
+            else:
+                self.sent["apply_request"] += 1
 
     def _read(self, sock: zmq.Socket, name: str, got: list[Received]) -> None:
         for i in range(BATCH):
@@ -395,7 +512,17 @@ class IOThread(threading.Thread):
                     if parent is not None:
                         got.append(("auth_error", parent))
                 continue
-            got.append(("hub" if name == "hub" else "reply", msg))
+            if name == "hub":
+                got.append(("hub", msg))
+            elif msg.msg_type == BATCH_REPLY:
+                try:
+                    with self._feed_lock:
+                        tasks = self.session.split_batch(msg)
+                except ProtocolError:
+                    continue
+                got.extend(("reply", m) for m in tasks)
+            else:
+                got.append(("reply", msg))
 
     def release(self, keep_active: bool = False) -> list[Received]:
         """Give the sockets up, after sending what is queued; returns what to dispatch.
@@ -417,8 +544,7 @@ class IOThread(threading.Thread):
                         return got
                 # sent outside outbox.lock: a sender waiting on it (holding the GIL
                 # meanwhile) would make every frame sent here a thread switch
-                for channel, frames in items:
-                    self.send(channel, frames, got)
+                self.send_all(items, got)
         except BaseException:
             if self.lock.locked():
                 self.lock.release()

@@ -16,6 +16,16 @@ while user code runs.  A task never crosses threads: the main thread reads,
 runs and answers it.  An idle engine's threads all sleep until a message (or
 a signal) comes.
 
+Batches (see monq.protocol).  An ``apply_batch`` becomes one backlog item
+per task, each reported in receipts and run as a single task is.  The
+replies of a batch's tasks are held and sent together as one
+``apply_batch_reply``, but never held long: they are sent when the next
+task to run is not of the same batch (or there is none), when
+``MAX_BATCH_TASKS`` or ``MAX_BATCH_BYTES`` are held, and, by the link thread
+while a task runs, once the oldest is ``reply_hold`` old, so a long task
+never delays the replies of the short ones before it.  A single request's
+reply is never held.
+
 A task with a ``timeout`` is interrupted by SIGALRM (a ``TaskTimeout`` raised
 in it, answered ``timeout``); one that cannot be interrupted (C code holding
 on) is ended by the Hub, which kills the engine for its supervisor to
@@ -55,7 +65,15 @@ import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import MonqError, ProtocolError, SerializationError
-from monq.protocol import Message, Session
+from monq.protocol import (
+    BATCH_REPLY,
+    BATCH_REQUEST,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_TASKS,
+    BatchBuilder,
+    Message,
+    Session,
+)
 from monq.security import client_socket_setup
 from monq.serialize import recv_frames, send_frames, serialize, unpack_apply
 from monq.shm import EngineShm
@@ -86,6 +104,8 @@ class EngineConfig:
     #: a task still running after this long is reported to the Hub as running
     started_notice_delay: float = 0.005
     output_cap: int = _OUTPUT_CAP
+    #: the longest a finished task's reply waits to be sent with its batch's next ones
+    reply_hold: float = 0.003
 
 
 class _Capture(io.StringIO):
@@ -124,6 +144,19 @@ class _Item:
     channel: str
     msg: Message
     received: float
+    #: the batch message it came in (its msg_id), None for a single request
+    batch: str | None = None
+
+
+@dataclass
+class _Held:
+    """A finished task's reply, waiting to go with the replies of its batch."""
+
+    item: _Item
+    content: dict[str, Any]
+    metadata: dict[str, Any]
+    buffers: list[Any]
+    raw: list[bool]
 
 
 class _Link(threading.Thread):
@@ -210,9 +243,11 @@ class _Link(threading.Thread):
                     told = cur[0]
                     self._send("task_started", {"msg_id": cur[0], "engine": eng.id,
                                                 "engine_uuid": eng.uuid, "started": cur[1]})
-                if cur is not None and eng.lock.acquire(blocking=False):
+                if (cur is not None or eng.held) and eng.lock.acquire(blocking=False):
                     try:
                         eng.read_available()
+                        if eng.held and time.monotonic() - eng.held_since >= eng.config.reply_hold:
+                            eng.send_held()
                     finally:
                         eng.lock.release()
                 if eng.receipts and cur is not None and cur[0] not in (told, reported):
@@ -221,7 +256,7 @@ class _Link(threading.Thread):
                     eng.receipts.appendleft(cur[0])
                     reported = cur[0]
                 self._report_receipts()
-                if cur is not None or eng.backlog:
+                if cur is not None or eng.backlog or eng.held:
                     idle = 0
                     continue
                 idle += 1
@@ -290,6 +325,11 @@ class Engine:
         self.backlog: collections.deque[_Item] = collections.deque()
         #: msg_ids read but not answered at once, for the link thread to report
         self.receipts: collections.deque[str] = collections.deque()
+        #: replies of a batch's finished tasks not sent yet (under ``lock``), and the
+        #: monotonic time the oldest was held
+        self.held: list[_Held] = []
+        self.held_since = 0.0
+        self._held_bytes = 0
         self._heart: threading.Thread | None = None
         self._link: _Link | None = None
         #: readable when a signal arrived (main() passes signal.set_wakeup_fd's pipe): the
@@ -448,11 +488,24 @@ class Engine:
         if msg.msg_type == "probe":
             self.receipts.append(msg.msg_id)
             return
-        if msg.msg_type != "apply_request":
-            log.warning("ignored %s on %s", msg.msg_type, channel)
-            return
-        self.backlog.append(_Item(sock, channel, msg, time.time()))
-        self.receipts.append(msg.msg_id)
+        for item in self._items(sock, channel, msg):
+            self.backlog.append(item)
+            self.receipts.append(item.msg.msg_id)
+
+    def _items(self, sock: zmq.Socket, channel: str, msg: Message) -> list[_Item]:
+        """The tasks a verified message carries: one, or a batch's (none if unusable)."""
+        now = time.time()
+        if msg.msg_type == "apply_request":
+            return [_Item(sock, channel, msg, now)]
+        if msg.msg_type == BATCH_REQUEST:
+            try:
+                tasks = self.session.split_batch(msg)
+            except ProtocolError as e:
+                log.warning("dropped a batch on %s: %s", channel, e)
+                return []
+            return [_Item(sock, channel, m, now, msg.msg_id) for m in tasks]
+        log.warning("ignored %s on %s", msg.msg_type, channel)
+        return []
 
     def _next(self, poller: zmq.Poller) -> _Item | None:
         """The next task to run: the backlog's oldest, else one read from the channels."""
@@ -479,13 +532,15 @@ class Engine:
                         continue
                     if msg.msg_type == "probe":
                         self.receipts.append(msg.msg_id)
-                    elif msg.msg_type != "apply_request":
-                        log.warning("ignored %s on %s", msg.msg_type, self.channels[sock])
-                    elif not self.backlog:
-                        self.backlog.append(_Item(sock, self.channels[sock], msg, time.time()))
-                    else:
-                        self.backlog.append(_Item(sock, self.channels[sock], msg, time.time()))
-                        self.receipts.append(msg.msg_id)
+                        continue
+                    items = self._items(sock, self.channels[sock], msg)
+                    for item in items:
+                        # a batch's first task has a receipt too: the receipts of the
+                        # others could reach the Hub before it is running (or answered),
+                        # and the Hub would take it for one no engine read (a lost task)
+                        if self.backlog or len(items) > 1:
+                            self.receipts.append(item.msg.msg_id)
+                        self.backlog.append(item)
             return self.backlog.popleft() if self.backlog else None
 
     def run(self) -> None:
@@ -500,6 +555,8 @@ class Engine:
                 self.handle_apply(item)
             except Exception:
                 log.exception("failed to answer %s", item.msg.msg_id)
+        with self.lock:
+            self.send_held()
 
     def abort_waiting(self, why: str) -> int:
         """Answer every task read but not started (and those still waiting on the
@@ -510,6 +567,10 @@ class Engine:
         """
         n = 0
         with self.lock:
+            try:
+                self.send_held()
+            except zmq.ZMQError as e:
+                log.warning("could not send finished tasks' replies: %s", e)
             try:
                 self.read_available()
             except zmq.ZMQError:
@@ -595,10 +656,55 @@ class Engine:
         f = args = kwargs = result = None  # type: ignore[assignment]
         self.shm.finish(metadata)
         with self.lock:
-            _, frames = self.session.serialize("apply_reply", item.channel, content,
-                                               parent=msg.header, metadata=metadata,
-                                               buffers=buffers, raw=raw)
-            send_frames(item.sock, [*msg.idents, *frames])
+            if item.batch is None:
+                self._send_reply(item, content, metadata, buffers, raw)
+                return
+            if not self.held:
+                self.held_since = time.monotonic()
+            self.held.append(_Held(item, content, metadata, buffers, raw))
+            self._held_bytes += sum(memoryview(b).nbytes for b in buffers)
+            nxt = self.backlog[0] if self.backlog else None
+            if nxt is None or nxt.batch != item.batch or len(self.held) >= MAX_BATCH_TASKS \
+                    or self._held_bytes >= MAX_BATCH_BYTES:
+                self.send_held()
+
+    def _send_reply(self, item: _Item, content: dict[str, Any], metadata: dict[str, Any],
+                    buffers: list[Any], raw: list[bool]) -> None:
+        """Answer one task alone (the caller holds ``self.lock``)."""
+        _, frames = self.session.serialize("apply_reply", item.channel, content,
+                                           parent=item.msg.header, metadata=metadata,
+                                           buffers=buffers, raw=raw)
+        send_frames(item.sock, [*item.msg.idents, *frames])
+
+    def send_held(self) -> None:
+        """Send the held replies: one ``apply_batch_reply`` per run of replies going to the
+        same client on the same channel, a lone one as an ``apply_reply`` (the caller
+        holds ``self.lock``)."""
+        held, self.held, self._held_bytes = self.held, [], 0
+        i = 0
+        while i < len(held):
+            first = held[i].item
+            b = BatchBuilder()
+            j = i
+            while j < len(held) and not b.full():
+                h = held[j]
+                it = h.item
+                if it.sock is not first.sock or it.msg.idents != first.msg.idents:
+                    break
+                hdr = it.msg.header
+                b.add({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
+                                  "date": hdr.get("date"), "msg_type": "apply_request"},
+                       "metadata": h.metadata, "content": h.content}, h.buffers, h.raw)
+                j += 1
+            if j - i == 1:
+                h = held[i]
+                self._send_reply(h.item, h.content, h.metadata, h.buffers, h.raw)
+            else:
+                _, frames = self.session.serialize(BATCH_REPLY, first.channel,
+                                                   {"tasks": b.entries}, buffers=b.buffers,
+                                                   raw=b.raw)
+                send_frames(first.sock, [*first.msg.idents, *frames])
+            i = j
 
 
 class _WakingPoller(zmq.Poller):

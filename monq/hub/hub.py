@@ -48,7 +48,7 @@ from monq.hub.heart import HeartMonitor
 from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.hub.tracker import LoadTracker
-from monq.protocol import DELIM, Message, Session
+from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, Message, Session
 from monq.schedulers.relay import bind_port
 from monq.security import SMALL_MSG
 
@@ -140,8 +140,11 @@ class Hub:
         self.ports: dict[str, int] = {}
         self.rejected: Counter[str] = Counter()
         #: verified messages handled, by source and type ("out.task apply_reply", "hub
-        #: tasks_received", ...): what each task costs the Hub (monq status --json)
+        #: tasks_received", ...): what each task costs the Hub (monq status --json); a
+        #: batch counts as one message, and "<source> apply_batch tasks" counts its tasks
         self.received: Counter[str] = Counter()
+        #: monitor copies handled, a batch counting as its tasks (paces _drain_monitor)
+        self.monitor_tasks = 0
         self._stop = False
         self._sockets: list[zmq.Socket] = []
         self._inflight: dict[str, _InFlight] = {}
@@ -420,15 +423,16 @@ class Hub:
             self.probe.send_multipart(frames)
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list[Any]], None],
-               limit: int = 1000, budget: float | None = None) -> bool:
+               limit: int = 1000, budget: float | None = None) -> int:
         """Handle up to ``limit`` waiting messages, for at most about ``budget``
-        seconds if given; True if none is left waiting."""
+        seconds if given; returns how many were handled, or ``limit`` if the
+        budget ran out first: fewer than ``limit`` means none is left waiting."""
         end = None if budget is None else time.monotonic() + budget
         for i in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return True
+                return i
             try:
                 handle(frames)
             except Exception:
@@ -437,14 +441,38 @@ class Hub:
                 self.rejected["handler error"] += 1
             if end is not None and not i & 63 and time.monotonic() > end:
                 break
-        return False
+        return limit
+
+    #: tasks' worth of monitor copies handled per turn of the loop, and per step
+    MONITOR_TURN = 5000
+    MONITOR_STEP = 16
 
     def _drain_monitor(self) -> None:
-        if self._drain(self.monitor, self._on_monitor, limit=5000, budget=TURN) and \
-                self._parked:
-            self._apply_parked()
-        if len(self._dirty) >= self.config.flush_rows:
-            self._safe_flush(hold=True)
+        """Handle waiting monitor copies, about MONITOR_TURN tasks' worth per turn
+        and for at most about :data:`TURN` seconds.
+
+        A batch copy carries up to MAX_BATCH_TASKS tasks, so copies are taken a
+        few at a time and rows are written as soon as ``flush_rows`` are
+        dirty: a backlog of batches never piles up 100,000s of unwritten rows
+        (memory), nor keeps the loop from beating and answering for long.  Once
+        the backlog is gone, the receipts parked meanwhile are applied.
+        """
+        budget = self.MONITOR_TURN
+        rows = self.config.flush_rows
+        end = time.monotonic() + TURN
+        while budget > 0:
+            seen = self.monitor_tasks
+            step = min(budget, self.MONITOR_STEP)
+            n = self._drain(self.monitor, self._on_monitor, limit=step)
+            if len(self._dirty) >= rows:
+                self._safe_flush(hold=True)
+            if n < step:
+                if self._parked:
+                    self._apply_parked()
+                return
+            budget -= max(n, self.monitor_tasks - seen)
+            if time.monotonic() > end:
+                return
 
     def _safe_flush(self, hold: bool = False) -> None:
         try:
@@ -522,12 +550,31 @@ class Hub:
             if len(self._received_keys) < 1024:
                 self._received_keys[(source, msg_type)] = key
         self.received[key] += 1
+        self.monitor_tasks += 1
         if direction == "in" and msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
             self._on_request(msg, channel, target)
         elif direction == "out" and msg_type == "apply_reply":
             self._on_reply(msg, channel)
+        elif (direction == "in" and msg_type == BATCH_REQUEST) or \
+                (direction == "out" and msg_type == BATCH_REPLY):
+            # verified once, recorded as its tasks: each exactly as if it came alone
+            try:
+                tasks = self.session.split_batch(msg)
+            except ProtocolError as e:
+                self.rejected[e.reason] += 1
+                return
+            self.received[f"{key} tasks"] += len(tasks)
+            self.monitor_tasks += len(tasks) - 1
+            if direction == "in":
+                target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
+                    msg.idents else None
+                for m in tasks:
+                    self._on_request(m, channel, target)
+            else:
+                for m in tasks:
+                    self._on_reply(m, channel)
         elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
@@ -673,7 +720,8 @@ class Hub:
             self._parked.append(msg)
             return
         self._parked.append(msg)
-        if self._drain(self.monitor, self._on_monitor, limit=RECEIPT_DRAIN, budget=TURN):
+        if self._drain(self.monitor, self._on_monitor, limit=RECEIPT_DRAIN,
+                       budget=TURN) < RECEIPT_DRAIN:
             self._apply_parked()
 
     def _catch_up(self) -> None:
