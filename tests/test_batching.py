@@ -27,7 +27,7 @@ import monq
 from monq.client.io import QueuedTask, pack
 from monq.cluster import Cluster, ClusterConfig
 from monq.connection import load_connection_file
-from monq.errors import ProtocolError
+from monq.errors import ProtocolError, SerializationError
 from monq.protocol import (
     BATCH_REPLY,
     BATCH_REQUEST,
@@ -564,3 +564,28 @@ def test_after_a_restart_a_task_whose_answer_was_dropped_is_fetched_later(
     monkeypatch.setattr(client, "RECONCILE_EVERY", 0.01)
     client._reconcile()
     assert fut.result(5) == 7 and len(asked) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_that_cannot_be_signed_fails_its_tasks_and_the_client_goes_on(
+        client: monq.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    v = client.load_balanced_view()
+    real = client.session.serialize
+
+    def broken(msg_type: str, *a: Any, **kw: Any) -> Any:
+        if msg_type == BATCH_REQUEST:
+            raise ValueError("no signature today")
+        return real(msg_type, *a, **kw)
+
+    monkeypatch.setattr(client.session, "serialize", broken)
+    with held(client):
+        ars = [v.apply_async(noop) for _ in range(6)]
+    for ar in ars:
+        with pytest.raises(SerializationError, match="no signature today"):
+            ar.get(timeout=20)
+    monkeypatch.setattr(client.session, "serialize", real)
+    # nothing was lost on the way: the same client keeps submitting, alone and in batches
+    assert v.apply_sync(abs, -3) == 3
+    with held(client):
+        ars = [v.apply_async(abs, -i) for i in range(6)]
+    assert [ar.get(timeout=20) for ar in ars] == list(range(6))

@@ -522,10 +522,18 @@ class Client:
             if not self._closed:
                 self._outbox.ring(self._pipe)
 
-    def _on_unsent(self, msg_id: str) -> None:
-        """A message the I/O thread could not send: fail whoever waits for its answer."""
+    def _on_unsent(self, msg_id: str, why: str | None = None) -> None:
+        """A message that could not be sent: fail whoever waits for its answer.
+
+        ``why``: it could not be signed (else the connection was refused or dropped).
+        """
         fut = self._tasks.pop(msg_id, None) or self._queries.pop(msg_id, None)
-        if fut is not None and not fut.done():
+        if fut is None or fut.done():
+            return
+        if why is not None:
+            fut.set_exception(errors.SerializationError(
+                f"message {msg_id} could not be signed and was not sent: {why}"))
+        else:
             fut.set_exception(errors.NoClusterError(
                 f"message {msg_id} could not be sent: the controller refused or dropped "
                 "this client's connection"))

@@ -83,7 +83,8 @@ BATCH = 1000
 _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
 
 #: what a turn on the sockets received, to dispatch once the lock is released:
-#: ("reply" | "hub", Message) or ("auth_error", parent msg_id) or ("unsent", msg_id)
+#: ("reply" | "hub", Message) or ("auth_error", parent msg_id) or ("unsent", msg_id) or
+#: ("unsent", (msg_id, why)): a task that could not be signed
 Received = tuple[str, Any]
 
 
@@ -223,7 +224,7 @@ class IOThread(threading.Thread):
                  on_hub: Callable[[Message], None], on_notify: Callable[[Message], None],
                  on_auth_error: Callable[[str], None], outbox: Outbox,
                  on_hub_lost: Callable[[float], None],
-                 on_unsent: Callable[[str], None] = lambda msg_id: None,
+                 on_unsent: Callable[..., None] = lambda msg_id, why=None: None,
                  awaiting: Callable[[], bool] = lambda: True,
                  engines: Callable[[], int] = lambda: 1) -> None:
         super().__init__(name="monq-client-io", daemon=True)
@@ -464,8 +465,21 @@ class IOThread(threading.Thread):
         """Sign and send what was queued, queued tasks packed in batches (see :func:`pack`)."""
         if not items:
             return
-        for channel, frames, ids in pack(items, self.session, self.engines()):
-            self.send(channel, frames, got, ids)
+        done: set[str] = set()
+        try:
+            for channel, frames, ids in pack(items, self.session, self.engines()):
+                self.send(channel, frames, got, ids)
+                done.update(ids)
+        except Exception as e:
+            # signing failed (cannot happen with the metadata monq builds, but this may be
+            # the I/O thread, whose end would leave every caller waiting): what was not
+            # sent fails with the reason, and the thread goes on
+            log.exception("could not sign queued messages")
+            why = f"{type(e).__name__}: {e}"
+            for _, item in items:
+                m = item.header["msg_id"] if isinstance(item, QueuedTask) else _msg_id(item)
+                if m not in done:
+                    got.append(("unsent", (m, why)))
 
     def send_item(self, channel: bytes, item: Queued, got: list[Received]) -> None:
         """Send one message, or one task alone, now (the caller holds ``lock``)."""
@@ -568,7 +582,10 @@ class IOThread(threading.Thread):
                 elif kind == "auth_error":
                     self.on_auth_error(x)
                 elif kind == "unsent":
-                    self.on_unsent(x)
+                    if isinstance(x, tuple):
+                        self.on_unsent(*x)
+                    else:
+                        self.on_unsent(x)
             except Exception:
                 log.exception("error handling a %s", kind)
 
