@@ -9,6 +9,7 @@ receipt until the backlog is gone, or until a decision needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,28 @@ def test_a_query_or_an_engines_end_applies_parked_receipts_first(
     for m in ids[:5] + more[:3]:
         assert hub._inflight[m].status == "lost", m
     assert hub._inflight[more[3]].status == "pending"
+
+
+@pytest.mark.timeout(60)
+def test_a_query_after_a_burst_writes_rows_as_it_catches_up(
+        setup: tuple[Hub, zmq.Socket, Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query drains the whole backlog before answering, but never piles it up unwritten."""
+    hub, pub, client = setup
+    monkeypatch.setattr(hub, "config", dataclasses.replace(hub.config, flush_rows=200))
+    ids = _requests(pub, client, 3000)
+    most = 0
+    on_monitor = hub._on_monitor
+
+    def watched(frames: list[Any]) -> None:
+        nonlocal most
+        on_monitor(frames)
+        most = max(most, len(hub._dirty))
+
+    monkeypatch.setattr(hub, "_on_monitor", watched)
+    _, frames = client.serialize("queue_request", "hub", {})
+    hub._on_router([b"client-ident", *frames])
+    assert hub.received["in.task apply_request"] == 3000
+    assert hub.store.count() == 3000 and not hub._dirty
+    # at most the rows of one flush, and the pending rows a flush holds back once
+    assert most <= 2 * 200 + hub.MONITOR_STEP, most
+    assert all(m in hub._inflight for m in ids)
