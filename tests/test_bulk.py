@@ -36,20 +36,10 @@ MB = 1 << 20
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def bulk_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("bulk-cluster-home")
-    c = Cluster(ClusterConfig(n=2, home=home, log_level="WARNING"))
-    try:
-        c.start(timeout=START_TIMEOUT)
-        yield c
-    finally:
-        c.stop()
-
-
 @pytest.fixture
-def bc(bulk_cluster: Cluster) -> Iterator[monq.Client]:
-    c = monq.Client(connection_file=bulk_cluster.connection_file, timeout=10.0)
+def bc(cluster: Cluster) -> Iterator[monq.Client]:
+    """A client of the session cluster that uses no shared memory, as if across hosts."""
+    c = monq.Client(connection_file=cluster.connection_file, timeout=10.0)
     try:
         c.wait_for_engines(2, timeout=30)
         c.shm.config.enabled = False  # as if the engines were on another host
@@ -152,12 +142,12 @@ def test_bulk_off_falls_back_to_frames(bc: monq.Client) -> None:
     assert cfg.enabled and cfg.threshold == 4_000_000
 
 
-def test_shared_memory_still_wins_on_one_host(bulk_cluster: Cluster) -> None:
+def test_shared_memory_still_wins_on_one_host(cluster: Cluster) -> None:
     from monq import shm
 
     if not shm.supported():
         pytest.skip("no writable /dev/shm")
-    with monq.Client(connection_file=bulk_cluster.connection_file, timeout=10.0) as c:
+    with monq.Client(connection_file=cluster.connection_file, timeout=10.0) as c:
         c.wait_for_engines(2, timeout=30)
         a = np.arange(MB, dtype=np.float64)
         before = payload_bytes(c)

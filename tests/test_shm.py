@@ -456,7 +456,9 @@ def test_engine_killed_mid_task_leaves_no_segment(sc: monq.Client, tmp_path: Pat
     args_seg = sc.shm.segments()
     assert len(args_seg) == 1
     result_seg = shm.seg_name(shm.cluster_id(key), os.getpid(), f"r{ar.msg_id}")
-    name_file.write_text(result_seg)
+    # written whole at once: the task polls for the file and must never read it half-written
+    (tmp_path / "name.tmp").write_text(result_seg)
+    os.replace(tmp_path / "name.tmp", name_file)
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60,
                          "the task to start"))
     assert os.path.exists(os.path.join(shm.DIR, result_seg))
