@@ -751,6 +751,11 @@ def served_in_process() -> int:
     return sum(s.served() for s in list(_servers))
 
 
+def listening_in_process() -> set[tuple[str, int]]:
+    """The addresses this process's bulk servers listen on (none until one serves)."""
+    return {(s.host, s.port) for s in list(_servers) if s._sock is not None}
+
+
 def payload_bytes(metadata: dict[str, Any]) -> int:
     """Bytes a message's peers serve (from its signed metadata; 0 if none): the Hub
     records a handle as the size of its buffer."""

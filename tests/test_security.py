@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 import zmq
 from conftest import START_TIMEOUT, kill_cluster, monq_env, run_monq, wait_until
@@ -72,9 +73,27 @@ def test_controller_listens_on_loopback_only_and_engines_bind_nothing(
     assert set(info.ports) == set(PORT_NAMES)
     listening = _listening(info.controller_pid)
     assert listening == {("127.0.0.1", port) for port in info.ports.values()}
-    for name, pid in c.pids.items():
-        if name.startswith("engine"):
-            assert _listening(pid) == set(), f"{name} listens on something"
+    # an engine listens on nothing but, once it has served a large result peer to peer
+    # (monq.bulk: requests authenticated with the cluster key), its bulk server, on the
+    # controller's interface
+    with monq.Client(connection_file=c.connection_file, timeout=10.0) as client:
+        client.wait_for_engines(2, timeout=30)
+        bulk = {e: set(map(tuple, client[e].apply_sync(_bulk_listening)))
+                for e in client.ids}
+        pids = {e: client[e].apply_sync(os.getpid) for e in client.ids}
+    for e, pid in pids.items():
+        assert _listening(pid) == bulk[e], f"engine {e} listens on something else"
+        assert all(host == "127.0.0.1" for host, _ in bulk[e])
+
+
+# engines cannot import this module: its functions travel by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _bulk_listening() -> list[tuple[str, int]]:
+    from monq import bulk
+
+    return sorted(bulk.listening_in_process())
 
 
 def test_connection_file_and_database_are_private(cluster: Cluster,
