@@ -192,6 +192,23 @@ def test_a_client_with_the_connection_file_works(curve_cluster: Cluster) -> None
         assert c.history(limit=5)
 
 
+def test_with_curve_large_buffers_stay_on_the_encrypted_channels(
+        curve_cluster: Cluster) -> None:
+    """Peer-to-peer transfers (monq.bulk) are authenticated, not encrypted: off with Curve."""
+    import numpy as np
+
+    with monq.Client(connection_file=curve_cluster.connection_file, timeout=10) as c:
+        c.wait_for_engines(2, timeout=30)
+        assert c.shm.bulk.config.enabled is False
+        c.shm.config.enabled = False  # as if the engines were on another host
+        before = dict(c.cluster_status()["payload_bytes"])
+        a = np.arange(1 << 18, dtype=np.float64)  # 2 MiB, above the bulk threshold
+        assert np.array_equal(c.load_balanced_view().apply_sync(lambda x: x, a), a)
+        after = dict(c.cluster_status()["payload_bytes"])
+        assert after.get("bulk", 0) == before.get("bulk", 0)
+        assert after.get("wire", 0) - before.get("wire", 0) >= 2 * a.nbytes
+
+
 @pytest.mark.parametrize("case", ["no curve keys", "wrong client keys", "wrong server key"])
 def test_a_client_without_the_curve_keys_is_refused(curve_cluster: Cluster, tmp_path: Path,
                                                     case: str) -> None:

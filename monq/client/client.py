@@ -70,6 +70,10 @@ class Client:
         self._hub_session: str | None = None
         #: large buffers through shared memory with engines on this host (monq.shm)
         self.shm = ClientShm(self.info.key, reach=self.info.ip)
+        if self.info.curve:
+            # peer-to-peer transfers are authenticated but not encrypted: with CurveZMQ on,
+            # large buffers stay on the encrypted channels
+            self.shm.bulk.config.enabled = False
         pipe_url = f"inproc://monq-client-{self.session.session_id}"
         self._io = IOThread(self._ctx, self.info, self.session, pipe_url, self._on_reply,
                             self._on_hub, self._on_notify, self._on_auth_error,
