@@ -54,15 +54,35 @@ def _controller(out: str, argv: list[str]) -> int:
     from monq.hub.hub import Hub
 
     log: list[tuple[str, list[bytes]]] = []
-    on_monitor, on_router, close = Hub._on_monitor, Hub._on_router, Hub.close
+    on_monitor, on_router, close, flush = Hub._on_monitor, Hub._on_router, Hub.close, Hub.flush
+    depth = [0]  # inside a router message's handling
+
+    def rec_flush(self: Hub, hold: bool = False) -> None:
+        # the loop's own writes (timed, or every flush_rows), where they happened: a replay
+        # makes them at the same places, so that its tasks are written as in the real run
+        # (in a burst, most as a pending INSERT, then an UPDATE); those made while handling
+        # a router message the replay makes itself
+        if not depth[0] and self._dirty:
+            log.append(("flush", [b"hold" if hold else b""]))
+        flush(self, hold)
 
     def rec_monitor(self: Hub, frames: list[Any]) -> None:
         log.append(("monitor", [f.bytes for f in frames]))
         on_monitor(self, frames)
 
     def rec_router(self: Hub, frames: list[Any]) -> None:
-        log.append(("router", [f.bytes for f in frames]))
-        on_router(self, frames)
+        # written down once handled: a receipt, an engine's end or a query first handles
+        # the monitor copies waiting (written down meanwhile, as they are handled), and
+        # a replay, whose monitor socket is empty, must see them first too (before, an
+        # engine's unregistration replayed before its tasks' last copies recorded
+        # thousands of finished tasks lost, then inserted again)
+        raw = [f.bytes for f in frames]
+        depth[0] += 1
+        try:
+            on_router(self, frames)
+        finally:
+            depth[0] -= 1
+            log.append(("router", raw))
 
     def rec_close(self: Hub) -> None:
         close(self)
@@ -70,6 +90,7 @@ def _controller(out: str, argv: list[str]) -> int:
             pickle.dump({"key": self.session.key, "messages": log}, f)
 
     Hub._on_monitor, Hub._on_router, Hub.close = rec_monitor, rec_router, rec_close  # type: ignore[method-assign]
+    Hub.flush = rec_flush  # type: ignore[method-assign]
     return controller.main(argv)
 
 
@@ -144,10 +165,11 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
     return hub, ctx
 
 
-def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[bool, list[Any]]]:
+def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
     import zmq
 
-    return [(where == "monitor", [zmq.Frame(b) for b in frames]) for where, frames in messages]
+    return [(where, [zmq.Frame(b) for b in frames] if where != "flush" else frames)
+            for where, frames in messages]
 
 
 def _tasks(messages: list[tuple[str, list[bytes]]]) -> int:
@@ -173,7 +195,8 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
         rows = hub.config.flush_rows
         # as Hub._drain_monitor does (its flush holds new pending rows back once, where
         # it can: see Hub.flush)
-        if "hold" in inspect.signature(hub._safe_flush).parameters:
+        can_hold = "hold" in inspect.signature(hub._safe_flush).parameters
+        if can_hold:
             def flush() -> None:
                 hub._safe_flush(hold=True)
         else:
@@ -187,13 +210,18 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
         t0 = time.process_time()
         if prof is not None:
             prof.enable()
-        for is_monitor, frames in msgs:
-            if is_monitor:
+        # a recording with the loop's writes makes them where the real Hub did (older ones:
+        # every flush_rows only)
+        timed = any(where == "flush" for where, _ in msgs)
+        for where, frames in msgs:
+            if where == "monitor":
                 on_monitor(frames)
-                if len(hub._dirty) >= rows:
+                if not timed and len(hub._dirty) >= rows:
                     flush()
-            else:
+            elif where == "router":
                 on_router(frames)
+            else:
+                hub._safe_flush(**({"hold": True} if frames[0] and can_hold else {}))
         hub._safe_flush()
         if prof is not None:
             prof.disable()
@@ -221,7 +249,7 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
         # frames are made as they come in, so that what they cache (Frame.bytes) is only
         # counted if the Hub keeps them
         msgs = [(where == "monitor", fr) for where, fr in rec["messages"]
-                if not (where == "monitor" and fr[0].startswith(b"out.")) and
+                if where != "flush" and not (where == "monitor" and fr[0].startswith(b"out.")) and
                 not (where == "router" and any(b"unregistration_request" in f or
                                                b"engine_exited" in f for f in fr))]
         n = _tasks(rec["messages"])

@@ -75,6 +75,10 @@ class HubConfig:
     heartbeat_max_missed: int = 3
     flush_interval: float = 0.02
     flush_rows: int = 2000
+    #: while monitor copies are still waiting (a burst the Hub is behind on), the loop
+    #: writes every ``flush_rows`` rows, or once the oldest unwritten row is this old,
+    #: instead of every ``flush_interval``: see :meth:`Hub._flush_due`
+    flush_backlog_interval: float = 0.5
     payload_cap: int = 1 << 20
     #: undecided load-balanced requests older than this are settled with probes
     probe_after: float = 0.25
@@ -150,6 +154,8 @@ class Hub:
         self._inflight: dict[str, _InFlight] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
         self._dirty_since = 0.0
+        #: the last monitor turn ended with copies still waiting (see _flush_due)
+        self._backlog = False
         #: msg_ids of the new pending rows the last flush held back (see flush)
         self._held: Any = frozenset()
         self._engines: dict[str, _Engine] = {}  # by uuid
@@ -285,7 +291,7 @@ class Hub:
         while not self._stop:
             timeout = 100.0
             if self._dirty:
-                timeout = max(0.0, (self._dirty_since + self.config.flush_interval
+                timeout = max(0.0, (self._dirty_since + self._flush_age()
                                     - time.monotonic()) * 1000)
             timeout = min(timeout, max(0.0, (self.heart.next_beat - time.monotonic()) * 1000))
             try:
@@ -311,8 +317,7 @@ class Hub:
                 self._periodic()
                 self.shm_sweeper.tick(lambda msg_id: shm.hub_task_end(self, msg_id))
             self._settle_orphans()
-            if self._dirty and (len(self._dirty) >= self.config.flush_rows or
-                                time.monotonic() - self._dirty_since >= self.config.flush_interval):
+            if self._dirty and self._flush_due():
                 self._safe_flush(hold=True)
             self._retain()
 
@@ -351,6 +356,37 @@ class Hub:
             for sock, _ in events:
                 handlers[sock]()
         self._catch_up()
+
+    def _dirty_full(self) -> bool:
+        """``flush_rows`` rows are dirty besides those the last write held back.
+
+        (Counting those too, a write that held most of its rows back, as in a
+        burst of requests whose replies have not come, was followed at once by
+        one of the few rows read since: a write's fixed cost for a handful.)
+        """
+        return len(self._dirty) >= self.config.flush_rows + len(self._held)
+
+    def _flush_age(self) -> float:
+        return self.config.flush_backlog_interval if self._backlog else \
+            self.config.flush_interval
+
+    def _flush_due(self) -> bool:
+        """Whether the loop writes the dirty rows now.
+
+        Every ``flush_interval`` (a few ms: the history follows the cluster
+        closely), except while the monitor has a backlog: then every
+        ``flush_rows`` rows, or ``flush_backlog_interval`` seconds at most.
+        A write costs a fixed ~2 ms (statements, the pages every commit
+        rewrites) plus its rows, and a bigger one dirties fewer pages per row
+        (rows share the random pages of the msg_id index): into a
+        300,000-task history, a burst's rows cost ~95 us each in 800-row
+        writes (a turn's worth, as before), ~75 us in 2,000-row ones
+        (bench/PROFILE.md).  What waits meanwhile is the rows of copies
+        already read; the backlog itself, unread, is what a crash loses first.
+        Queries write everything before answering, as always.
+        """
+        return self._dirty_full() or \
+            time.monotonic() - self._dirty_since >= self._flush_age()
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -458,21 +494,22 @@ class Hub:
         the backlog is gone, the receipts parked meanwhile are applied.
         """
         budget = self.MONITOR_TURN
-        rows = self.config.flush_rows
         end = time.monotonic() + TURN
         while budget > 0:
             seen = self.monitor_tasks
             step = min(budget, self.MONITOR_STEP)
             n = self._drain(self.monitor, self._on_monitor, limit=step)
-            if len(self._dirty) >= rows:
+            if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
+                self._backlog = False
                 if self._parked:
                     self._apply_parked()
                 return
             budget -= max(n, self.monitor_tasks - seen)
             if time.monotonic() > end:
-                return
+                break
+        self._backlog = True
 
     def _safe_flush(self, hold: bool = False) -> None:
         try:
@@ -733,13 +770,14 @@ class Hub:
         first, which made the controller's peak memory (211 -> 387 MB in a
         100,000-task burst).
         """
-        rows, step = self.config.flush_rows, self.MONITOR_STEP
+        step = self.MONITOR_STEP
         while True:
             n = self._drain(self.monitor, self._on_monitor, limit=step)
-            if len(self._dirty) >= rows:
+            if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
                 break
+        self._backlog = False
         self._apply_parked()
 
     def _apply_parked(self) -> None:

@@ -1,0 +1,108 @@
+"""How often the Hub writes its rows, and what one write costs in statements.
+
+Counting tests (writes, statements, rows), never timings: the CPU figures are
+in bench/PROFILE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from monq.hub.hub import Hub, HubConfig
+from monq.hub.store import TaskStore
+from monq.protocol import Session
+
+KEY = b"k" * 32
+
+
+class _Backlog:
+    """A monitor socket with copies already waiting (a burst the Hub is behind on)."""
+
+    def __init__(self, copies: list[list[Any]]) -> None:
+        self.copies = copies
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[Any]:
+        if not self.copies:
+            raise zmq.Again()
+        return self.copies.pop(0)
+
+
+def _requests(client: Session, n: int) -> list[list[Any]]:
+    out = []
+    for _ in range(n):
+        _, frames = client.serialize("apply_request", "task", {}, buffers=[b"x" * 100])
+        out.append([zmq.Frame(b"in.task"), zmq.Frame(b"cid"),
+                    *(zmq.Frame(bytes(f)) for f in frames)])
+    return out
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Any:
+    store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    # flush_interval 0: without a backlog, the loop would write after every turn
+    h = Hub(zmq.Context.instance(), Session(KEY), store,
+            HubConfig(flush_interval=0.0, flush_rows=1000))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(60)
+def test_behind_on_the_monitor_the_loop_writes_every_flush_rows_not_every_turn(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While copies wait, the loop's turns (here 160 tasks each) do not each end in a
+    write: rows go to the database flush_rows at a time (a write's fixed cost, and the
+    pages it dirties, shared by more rows)."""
+    copies = _requests(Session(KEY), 4000)
+    hub.monitor = _Backlog(copies)  # type: ignore[assignment]
+    monkeypatch.setattr(hub, "MONITOR_TURN", 160)
+    writes: list[int] = []
+    write = hub.store.write
+
+    def counted(inserts: Any, updates: Any) -> None:
+        writes.append(len(inserts) + len(updates))
+        write(inserts, updates)
+
+    monkeypatch.setattr(hub.store, "write", counted)
+    turns = 0
+    while copies:
+        hub._drain_monitor()  # as the loop does: a turn, then its timed write if due
+        turns += 1
+        assert hub._backlog or not copies  # (a turn that took the last copy cannot tell)
+        if hub._dirty and hub._flush_due():
+            hub._safe_flush(hold=True)
+    hub._drain_monitor()
+    assert not hub._backlog and turns >= 25
+    hub._safe_flush()
+    assert sum(writes) == 4000 == hub.store.count()
+    # every flush_rows (pending rows are held back once, so they come a write later),
+    # instead of one write per turn (25 or more)
+    assert len(writes) <= 4000 // 1000 + 2, writes
+    assert all(n >= 1000 for n in writes[:-1]), writes
+
+
+@pytest.mark.timeout(30)
+def test_a_backlog_write_waits_at_most_flush_backlog_interval(hub: Hub) -> None:
+    hub._touch("a" * 32, status="pending", submitted=time.time(), client="c", queue="task")
+    hub._backlog = True
+    hub._dirty_since = time.monotonic()
+    assert not hub._flush_due()  # 1 row, just dirty, copies waiting
+    hub._dirty_since = time.monotonic() - hub.config.flush_backlog_interval - 0.01
+    assert hub._flush_due()
+    hub._dirty_since = time.monotonic()
+    hub._backlog = False  # caught up: every flush_interval again (0 here)
+    assert hub._flush_due()
+    hub.config = dataclasses.replace(hub.config, flush_interval=60.0)
+    assert not hub._flush_due()
+
+
+def test_the_store_checkpoints_its_wal_every_10000_pages(tmp_path: Path) -> None:
+    with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as store, store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10_000
