@@ -23,6 +23,18 @@ Run:
 ``replay --compare DIR`` also replays with the monq package found in DIR
 (another checkout, e.g. the commit before a change), in alternating runs, so
 before and after are measured in the same conditions.
+
+``burst``: the whole controller, end to end: a real 2-engine cluster runs N
+no-ops with ``apply_async``; reported are the controller's CPU per task (relays
+and Hub, /proc) until the last result reaches the client (as
+``bench/latency.py`` counts it) AND until the Hub has recorded every task
+finished (read from the history's ``task_counts`` by a separate read-only
+SQLite connection, every 20 ms, without asking the Hub anything): a Hub that
+lags does its remaining work after the last result, where the first figure
+does not see it.  Also the rate tasks are recorded at and the controller's
+peak RSS (VmHWM).  ``--compare DIR`` alternates with another checkout.
+
+    python bench/hub_replay.py burst --tasks 10000 --rounds 4 --compare ../main
 """
 
 from __future__ import annotations
@@ -305,7 +317,104 @@ def replay(path: Path, repeat: int, compare: Path | None, rounds: int, profile: 
               f"{min(r['dirty_bytes'] for r in runs):.0f} B)")
 
 
+# -- burst, end to end ----------------------------------------------------------------
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def burst_once(tasks: int, engines: int = 2) -> dict[str, Any]:
+    """One cluster, one burst (see the module docstring); the figures as a dict."""
+    import sqlite3
+
+    from common import make_funcs
+
+    import monq
+    from monq.cluster import Cluster, ClusterConfig
+
+    noop, _, _ = make_funcs()
+    home = Path(tempfile.mkdtemp(prefix="monq-hub-burst-"))
+    db = home / "history.db"
+    cluster = Cluster(ClusterConfig(n=engines, home=home, log_level="WARNING",
+                                    db_url=f"sqlite:///{db}"))
+    out: dict[str, Any] = {"monq": str(Path(monq.__file__).parent.parent), "tasks": tasks}
+    try:
+        cluster.start(timeout=120)
+        with monq.Client(connection_file=cluster.connection_file) as c:
+            c.wait_for_engines(engines, timeout=60)
+            lb = c.load_balanced_view()
+            for _ in range(200):
+                lb.apply_sync(noop)
+            want = 200 + tasks
+            reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            ctl = cluster.pids["controller"]
+            c0, t0 = _cpu(ctl), time.perf_counter()
+            ars = [lb.apply_async(noop) for _ in range(tasks)]
+            for ar in ars:
+                ar.get(600)
+            t_res, c_res = time.perf_counter() - t0, _cpu(ctl) - c0
+            deadline = time.monotonic() + 600
+            while True:
+                got = reader.execute("SELECT coalesce(sum(n), 0) FROM task_counts "
+                                     "WHERE status = 'ok'").fetchone()[0]
+                if got >= want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            t_rec, c_rec = time.perf_counter() - t0, _cpu(ctl) - c0
+            reader.close()
+            out.update(results_per_s=tasks / t_res, recorded_per_s=tasks / t_rec,
+                       ctl_us_to_results=c_res / tasks * 1e6,
+                       ctl_us_to_recorded=c_rec / tasks * 1e6, ctl_peak_mb=_hwm_mb(ctl),
+                       recorded=got - 200)
+    finally:
+        cluster.stop()
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+_BURST_KEYS = ("results_per_s", "recorded_per_s", "ctl_us_to_results", "ctl_us_to_recorded",
+               "ctl_peak_mb")
+
+
+def burst(tasks: int, compare: Path | None, rounds: int) -> None:
+    import statistics
+
+    sides = {"this": HERE.parent} | ({"other": compare} if compare else {})
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for side, root in sides.items():
+            env = dict(os.environ, PYTHONPATH=str(root))
+            out = subprocess.run([sys.executable, __file__, "_burst", str(tasks)], env=env,
+                                 check=True, capture_output=True, text=True, timeout=1800)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side].append(res)
+            print(f"round {r} {side:5}: " + " ".join(f"{k}={res[k]:.0f}" for k in _BURST_KEYS),
+                  flush=True)
+    print(f"\n{'median of rounds':22}" + "".join(f"{s:>10}" for s in sides) +
+          ("  this/other" if compare else ""))
+    for k in _BURST_KEYS:
+        med = {s: statistics.median(x[k] for x in results[s]) for s in sides}
+        ratio = f"  {med['this'] / med['other']:10.2f}" if compare else ""
+        print(f"{k:22}" + "".join(f"{med[s]:10.0f}" for s in sides) + ratio)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_burst":
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(burst_once(int(sys.argv[2]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_controller":
         sys.exit(_controller(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_replay":
@@ -324,9 +433,16 @@ def main() -> None:
                    help="a checkout whose monq to replay too, alternating")
     q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
+    b = sub.add_parser("burst")
+    b.add_argument("--tasks", type=int, default=10_000)
+    b.add_argument("--compare", type=Path, default=None,
+                   help="a checkout whose monq to run too, alternating")
+    b.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if a.cmd == "record":
         record(a.tasks, a.out)
+    elif a.cmd == "burst":
+        burst(a.tasks, a.compare, a.rounds)
     else:
         replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
 

@@ -106,3 +106,26 @@ def test_a_backlog_write_waits_at_most_flush_backlog_interval(hub: Hub) -> None:
 def test_the_store_checkpoints_its_wal_every_10000_pages(tmp_path: Path) -> None:
     with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as store, store.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10_000
+
+
+def test_a_batch_hashes_each_distinct_payload_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's tasks carry the same request and result bytes: each distinct payload
+    is hashed once per write, however many rows carry it, and still stored once."""
+    from monq.hub import payloads
+
+    calls: list[int] = []
+    key_of = payloads.key_of
+    monkeypatch.setattr(payloads, "key_of", lambda data: calls.append(len(data)) or key_of(data))
+    request, result = b"f" * 600, b"r" * 100
+    rows = [{"msg_id": f"{i:032x}", "status": "ok", "submitted": 1.0 + i,
+             "request": bytes(request), "result": bytes(result)} for i in range(300)]
+    rows.append({"msg_id": "x" * 32, "status": "ok", "submitted": 2000.0,
+                 "request": b"g" * 600})
+    with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as store:
+        store.write(rows, [])
+        assert sorted(calls) == [100, 600, 600]  # request, result, the other request
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*), sum(refs) FROM payloads").one() == \
+                (3, 601)
+        assert bytes(store.get_task("0" * 32, with_payload=True)["request"]) == request
