@@ -129,3 +129,18 @@ def test_a_batch_hashes_each_distinct_payload_once(tmp_path: Path,
             assert c.exec_driver_sql("SELECT count(*), sum(refs) FROM payloads").one() == \
                 (3, 601)
         assert bytes(store.get_task("0" * 32, with_payload=True)["request"]) == request
+
+
+def test_packed_frames_read_back_the_same_whatever_they_were() -> None:
+    """Small zmq Frames are packed from their bytes, large ones (and other buffers) from
+    a view: the blob is the same either way."""
+    from monq.hub import blobs
+
+    small, big = zmq.Frame(b"s" * 100), zmq.Frame(bytes(range(256)) * 1000)
+    frames = [small, big, b"xyz", memoryview(b"view"), bytearray(b"ba"), small]
+    raw = [0, 1, 0, 1, 0, 1]
+    blob = blobs.pack(frames, raw)
+    got, flags = blobs.unpack(blob)
+    assert [bytes(g) for g in got] == [bytes(memoryview(f)) for f in frames]
+    assert flags == [bool(r) for r in raw]
+    assert len(blob) == sum(9 + len(bytes(memoryview(f))) for f in frames)

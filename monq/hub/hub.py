@@ -610,8 +610,10 @@ class Hub:
                 for m in tasks:
                     self._on_request(m, channel, target)
             else:
+                # the batch's replies were received together: one timestamp for all
+                received = _epoch(time.time())
                 for m in tasks:
-                    self._on_reply(m, channel)
+                    self._on_reply(m, channel, received)
         elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
@@ -691,7 +693,7 @@ class Hub:
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg_id, f"no engine with uuid {target_uuid}", None)
 
-    def _on_reply(self, msg: Message, channel: str) -> None:
+    def _on_reply(self, msg: Message, channel: str, received: float | None = None) -> None:
         parent, md, content = msg.parent, msg.metadata, msg.content
         msg_id = parent.get("msg_id")
         if not msg_id:
@@ -713,7 +715,7 @@ class Hub:
         fields: dict[str, Any] = {
             "status": status, "engine": engine, "engine_uuid": uuid,
             "started": _epoch(md.get("started")), "completed": _epoch(md.get("completed")),
-            "received": _epoch(time.time()),
+            "received": _epoch(time.time()) if received is None else received,
             "stdout": stdout if stdout == "" or stdout is None else _short(stdout, _OUTPUT_CAP),
             "stderr": stderr if stderr == "" or stderr is None else _short(stderr, _OUTPUT_CAP),
             "result": blob, "result_bytes": size,
