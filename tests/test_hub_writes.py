@@ -144,3 +144,42 @@ def test_packed_frames_read_back_the_same_whatever_they_were() -> None:
     assert [bytes(g) for g in got] == [bytes(memoryview(f)) for f in frames]
     assert flags == [bool(r) for r in raw]
     assert len(blob) == sum(9 + len(bytes(memoryview(f))) for f in frames)
+
+
+def test_times_are_rounded_to_the_microsecond_exactly_as_round_does() -> None:
+    """The Hub's fast rounding gives round(x, 6) bit for bit, near half microseconds too."""
+    import math
+    import random
+
+    from monq.hub.hub import _epoch
+
+    rnd = random.Random(7)
+    values = [1.7e9 + rnd.random() * 1e8 for _ in range(20_000)]
+    values += [1795849868.5 + k * 2.0 ** -22 for k in range(-2000, 2000)]  # ties, near-ties
+    values += [k / 2e6 for k in range(-2000, 2000)] + [rnd.uniform(-1e3, 1e3) for _ in range(5000)]
+    values += [math.ldexp(rnd.random(), rnd.randint(-40, 60)) for _ in range(5000)]
+    assert [_epoch(v) for v in values] == [round(v, 6) for v in values]
+    assert math.isnan(_epoch(float("nan")) or 0.0) and _epoch(float("inf")) == math.inf
+    assert (_epoch(None), _epoch("1.25"), _epoch(3), _epoch("x")) == (None, 1.25, 3.0, None)
+
+
+def test_most_times_skip_the_decimal_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """round(x, 6) (a decimal conversion, ~1 us) only for times near a half microsecond:
+    about one in four of today's timestamps."""
+    import builtins
+    import random
+
+    from monq.hub import hub as hub_module
+
+    slow: list[float] = []
+
+    def counting_round(x: Any, *nd: Any) -> Any:
+        if nd:
+            slow.append(x)
+        return builtins.round(x, *nd)
+
+    monkeypatch.setattr(hub_module, "round", counting_round, raising=False)
+    rnd = random.Random(3)
+    values = [1.79e9 + rnd.random() * 1e7 for _ in range(10_000)]
+    assert [hub_module._epoch(v) for v in values] == [builtins.round(v, 6) for v in values]
+    assert len(slow) <= 3500, len(slow)
