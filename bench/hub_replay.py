@@ -26,7 +26,8 @@ before and after are measured in the same conditions.
 
 ``burst``: the whole controller, end to end: a real 2-engine cluster runs N
 no-ops with ``apply_async``; reported are the controller's CPU per task (relays
-and Hub, /proc) until the last result reaches the client (as
+and Hub, /proc; and the Hub's alone: the controller's main thread) until the
+last result reaches the client (as
 ``bench/latency.py`` counts it) AND until the Hub has recorded every task
 finished (read from the history's ``task_counts`` by a separate read-only
 SQLite connection, every 20 ms, without asking the Hub anything): a Hub that
@@ -326,6 +327,12 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _main_thread_cpu(pid: int) -> float:
+    """utime + stime of a process's main thread (the controller's: the Hub), seconds."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -358,7 +365,7 @@ def burst_once(tasks: int, engines: int = 2) -> dict[str, Any]:
             want = 200 + tasks
             reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
             ctl = cluster.pids["controller"]
-            c0, t0 = _cpu(ctl), time.perf_counter()
+            c0, h0, t0 = _cpu(ctl), _main_thread_cpu(ctl), time.perf_counter()
             ars = [lb.apply_async(noop) for _ in range(tasks)]
             for ar in ars:
                 ar.get(600)
@@ -371,10 +378,12 @@ def burst_once(tasks: int, engines: int = 2) -> dict[str, Any]:
                     break
                 time.sleep(0.02)
             t_rec, c_rec = time.perf_counter() - t0, _cpu(ctl) - c0
+            h_rec = _main_thread_cpu(ctl) - h0
             reader.close()
             out.update(results_per_s=tasks / t_res, recorded_per_s=tasks / t_rec,
                        ctl_us_to_results=c_res / tasks * 1e6,
-                       ctl_us_to_recorded=c_rec / tasks * 1e6, ctl_peak_mb=_hwm_mb(ctl),
+                       ctl_us_to_recorded=c_rec / tasks * 1e6,
+                       hub_us_to_recorded=h_rec / tasks * 1e6, ctl_peak_mb=_hwm_mb(ctl),
                        recorded=got - 200)
     finally:
         cluster.stop()
@@ -385,7 +394,7 @@ def burst_once(tasks: int, engines: int = 2) -> dict[str, Any]:
 
 
 _BURST_KEYS = ("results_per_s", "recorded_per_s", "ctl_us_to_results", "ctl_us_to_recorded",
-               "ctl_peak_mb")
+               "hub_us_to_recorded", "ctl_peak_mb")
 
 
 def burst(tasks: int, compare: Path | None, rounds: int) -> None:
