@@ -9,8 +9,9 @@ cluster; the recording (and the cluster key) goes to a pickle file.
 
 ``replay``: feed the recording into fresh Hubs (each with its own temporary
 SQLite history and fresh sockets that nothing talks to), exactly as
-``Hub._drain_monitor``/``_drain_router`` would, flushing every
-``flush_rows`` rows as the Hub does in a burst; report process CPU per task
+``Hub._drain_monitor``/``_drain_router`` would, writing rows where the
+recorded Hub's loop wrote them (recordings without them: every
+``flush_rows`` rows); report process CPU per task
 (time.process_time, so other load on the machine does not count), best of
 ``--repeat`` runs.  Then feed only the request copies of the tasks (their
 replies not yet come: tasks in flight) and report the bytes the Hub holds
