@@ -71,6 +71,14 @@ def test_behind_on_the_monitor_the_loop_writes_every_flush_rows_not_every_turn(
         write(inserts, updates)
 
     monkeypatch.setattr(hub.store, "write", counted)
+    held: list[int] = []  # rows in memory at each write
+    real_flush = hub._safe_flush
+
+    def flush(hold: bool = False) -> None:
+        held.append(len(hub._dirty))
+        real_flush(hold)
+
+    monkeypatch.setattr(hub, "_safe_flush", flush)
     turns = 0
     while copies:
         hub._drain_monitor()  # as the loop does: a turn, then its timed write if due
@@ -86,6 +94,8 @@ def test_behind_on_the_monitor_the_loop_writes_every_flush_rows_not_every_turn(
     # instead of one write per turn (25 or more)
     assert len(writes) <= 4000 // 1000 + 2, writes
     assert all(n >= 1000 for n in writes[:-1]), writes
+    # and never more rows in memory than a write's, and the pending rows it held back
+    assert max(held) <= 2 * (1000 + hub.MONITOR_STEP), held
 
 
 @pytest.mark.timeout(30)

@@ -379,8 +379,8 @@ class Hub:
         A write costs a fixed ~2 ms (statements, the pages every commit
         rewrites) plus its rows, and a bigger one dirties fewer pages per row
         (rows share the random pages of the msg_id index): into a
-        300,000-task history, a burst's rows cost ~95 us each in 800-row
-        writes (a turn's worth, as before), ~75 us in 2,000-row ones
+        300,000-task history, a burst's rows cost ~94 us each in 800-row
+        writes (a turn's worth, as before), ~77 us in 2,000-row ones
         (bench/PROFILE.md).  What waits meanwhile is the rows of copies
         already read; the backlog itself, unread, is what a crash loses first.
         Queries write everything before answering, as always.
