@@ -9,8 +9,9 @@ cluster; the recording (and the cluster key) goes to a pickle file.
 
 ``replay``: feed the recording into fresh Hubs (each with its own temporary
 SQLite history and fresh sockets that nothing talks to), exactly as
-``Hub._drain_monitor``/``_drain_router`` would, flushing every
-``flush_rows`` rows as the Hub does in a burst; report process CPU per task
+``Hub._drain_monitor``/``_drain_router`` would, writing rows where the
+recorded Hub's loop wrote them (recordings without them: every
+``flush_rows`` rows); report process CPU per task
 (time.process_time, so other load on the machine does not count), best of
 ``--repeat`` runs.  Then feed only the request copies of the tasks (their
 replies not yet come: tasks in flight) and report the bytes the Hub holds
@@ -23,6 +24,19 @@ Run:
 ``replay --compare DIR`` also replays with the monq package found in DIR
 (another checkout, e.g. the commit before a change), in alternating runs, so
 before and after are measured in the same conditions.
+
+``burst``: the whole controller, end to end: a real 2-engine cluster runs N
+no-ops with ``apply_async``; reported are the controller's CPU per task (relays
+and Hub, /proc; and the Hub's alone: the controller's main thread) until the
+last result reaches the client (as
+``bench/latency.py`` counts it) AND until the Hub has recorded every task
+finished (read from the history's ``task_counts`` by a separate read-only
+SQLite connection, every 20 ms, without asking the Hub anything): a Hub that
+lags does its remaining work after the last result, where the first figure
+does not see it.  Also the rate tasks are recorded at and the controller's
+peak RSS (VmHWM).  ``--compare DIR`` alternates with another checkout.
+
+    python bench/hub_replay.py burst --tasks 10000 --rounds 4 --compare ../main
 """
 
 from __future__ import annotations
@@ -54,15 +68,35 @@ def _controller(out: str, argv: list[str]) -> int:
     from monq.hub.hub import Hub
 
     log: list[tuple[str, list[bytes]]] = []
-    on_monitor, on_router, close = Hub._on_monitor, Hub._on_router, Hub.close
+    on_monitor, on_router, close, flush = Hub._on_monitor, Hub._on_router, Hub.close, Hub.flush
+    depth = [0]  # inside a router message's handling
+
+    def rec_flush(self: Hub, hold: bool = False) -> None:
+        # the loop's own writes (timed, or every flush_rows), where they happened: a replay
+        # makes them at the same places, so that its tasks are written as in the real run
+        # (in a burst, most as a pending INSERT, then an UPDATE); those made while handling
+        # a router message the replay makes itself
+        if not depth[0] and self._dirty:
+            log.append(("flush", [b"hold" if hold else b""]))
+        flush(self, hold)
 
     def rec_monitor(self: Hub, frames: list[Any]) -> None:
         log.append(("monitor", [f.bytes for f in frames]))
         on_monitor(self, frames)
 
     def rec_router(self: Hub, frames: list[Any]) -> None:
-        log.append(("router", [f.bytes for f in frames]))
-        on_router(self, frames)
+        # written down once handled: a receipt, an engine's end or a query first handles
+        # the monitor copies waiting (written down meanwhile, as they are handled), and
+        # a replay, whose monitor socket is empty, must see them first too (before, an
+        # engine's unregistration replayed before its tasks' last copies recorded
+        # thousands of finished tasks lost, then inserted again)
+        raw = [f.bytes for f in frames]
+        depth[0] += 1
+        try:
+            on_router(self, frames)
+        finally:
+            depth[0] -= 1
+            log.append(("router", raw))
 
     def rec_close(self: Hub) -> None:
         close(self)
@@ -70,6 +104,7 @@ def _controller(out: str, argv: list[str]) -> int:
             pickle.dump({"key": self.session.key, "messages": log}, f)
 
     Hub._on_monitor, Hub._on_router, Hub.close = rec_monitor, rec_router, rec_close  # type: ignore[method-assign]
+    Hub.flush = rec_flush  # type: ignore[method-assign]
     return controller.main(argv)
 
 
@@ -144,10 +179,11 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
     return hub, ctx
 
 
-def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[bool, list[Any]]]:
+def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
     import zmq
 
-    return [(where == "monitor", [zmq.Frame(b) for b in frames]) for where, frames in messages]
+    return [(where, [zmq.Frame(b) for b in frames] if where != "flush" else frames)
+            for where, frames in messages]
 
 
 def _tasks(messages: list[tuple[str, list[bytes]]]) -> int:
@@ -173,7 +209,8 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
         rows = hub.config.flush_rows
         # as Hub._drain_monitor does (its flush holds new pending rows back once, where
         # it can: see Hub.flush)
-        if "hold" in inspect.signature(hub._safe_flush).parameters:
+        can_hold = "hold" in inspect.signature(hub._safe_flush).parameters
+        if can_hold:
             def flush() -> None:
                 hub._safe_flush(hold=True)
         else:
@@ -187,13 +224,18 @@ def replay_cpu(rec: dict[str, Any], tmp: Path, name: str, profile: str | None = 
         t0 = time.process_time()
         if prof is not None:
             prof.enable()
-        for is_monitor, frames in msgs:
-            if is_monitor:
+        # a recording with the loop's writes makes them where the real Hub did (older ones:
+        # every flush_rows only)
+        timed = any(where == "flush" for where, _ in msgs)
+        for where, frames in msgs:
+            if where == "monitor":
                 on_monitor(frames)
-                if len(hub._dirty) >= rows:
+                if not timed and len(hub._dirty) >= rows:
                     flush()
-            else:
+            elif where == "router":
                 on_router(frames)
+            else:
+                hub._safe_flush(**({"hold": True} if frames[0] and can_hold else {}))
         hub._safe_flush()
         if prof is not None:
             prof.disable()
@@ -221,7 +263,7 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
         # frames are made as they come in, so that what they cache (Frame.bytes) is only
         # counted if the Hub keeps them
         msgs = [(where == "monitor", fr) for where, fr in rec["messages"]
-                if not (where == "monitor" and fr[0].startswith(b"out.")) and
+                if where != "flush" and not (where == "monitor" and fr[0].startswith(b"out.")) and
                 not (where == "router" and any(b"unregistration_request" in f or
                                                b"engine_exited" in f for f in fr))]
         n = _tasks(rec["messages"])
@@ -277,7 +319,112 @@ def replay(path: Path, repeat: int, compare: Path | None, rounds: int, profile: 
               f"{min(r['dirty_bytes'] for r in runs):.0f} B)")
 
 
+# -- burst, end to end ----------------------------------------------------------------
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _main_thread_cpu(pid: int) -> float:
+    """utime + stime of a process's main thread (the controller's: the Hub), seconds."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def burst_once(tasks: int, engines: int = 2) -> dict[str, Any]:
+    """One cluster, one burst (see the module docstring); the figures as a dict."""
+    import sqlite3
+
+    from common import make_funcs
+
+    import monq
+    from monq.cluster import Cluster, ClusterConfig
+
+    noop, _, _ = make_funcs()
+    home = Path(tempfile.mkdtemp(prefix="monq-hub-burst-"))
+    db = home / "history.db"
+    cluster = Cluster(ClusterConfig(n=engines, home=home, log_level="WARNING",
+                                    db_url=f"sqlite:///{db}"))
+    out: dict[str, Any] = {"monq": str(Path(monq.__file__).parent.parent), "tasks": tasks}
+    try:
+        cluster.start(timeout=120)
+        with monq.Client(connection_file=cluster.connection_file) as c:
+            c.wait_for_engines(engines, timeout=60)
+            lb = c.load_balanced_view()
+            for _ in range(200):
+                lb.apply_sync(noop)
+            want = 200 + tasks
+            reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            ctl = cluster.pids["controller"]
+            c0, h0, t0 = _cpu(ctl), _main_thread_cpu(ctl), time.perf_counter()
+            ars = [lb.apply_async(noop) for _ in range(tasks)]
+            for ar in ars:
+                ar.get(600)
+            t_res, c_res = time.perf_counter() - t0, _cpu(ctl) - c0
+            deadline = time.monotonic() + 600
+            while True:
+                got = reader.execute("SELECT coalesce(sum(n), 0) FROM task_counts "
+                                     "WHERE status = 'ok'").fetchone()[0]
+                if got >= want or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            t_rec, c_rec = time.perf_counter() - t0, _cpu(ctl) - c0
+            h_rec = _main_thread_cpu(ctl) - h0
+            reader.close()
+            out.update(results_per_s=tasks / t_res, recorded_per_s=tasks / t_rec,
+                       ctl_us_to_results=c_res / tasks * 1e6,
+                       ctl_us_to_recorded=c_rec / tasks * 1e6,
+                       hub_us_to_recorded=h_rec / tasks * 1e6, ctl_peak_mb=_hwm_mb(ctl),
+                       recorded=got - 200)
+    finally:
+        cluster.stop()
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
+_BURST_KEYS = ("results_per_s", "recorded_per_s", "ctl_us_to_results", "ctl_us_to_recorded",
+               "hub_us_to_recorded", "ctl_peak_mb")
+
+
+def burst(tasks: int, compare: Path | None, rounds: int) -> None:
+    import statistics
+
+    sides = {"this": HERE.parent} | ({"other": compare} if compare else {})
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for side, root in sides.items():
+            env = dict(os.environ, PYTHONPATH=str(root))
+            out = subprocess.run([sys.executable, __file__, "_burst", str(tasks)], env=env,
+                                 check=True, capture_output=True, text=True, timeout=1800)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side].append(res)
+            print(f"round {r} {side:5}: " + " ".join(f"{k}={res[k]:.0f}" for k in _BURST_KEYS),
+                  flush=True)
+    print(f"\n{'median of rounds':22}" + "".join(f"{s:>10}" for s in sides) +
+          ("  this/other" if compare else ""))
+    for k in _BURST_KEYS:
+        med = {s: statistics.median(x[k] for x in results[s]) for s in sides}
+        ratio = f"  {med['this'] / med['other']:10.2f}" if compare else ""
+        print(f"{k:22}" + "".join(f"{med[s]:10.0f}" for s in sides) + ratio)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_burst":
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(burst_once(int(sys.argv[2]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_controller":
         sys.exit(_controller(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_replay":
@@ -296,9 +443,16 @@ def main() -> None:
                    help="a checkout whose monq to replay too, alternating")
     q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
+    b = sub.add_parser("burst")
+    b.add_argument("--tasks", type=int, default=10_000)
+    b.add_argument("--compare", type=Path, default=None,
+                   help="a checkout whose monq to run too, alternating")
+    b.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     if a.cmd == "record":
         record(a.tasks, a.out)
+    elif a.cmd == "burst":
+        burst(a.tasks, a.compare, a.rounds)
     else:
         replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
 

@@ -11,7 +11,11 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from zmq import Frame
+
 _HEAD = struct.Struct("<BQ")
+#: zmq Frames up to this size are packed from their (cached) bytes, larger ones from a view
+_COPY_MAX = 1 << 16
 
 
 def total_size(frames: Sequence[Any]) -> int:
@@ -26,8 +30,16 @@ def pack(frames: Sequence[Any], raw: Sequence[Any]) -> bytes:
     head = _HEAD.pack
     parts: list[Any] = []
     for f, r in zip(frames, raw):
-        view = memoryview(f)  # a zmq.Frame's too, without a copy
-        parts += (head(1 if r else 0, view.nbytes), view)
+        t = type(f)
+        if t is Frame and len(f) <= _COPY_MAX:
+            # its bytes, copied once and kept by the Frame: cheaper than a memoryview of
+            # it, and a batch's tasks share their function's frame (copied once for all)
+            f = f.bytes
+        elif t is not bytes:
+            f = memoryview(f)  # without a copy
+            parts += (head(1 if r else 0, f.nbytes), f)
+            continue
+        parts += (head(1 if r else 0, len(f)), f)
     return b"".join(parts)
 
 

@@ -75,6 +75,10 @@ class HubConfig:
     heartbeat_max_missed: int = 3
     flush_interval: float = 0.02
     flush_rows: int = 2000
+    #: while monitor copies are still waiting (a burst the Hub is behind on), the loop
+    #: writes every ``flush_rows`` rows, or once the oldest unwritten row is this old,
+    #: instead of every ``flush_interval``: see :meth:`Hub._flush_due`
+    flush_backlog_interval: float = 0.5
     payload_cap: int = 1 << 20
     #: undecided load-balanced requests older than this are settled with probes
     probe_after: float = 0.25
@@ -150,6 +154,8 @@ class Hub:
         self._inflight: dict[str, _InFlight] = {}
         self._dirty: dict[str, dict[str, Any]] = {}
         self._dirty_since = 0.0
+        #: the last monitor turn ended with copies still waiting (see _flush_due)
+        self._backlog = False
         #: msg_ids of the new pending rows the last flush held back (see flush)
         self._held: Any = frozenset()
         self._engines: dict[str, _Engine] = {}  # by uuid
@@ -285,7 +291,7 @@ class Hub:
         while not self._stop:
             timeout = 100.0
             if self._dirty:
-                timeout = max(0.0, (self._dirty_since + self.config.flush_interval
+                timeout = max(0.0, (self._dirty_since + self._flush_age()
                                     - time.monotonic()) * 1000)
             timeout = min(timeout, max(0.0, (self.heart.next_beat - time.monotonic()) * 1000))
             try:
@@ -311,8 +317,7 @@ class Hub:
                 self._periodic()
                 self.shm_sweeper.tick(lambda msg_id: shm.hub_task_end(self, msg_id))
             self._settle_orphans()
-            if self._dirty and (len(self._dirty) >= self.config.flush_rows or
-                                time.monotonic() - self._dirty_since >= self.config.flush_interval):
+            if self._dirty and self._flush_due():
                 self._safe_flush(hold=True)
             self._retain()
 
@@ -351,6 +356,37 @@ class Hub:
             for sock, _ in events:
                 handlers[sock]()
         self._catch_up()
+
+    def _dirty_full(self) -> bool:
+        """``flush_rows`` rows are dirty besides those the last write held back.
+
+        (Counting those too, a write that held most of its rows back, as in a
+        burst of requests whose replies have not come, was followed at once by
+        one of the few rows read since: a write's fixed cost for a handful.)
+        """
+        return len(self._dirty) >= self.config.flush_rows + len(self._held)
+
+    def _flush_age(self) -> float:
+        return self.config.flush_backlog_interval if self._backlog else \
+            self.config.flush_interval
+
+    def _flush_due(self) -> bool:
+        """Whether the loop writes the dirty rows now.
+
+        Every ``flush_interval`` (a few ms: the history follows the cluster
+        closely), except while the monitor has a backlog: then every
+        ``flush_rows`` rows, or ``flush_backlog_interval`` seconds at most.
+        A write costs a fixed ~2 ms (statements, the pages every commit
+        rewrites) plus its rows, and a bigger one dirties fewer pages per row
+        (rows share the random pages of the msg_id index): into a
+        300,000-task history, a burst's rows cost ~94 us each in 800-row
+        writes (a turn's worth, as before), ~77 us in 2,000-row ones
+        (bench/PROFILE.md).  What waits meanwhile is the rows of copies
+        already read; the backlog itself, unread, is what a crash loses first.
+        Queries write everything before answering, as always.
+        """
+        return self._dirty_full() or \
+            time.monotonic() - self._dirty_since >= self._flush_age()
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -458,21 +494,22 @@ class Hub:
         the backlog is gone, the receipts parked meanwhile are applied.
         """
         budget = self.MONITOR_TURN
-        rows = self.config.flush_rows
         end = time.monotonic() + TURN
         while budget > 0:
             seen = self.monitor_tasks
             step = min(budget, self.MONITOR_STEP)
             n = self._drain(self.monitor, self._on_monitor, limit=step)
-            if len(self._dirty) >= rows:
+            if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
+                self._backlog = False
                 if self._parked:
                     self._apply_parked()
                 return
             budget -= max(n, self.monitor_tasks - seen)
             if time.monotonic() > end:
-                return
+                break
+        self._backlog = True
 
     def _safe_flush(self, hold: bool = False) -> None:
         try:
@@ -573,8 +610,10 @@ class Hub:
                 for m in tasks:
                     self._on_request(m, channel, target)
             else:
+                # the batch's replies were received together: one timestamp for all
+                received = _epoch(time.time())
                 for m in tasks:
-                    self._on_reply(m, channel)
+                    self._on_reply(m, channel, received)
         elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
@@ -654,7 +693,7 @@ class Hub:
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg_id, f"no engine with uuid {target_uuid}", None)
 
-    def _on_reply(self, msg: Message, channel: str) -> None:
+    def _on_reply(self, msg: Message, channel: str, received: float | None = None) -> None:
         parent, md, content = msg.parent, msg.metadata, msg.content
         msg_id = parent.get("msg_id")
         if not msg_id:
@@ -676,7 +715,7 @@ class Hub:
         fields: dict[str, Any] = {
             "status": status, "engine": engine, "engine_uuid": uuid,
             "started": _epoch(md.get("started")), "completed": _epoch(md.get("completed")),
-            "received": _epoch(time.time()),
+            "received": _epoch(time.time()) if received is None else received,
             "stdout": stdout if stdout == "" or stdout is None else _short(stdout, _OUTPUT_CAP),
             "stderr": stderr if stderr == "" or stderr is None else _short(stderr, _OUTPUT_CAP),
             "result": blob, "result_bytes": size,
@@ -733,13 +772,14 @@ class Hub:
         first, which made the controller's peak memory (211 -> 387 MB in a
         100,000-task burst).
         """
-        rows, step = self.config.flush_rows, self.MONITOR_STEP
+        step = self.MONITOR_STEP
         while True:
             n = self._drain(self.monitor, self._on_monitor, limit=step)
-            if len(self._dirty) >= rows:
+            if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
                 break
+        self._backlog = False
         self._apply_parked()
 
     def _apply_parked(self) -> None:
@@ -1179,8 +1219,27 @@ def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
                        f"{', '.join(sorted(allowed)) or 'none'}")
 
 
+#: |value * 10**6| below this: the product is within 1/8 of the exact one (see _epoch)
+_EPOCH_EXACT = float(2 ** 51)
+
+
 def _epoch(value: Any) -> float | None:
-    """Times are kept to the microsecond, so they survive a trip through datetime."""
+    """Times are kept to the microsecond, so they survive a trip through datetime.
+
+    Exactly ``round(value, 6)``, which goes through a correctly rounded decimal
+    string (~1 us, three times a task): for a float whose ``value * 1e6`` is
+    below 2**51 the product is within 1/8 of the exact one, so when it lies
+    less than 3/8 from an integer n, the exact product rounds to n too, and
+    ``n / 1e6`` is the double nearest n / 10**6, which is what ``round``
+    returns.  Three times in four for today's timestamps; the others (near a
+    half microsecond) take ``round``.
+    """
+    if type(value) is float:
+        p = value * 1e6
+        if -_EPOCH_EXACT < p < _EPOCH_EXACT:
+            n = round(p)
+            if abs(p - n) < 0.375:
+                return n / 1e6
     try:
         return None if value is None else round(float(value), 6)
     except (TypeError, ValueError):

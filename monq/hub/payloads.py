@@ -50,6 +50,8 @@ KEYS = {"request": "request_key", "result": "result_key"}
 SHARE_MIN = 64
 #: keys per IN (...) list
 _CHUNK = 500
+#: payloads up to this size have their key remembered by content within a batch
+_MEMO_MAX = 1 << 16
 
 _p = payloads_table.c
 _UPSERT = sqlite_insert(payloads_table)
@@ -75,12 +77,22 @@ def store_refs(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     """
     found: dict[int, list[Any]] = {}  # key -> [data, refs]
     where: list[tuple[dict[str, Any], str, int]] = []
+    # the keys of the payloads seen so far, by content: a burst's tasks mostly carry the
+    # same request (the function and its arguments) and the same result, and a dict
+    # lookup of equal bytes costs a fraction of hashing them again (blake2b); large ones
+    # are rarely repeated, and would be hashed twice
+    known: dict[bytes, int] = {}
     for r in rows:
         for col in KEYS:
             data = r.get(col)
             if data is None or len(data) < SHARE_MIN:
                 continue
-            k = key_of(data)
+            if type(data) is bytes and len(data) <= _MEMO_MAX:
+                k = known.get(data)
+                if k is None:
+                    k = known[data] = key_of(data)
+            else:
+                k = key_of(data)
             entry = found.get(k)
             if entry is None:
                 found[k] = [data, 1]

@@ -1,0 +1,195 @@
+"""How often the Hub writes its rows, and what one write costs in statements.
+
+Counting tests (writes, statements, rows), never timings: the CPU figures are
+in bench/PROFILE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from monq.hub.hub import Hub, HubConfig
+from monq.hub.store import TaskStore
+from monq.protocol import Session
+
+KEY = b"k" * 32
+
+
+class _Backlog:
+    """A monitor socket with copies already waiting (a burst the Hub is behind on)."""
+
+    def __init__(self, copies: list[list[Any]]) -> None:
+        self.copies = copies
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[Any]:
+        if not self.copies:
+            raise zmq.Again()
+        return self.copies.pop(0)
+
+
+def _requests(client: Session, n: int) -> list[list[Any]]:
+    out = []
+    for _ in range(n):
+        _, frames = client.serialize("apply_request", "task", {}, buffers=[b"x" * 100])
+        out.append([zmq.Frame(b"in.task"), zmq.Frame(b"cid"),
+                    *(zmq.Frame(bytes(f)) for f in frames)])
+    return out
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Any:
+    store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    # flush_interval 0: without a backlog, the loop would write after every turn
+    h = Hub(zmq.Context.instance(), Session(KEY), store,
+            HubConfig(flush_interval=0.0, flush_rows=1000))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(60)
+def test_behind_on_the_monitor_the_loop_writes_every_flush_rows_not_every_turn(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While copies wait, the loop's turns (here 160 tasks each) do not each end in a
+    write: rows go to the database flush_rows at a time (a write's fixed cost, and the
+    pages it dirties, shared by more rows)."""
+    copies = _requests(Session(KEY), 4000)
+    hub.monitor = _Backlog(copies)  # type: ignore[assignment]
+    monkeypatch.setattr(hub, "MONITOR_TURN", 160)
+    writes: list[int] = []
+    write = hub.store.write
+
+    def counted(inserts: Any, updates: Any) -> None:
+        writes.append(len(inserts) + len(updates))
+        write(inserts, updates)
+
+    monkeypatch.setattr(hub.store, "write", counted)
+    held: list[int] = []  # rows in memory at each write
+    real_flush = hub._safe_flush
+
+    def flush(hold: bool = False) -> None:
+        held.append(len(hub._dirty))
+        real_flush(hold)
+
+    monkeypatch.setattr(hub, "_safe_flush", flush)
+    turns = 0
+    while copies:
+        hub._drain_monitor()  # as the loop does: a turn, then its timed write if due
+        turns += 1
+        assert hub._backlog or not copies  # (a turn that took the last copy cannot tell)
+        if hub._dirty and hub._flush_due():
+            hub._safe_flush(hold=True)
+    hub._drain_monitor()
+    assert not hub._backlog and turns >= 25
+    hub._safe_flush()
+    assert sum(writes) == 4000 == hub.store.count()
+    # every flush_rows (pending rows are held back once, so they come a write later),
+    # instead of one write per turn (25 or more)
+    assert len(writes) <= 4000 // 1000 + 2, writes
+    assert all(n >= 1000 for n in writes[:-1]), writes
+    # and never more rows in memory than a write's, and the pending rows it held back
+    assert max(held) <= 2 * (1000 + hub.MONITOR_STEP), held
+
+
+@pytest.mark.timeout(30)
+def test_a_backlog_write_waits_at_most_flush_backlog_interval(hub: Hub) -> None:
+    hub._touch("a" * 32, status="pending", submitted=time.time(), client="c", queue="task")
+    hub._backlog = True
+    hub._dirty_since = time.monotonic()
+    assert not hub._flush_due()  # 1 row, just dirty, copies waiting
+    hub._dirty_since = time.monotonic() - hub.config.flush_backlog_interval - 0.01
+    assert hub._flush_due()
+    hub._dirty_since = time.monotonic()
+    hub._backlog = False  # caught up: every flush_interval again (0 here)
+    assert hub._flush_due()
+    hub.config = dataclasses.replace(hub.config, flush_interval=60.0)
+    assert not hub._flush_due()
+
+
+def test_the_store_checkpoints_its_wal_every_10000_pages(tmp_path: Path) -> None:
+    with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as store, store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 10_000
+
+
+def test_a_batch_hashes_each_distinct_payload_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst's tasks carry the same request and result bytes: each distinct payload
+    is hashed once per write, however many rows carry it, and still stored once."""
+    from monq.hub import payloads
+
+    calls: list[int] = []
+    key_of = payloads.key_of
+    monkeypatch.setattr(payloads, "key_of", lambda data: calls.append(len(data)) or key_of(data))
+    request, result = b"f" * 600, b"r" * 100
+    rows = [{"msg_id": f"{i:032x}", "status": "ok", "submitted": 1.0 + i,
+             "request": bytes(request), "result": bytes(result)} for i in range(300)]
+    rows.append({"msg_id": "x" * 32, "status": "ok", "submitted": 2000.0,
+                 "request": b"g" * 600})
+    with TaskStore(f"sqlite:///{tmp_path / 'h.db'}") as store:
+        store.write(rows, [])
+        assert sorted(calls) == [100, 600, 600]  # request, result, the other request
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("SELECT count(*), sum(refs) FROM payloads").one() == \
+                (3, 601)
+        assert bytes(store.get_task("0" * 32, with_payload=True)["request"]) == request
+
+
+def test_packed_frames_read_back_the_same_whatever_they_were() -> None:
+    """Small zmq Frames are packed from their bytes, large ones (and other buffers) from
+    a view: the blob is the same either way."""
+    from monq.hub import blobs
+
+    small, big = zmq.Frame(b"s" * 100), zmq.Frame(bytes(range(256)) * 1000)
+    frames = [small, big, b"xyz", memoryview(b"view"), bytearray(b"ba"), small]
+    raw = [0, 1, 0, 1, 0, 1]
+    blob = blobs.pack(frames, raw)
+    got, flags = blobs.unpack(blob)
+    assert [bytes(g) for g in got] == [bytes(memoryview(f)) for f in frames]
+    assert flags == [bool(r) for r in raw]
+    assert len(blob) == sum(9 + len(bytes(memoryview(f))) for f in frames)
+
+
+def test_times_are_rounded_to_the_microsecond_exactly_as_round_does() -> None:
+    """The Hub's fast rounding gives round(x, 6) bit for bit, near half microseconds too."""
+    import math
+    import random
+
+    from monq.hub.hub import _epoch
+
+    rnd = random.Random(7)
+    values = [1.7e9 + rnd.random() * 1e8 for _ in range(20_000)]
+    values += [1795849868.5 + k * 2.0 ** -22 for k in range(-2000, 2000)]  # ties, near-ties
+    values += [k / 2e6 for k in range(-2000, 2000)] + [rnd.uniform(-1e3, 1e3) for _ in range(5000)]
+    values += [math.ldexp(rnd.random(), rnd.randint(-40, 60)) for _ in range(5000)]
+    assert [_epoch(v) for v in values] == [round(v, 6) for v in values]
+    assert math.isnan(_epoch(float("nan")) or 0.0) and _epoch(float("inf")) == math.inf
+    assert (_epoch(None), _epoch("1.25"), _epoch(3), _epoch("x")) == (None, 1.25, 3.0, None)
+
+
+def test_most_times_skip_the_decimal_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """round(x, 6) (a decimal conversion, ~1 us) only for times near a half microsecond:
+    about one in four of today's timestamps."""
+    import builtins
+    import random
+
+    from monq.hub import hub as hub_module
+
+    slow: list[float] = []
+
+    def counting_round(x: Any, *nd: Any) -> Any:
+        if nd:
+            slow.append(x)
+        return builtins.round(x, *nd)
+
+    monkeypatch.setattr(hub_module, "round", counting_round, raising=False)
+    rnd = random.Random(3)
+    values = [1.79e9 + rnd.random() * 1e7 for _ in range(10_000)]
+    assert [hub_module._epoch(v) for v in values] == [builtins.round(v, 6) for v in values]
+    assert len(slow) <= 3500, len(slow)
