@@ -57,7 +57,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +99,7 @@ class QueuedTask:
     metadata: dict[str, Any]
     buffers: list[Any]
     raw: list[bool]
-    idents: list[bytes]
+    idents: Sequence[bytes]
 
     def frames(self, session: Session) -> list[Any]:
         """The task signed as a single ``apply_request`` (with its routing idents)."""

@@ -16,23 +16,21 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from monq import errors
 
-_PENDING = cf._base.PENDING
-
+if TYPE_CHECKING:
+    from monq.client.io import QueuedTask
 
 class _Condition(threading.Condition):
     """A ``threading.Condition`` that does not keep five bound methods of its lock.
 
-    A burst holds two futures per task, each with a Condition, for as long as
-    the caller keeps them: the stock one is eight objects the cyclic garbage
-    collector tracks (the bound methods ``acquire``, ``release``,
-    ``_release_save``, ``_acquire_restore`` and ``_is_owned``), this one three,
-    and the collector's full passes over a growing heap of 100,000s of them cost
-    the client more CPU than sending the tasks (counted in tests/test_costs.py).
-    Same behaviour: the methods delegate to the RLock.
+    Made only for a future a thread waits on (see :class:`LeanFuture`); the
+    stock one is eight objects the cyclic garbage collector tracks (the bound
+    methods ``acquire``, ``release``, ``_release_save``, ``_acquire_restore``
+    and ``_is_owned``), this one three.  Same behaviour: the methods delegate
+    to the RLock.
     """
 
     def __init__(self) -> None:  # noqa: D107 - the lock is always a fresh RLock
@@ -55,48 +53,262 @@ class _Condition(threading.Condition):
         return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
 
 
-#: what cf.Future.__init__ sets (checked once: another Python may set more)
+#: what cf.Future.__init__ sets (checked once: another Python may set more, and then
+#: futures are made the stock way, with their Condition at once)
 _FUTURE_FIELDS = {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
-_LIGHT = set(vars(cf.Future())) == _FUTURE_FIELDS and hasattr(threading.RLock(), "_is_owned")
+_LEAN = set(vars(cf.Future())) == _FUTURE_FIELDS and hasattr(threading.RLock(), "_is_owned")
+
+_RUNNING, _FINISHED = cf._base.RUNNING, cf._base.FINISHED
+_CANCELLED = (cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED)
+_DONE = frozenset((_FINISHED, *_CANCELLED))
+
+#: makes every LeanFuture's Condition, and guards the state of those that have none
+_MAKE = threading.Lock()
+#: a callback list or waiter list not made yet (shared: never appended to)
+_NONE: tuple[Any, ...] = ()
 
 
-def _init_future(f: cf.Future[Any]) -> None:
-    """``cf.Future.__init__`` with a :class:`_Condition`."""
-    if not _LIGHT:
-        cf.Future.__init__(f)
-        return
-    f._condition = _Condition()  # type: ignore[attr-defined]
-    f._state = _PENDING  # type: ignore[attr-defined]
-    f._result = None  # type: ignore[attr-defined]
-    f._exception = None  # type: ignore[attr-defined]
-    f._waiters = []  # type: ignore[attr-defined]
-    f._done_callbacks = []  # type: ignore[attr-defined]
+class LeanFuture(cf.Future):  # type: ignore[type-arg]
+    """A ``concurrent.futures.Future`` whose Condition is made only when a thread waits.
+
+    A burst of ``apply_async`` holds two futures per task until their
+    replies come, and resolves them in the I/O thread while the caller goes
+    on submitting; with the stock Future each is a Condition, an RLock, a
+    deque and two lists to make, to lock three to five times per task and
+    for the cyclic garbage collector to walk again and again.  Here a
+    future is one object until someone waits on it (``result`` or
+    ``exception`` before it is done, ``concurrent.futures.wait``,
+    ``as_completed``, ``cancel``): only then is its Condition made.
+
+    The rule that keeps it correct: a Condition is only ever made under the
+    module's ``_MAKE`` lock, and a future's state and callbacks change under
+    its Condition once it has one, else under ``_MAKE``.  A done future's
+    state never changes again, so reading a finished future needs no lock.
+    """
+
+    _cond: threading.Condition | None
+
+    def __init__(self) -> None:  # noqa: D107
+        self._parent = None
+        if not _LEAN:
+            cf.Future.__init__(self)
+            return
+        self._cond = None
+        self._state = cf._base.PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: Any = _NONE
+        self._done_callbacks: Any = _NONE
+
+    @property
+    def _condition(self) -> threading.Condition:
+        """The future's Condition, made on first use (what the stock Future code,
+        ``wait`` and ``as_completed`` lock and wait on)."""
+        c = self._cond
+        if c is None:
+            with _MAKE:
+                c = self._cond
+                if c is None:
+                    self._waiters = []
+                    c = self._cond = _Condition()
+        return c
+
+    @_condition.setter
+    def _condition(self, c: threading.Condition) -> None:
+        self._cond = c  # cf.Future.__init__, where futures are not lean
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED:  # final: no lock needed to read it
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # type: ignore[assignment]  # no cycle through the traceback
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        if not self._keep(fn, False):
+            try:
+                fn(self)
+            except Exception:
+                cf._base.LOGGER.exception("exception calling callback for %r", self)
+
+    def _watched_by(self, parent: AsyncResult) -> None:
+        """``add_done_callback(parent._child_done)``, without a bound method and a list
+        per task when ``parent`` is the first to watch (the usual case)."""
+        if not self._keep(parent, True):
+            try:
+                parent._child_done(self)
+            except Exception:
+                cf._base.LOGGER.exception("exception calling callback for %r", self)
+
+    def _keep(self, x: Any, parent: bool) -> bool:
+        """Keep a callback (or a parent) to call when done; False if done already."""
+        c = self._cond
+        if c is None:
+            with _MAKE:
+                if self._cond is None:
+                    if self._state in _DONE:
+                        return False
+                    self._store(x, parent)
+                    return True
+                c = self._cond
+        with c:
+            if self._state in _DONE:
+                return False
+            self._store(x, parent)
+            return True
+
+    def _store(self, x: Any, parent: bool) -> None:
+        if parent and self._parent is None and self._done_callbacks is _NONE:
+            self._parent = x  # called first, as it was added first
+            return
+        fn = x._child_done if parent else x
+        if self._done_callbacks is _NONE:
+            self._done_callbacks = [fn]
+        else:
+            self._done_callbacks.append(fn)
+
+    def _invoke_callbacks(self) -> None:
+        p = self._parent
+        if p is not None:
+            try:
+                p._child_done(self)
+            except Exception:
+                cf._base.LOGGER.exception("exception calling callback for %r", self)
+        if self._done_callbacks is not _NONE:
+            super()._invoke_callbacks()  # type: ignore[misc]
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        c = self._cond
+        if c is None:
+            with _MAKE:
+                c = self._cond
+                if c is None:
+                    # nobody can wait without the Condition: nobody to wake
+                    self._set_state(result, exception)
+            if c is None:
+                self._invoke_callbacks()
+                return
+        with c:
+            self._set_state(result, exception)
+            for waiter in self._waiters:
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            c.notify_all()
+        self._invoke_callbacks()
+
+    def _set_state(self, result: Any, exception: BaseException | None) -> None:
+        if self._state in _DONE:
+            raise cf.InvalidStateError(f"{self._state}: {self!r}")
+        self._result = result
+        self._exception = exception
+        self._state = _FINISHED
+
+    def __repr__(self) -> str:
+        state = self._state
+        if state == _FINISHED:
+            what = (f"raised {type(self._exception).__name__}" if self._exception is not None
+                    else f"returned {type(self._result).__name__}")
+            return f"<{type(self).__name__} at {id(self):#x} state=finished {what}>"
+        return f"<{type(self).__name__} at {id(self):#x} state={state.lower()}>"
 
 
-class TaskFuture(cf.Future):  # type: ignore[type-arg]
-    """The future of one task (one msg_id); ``metadata`` is filled by the reply."""
+#: the metadata a task's reply sets (copied as they are, and as datetimes)
+_REPLY_FIELDS = ("engine", "engine_uuid", "stdout", "stderr")
+_REPLY_TIMES = ("started", "completed", "received")
+
+
+class TaskFuture(LeanFuture):
+    """The future of one task (one msg_id); ``metadata`` is filled by the reply.
+
+    ``metadata`` is made when first read: in a burst most tasks' is never
+    read, and making it (a dict and four datetimes per task) was a good part
+    of the client's CPU per task.  The reply's metadata is kept as it came
+    until then.
+    """
 
     def __init__(self, msg_id: str, submitted: float, queue: str,
                  engine: int | None = None) -> None:
-        _init_future(self)
+        LeanFuture.__init__(self)
         self.msg_id = msg_id
         self.queue = queue
         #: load-balanced tasks keep what they were sent with, to be sent again: after
         #: their engine died before reading them, or for a retry
-        self.request: tuple[dict[str, Any], Sequence[Any], Sequence[bool]] | None = None
+        self.request: QueuedTask | None = None
         self.retries_left = 0
-        self.metadata: dict[str, Any] = {
-            "msg_id": msg_id, "engine": engine, "status": "pending", "queue": queue,
-            "submitted": _dt(submitted), "started": None, "completed": None, "received": None,
-            "stdout": "", "stderr": "",
-        }
+        self._submitted = submitted
+        self._engine = engine
+        self._md: dict[str, Any] | None = None
+        #: the reply's metadata and status, until ``metadata`` is made
+        self._reply: dict[str, Any] | None = None
+        self._status = "pending"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """engine, status, submitted, started, completed, received, stdout, stderr, ..."""
+        md = self._md
+        if md is None:
+            with _MAKE:  # against a reply recorded meanwhile (see replied)
+                md = self._md
+                if md is None:
+                    md = {"msg_id": self.msg_id, "engine": self._engine, "status": "pending",
+                          "queue": self.queue, "submitted": _dt(self._submitted),
+                          "started": None, "completed": None, "received": None,
+                          "stdout": "", "stderr": ""}
+                    if self._reply is not None:
+                        _set_reply(md, self._reply, self._status)
+                        self._reply = None
+                    self._md = md
+        return md
+
+    def replied(self, md: dict[str, Any], status: str) -> None:
+        """Record a reply's metadata and status (in the metadata, or kept until it is made)."""
+        with _MAKE:
+            if self._md is None:
+                self._reply = md
+                self._status = status
+                return
+        _set_reply(self._md, md, status)
 
     def _invoke_callbacks(self) -> None:
-        super()._invoke_callbacks()  # type: ignore[misc]
+        super()._invoke_callbacks()
         # they ran once and never run again: dropping them breaks the cycle with the
         # AsyncResult that waits on this future, so a large result (or the shared memory
         # it views, see monq.shm) is freed as soon as the caller drops it, not at the next GC
-        self._done_callbacks: list[Any] = []
+        self._parent = None
+        self._done_callbacks = _NONE
+
+
+def _set_reply(dst: dict[str, Any], md: dict[str, Any], status: str) -> None:
+    for k in _REPLY_FIELDS:
+        dst[k] = md.get(k)
+    for k in _REPLY_TIMES:
+        dst[k] = _dt(md.get(k))
+    dst["status"] = status
 
 
 def _dt(t: float | None) -> datetime | None:
@@ -104,14 +316,14 @@ def _dt(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc)
 
 
-class AsyncResult(cf.Future):  # type: ignore[type-arg]
+class AsyncResult(LeanFuture):
     """The result of work submitted to the cluster, available later."""
 
     def __init__(self, children: Sequence[TaskFuture], single: bool = True,
                  reduce: Callable[[list[Any]], Any] | None = None,
                  waiter: Callable[[cf.Future[Any], float | None], bool] | None = None
                  ) -> None:
-        _init_future(self)
+        LeanFuture.__init__(self)
         #: ``waiter(self, timeout)`` waits until done (the client's, which receives the
         #: replies in the waiting thread when it can); None: wait on the future alone
         self._waiter = waiter
@@ -119,28 +331,35 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
         self._single = single and len(self._children) == 1
         self._reduce = reduce
         self._left = len(self._children)
-        # the condition's RLock: one object fewer per task for the garbage collector
-        self._lock = self._condition
+        #: counts the children left (one child needs no count)
+        self._lock = threading.Lock() if self._left > 1 else None
         if not self._children:
             self.set_result([])
         for c in self._children:
-            c.add_done_callback(self._child_done)
+            c._watched_by(self)
 
     # -- composition -----------------------------------------------------------
 
     def _child_done(self, _: cf.Future) -> None:  # type: ignore[type-arg]
-        with self._lock:
-            self._left -= 1
-            if self._left:
-                return
+        if self._lock is not None:
+            with self._lock:
+                self._left -= 1
+                if self._left:
+                    return
+        if self._single:
+            c = self._children[0]
+            e = c.exception()
+            if e is not None:
+                self.set_exception(e)
+            else:
+                self.set_result(c.result())
+            return
         failed = [c for c in self._children if c.exception() is not None]
         if failed:
             self.set_exception(failed[0].exception())
             return
         values = [c.result() for c in self._children]
-        if self._single:
-            self.set_result(values[0])
-        elif self._reduce is not None:
+        if self._reduce is not None:
             self.set_result(self._reduce(values))
         else:
             self.set_result(values)
