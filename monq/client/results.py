@@ -207,7 +207,11 @@ class LeanFuture(cf.Future):  # type: ignore[type-arg]
                 c = self._cond
                 if c is None:
                     # nobody can wait without the Condition: nobody to wake
-                    self._set_state(result, exception)
+                    if self._state in _DONE:
+                        raise cf.InvalidStateError(f"{self._state}: {self!r}")
+                    self._result = result
+                    self._exception = exception
+                    self._state = _FINISHED
             if c is None:
                 self._invoke_callbacks()
                 return
@@ -348,11 +352,12 @@ class AsyncResult(LeanFuture):
                     return
         if self._single:
             c = self._children[0]
-            e = c.exception()
-            if e is not None:
-                self.set_exception(e)
+            if c._state != _FINISHED:
+                c.exception()  # cancelled: raises CancelledError (as the stock Future's)
+            if c._exception is not None:
+                self.set_exception(c._exception)
             else:
-                self.set_result(c.result())
+                self.set_result(c._result)
             return
         failed = [c for c in self._children if c.exception() is not None]
         if failed:
