@@ -288,9 +288,11 @@ class Client:
                     fut.request = queued
                     fut.retries_left = int(retries)
                 self._tasks[hdr["msg_id"]] = fut
-                self.shm.track(fut, segs)
+                if segs:
+                    self.shm.track(fut, segs)
                 wake = self._emit(channel.encode(), task, got) and not sync
-            self._after_emit(wake, got)
+            if wake or got:
+                self._after_emit(wake, got)
         except BaseException:
             if fut is None:
                 self.shm.drop(segs)
@@ -347,6 +349,12 @@ class Client:
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
+        if status == "ok":  # the usual case, without a call more
+            try:
+                fut.set_result(deserialize(buffers))
+            except errors.SerializationError as e:
+                fut.set_exception(e)
+            return
         self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],

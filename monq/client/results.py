@@ -331,16 +331,27 @@ class AsyncResult(LeanFuture):
         #: ``waiter(self, timeout)`` waits until done (the client's, which receives the
         #: replies in the waiting thread when it can); None: wait on the future alone
         self._waiter = waiter
-        self._children = list(children)
-        self._single = single and len(self._children) == 1
+        kids = list(children)
+        one = len(kids) == 1
+        #: the one task's future, kept without a list (one object fewer per task in a
+        #: burst for the garbage collector); else None and ``_many`` has them all
+        self._child: TaskFuture | None = kids[0] if one else None
+        self._many: list[TaskFuture] | None = None if one else kids
+        self._single = single and one
         self._reduce = reduce
-        self._left = len(self._children)
+        self._left = len(kids)
         #: counts the children left (one child needs no count)
         self._lock = threading.Lock() if self._left > 1 else None
-        if not self._children:
+        if not kids:
             self.set_result([])
-        for c in self._children:
+        for c in kids:
             c._watched_by(self)
+
+    @property
+    def _children(self) -> list[TaskFuture]:
+        """The tasks' futures, in order."""
+        c = self._child
+        return [c] if c is not None else self._many  # type: ignore[return-value]
 
     # -- composition -----------------------------------------------------------
 
@@ -351,7 +362,8 @@ class AsyncResult(LeanFuture):
                 if self._left:
                     return
         if self._single:
-            c = self._children[0]
+            c = self._child
+            assert c is not None
             if c._state != _FINISHED:
                 c.exception()  # cancelled: raises CancelledError (as the stock Future's)
             if c._exception is not None:
