@@ -407,7 +407,7 @@ class AsyncResult(LeanFuture):
                 f"not finished after {timeout}s") from None
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._waiter is not None and not self.done():
+        if self._state not in _DONE and self._waiter is not None:
             if not self._waiter(self, timeout):
                 timeout = 0  # not done in time: raise TimeoutError at once
         return super().result(timeout)
