@@ -447,6 +447,8 @@ def _split_batch(msg: Message, own_headers: bool = True) -> list[Message]:
     reply = single == "apply_reply"
     shared = reply and not own_headers
     out: list[Message] = []
+    parent: Any
+    content: Any
     for k, t in enumerate(tasks):
         if type(t) is not dict:
             raise ProtocolError("malformed", f"batch entry {k} is not an object")
