@@ -30,7 +30,7 @@ import cloudpickle
 import pytest
 
 import monq
-import monq.client.results as results
+import monq.client.futures as futures
 from monq.client.io import IOThread
 from monq.client.results import AsyncResult, TaskFuture
 from monq.errors import ProtocolError
@@ -49,12 +49,12 @@ def noop() -> None:
 def _count_conditions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     made: list[Any] = []
 
-    class Counted(results._Condition):
+    class Counted(futures._Condition):
         def __init__(self) -> None:
             super().__init__()
             made.append(self)
 
-    monkeypatch.setattr(results, "_Condition", Counted)
+    monkeypatch.setattr(futures, "_Condition", Counted)
     return made
 
 
