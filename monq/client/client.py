@@ -259,7 +259,7 @@ class Client:
                     label: str | None = None, retries: int = 0,
                     timeout: float | None = None, sync: bool = False) -> TaskFuture:
         buffers, raw = pack_apply(f, args, kwargs)
-        idents: list[bytes] = []
+        idents: Sequence[bytes] = ()
         if channel == "direct":
             assert engine is not None
             idents = [self._engine_uuid(engine).encode()]
@@ -271,17 +271,7 @@ class Client:
         if retries:
             md["retries"] = int(retries)
         buffers, raw, segs = self.shm.offload(buffers, raw, md, engine)
-        holder: list[TaskFuture] = []
-
-        def register(hdr: dict[str, Any]) -> None:
-            fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
-            if channel == "task":
-                fut.request = (md, buffers, raw)
-                fut.retries_left = int(retries)
-            self._tasks[hdr["msg_id"]] = fut
-            holder.append(fut)
-            self.shm.track(fut, segs)
-
+        fut: TaskFuture | None = None
         try:
             got: list[Any] = []
             with self._lock:
@@ -292,29 +282,36 @@ class Client:
                 # arguments in shared memory: signed now and sent alone, never batched
                 # (a batch carries only the host spec, for results sent that way)
                 task: Queued = queued if segs is None else queued.frames(self.session)
-                register(hdr)  # before sending, so the reply always finds its future
+                # registered before sending, so the reply always finds its future
+                fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
+                if channel == "task":
+                    fut.request = queued
+                    fut.retries_left = int(retries)
+                self._tasks[hdr["msg_id"]] = fut
+                if segs:
+                    self.shm.track(fut, segs)
                 wake = self._emit(channel.encode(), task, got) and not sync
-            self._after_emit(wake, got)
+            if wake or got:
+                self._after_emit(wake, got)
         except BaseException:
-            if not holder:
+            if fut is None:
                 self.shm.drop(segs)
             raise
-        return holder[0]
+        return fut
 
     def _resend(self, fut: TaskFuture, why: str) -> bool:
         """Send a load-balanced task again, under the same msg_id; False if it cannot be."""
         if fut.request is None or fut.done():
             return False
-        md, buffers, raw = fut.request
-        md = {**md, "retries_done": int(md.get("retries_done", 0)) + 1}
-        fut.request = (md, buffers, raw)
+        q = fut.request
+        md = {**q.metadata, "retries_done": int(q.metadata.get("retries_done", 0)) + 1}
         got: list[Any] = []
         with self._lock:
             if self._closed:
                 return False
             hdr = self.session.header("apply_request", "task", msg_id=fut.msg_id)
-            _, frames = self.session.serialize("apply_request", "task", {}, metadata=md,
-                                               buffers=buffers, raw=raw, header=hdr)
+            fut.request = q = QueuedTask(hdr, md, q.buffers, q.raw, q.idents)
+            frames = q.frames(self.session)
             self._tasks[fut.msg_id] = fut
             fut.metadata["status"] = "pending"
             fut.metadata["retries"] = md["retries_done"]
@@ -345,15 +342,19 @@ class Client:
             fut.set_exception(e)
             return
         md = msg.metadata
-        fut.metadata.update({k: md.get(k) for k in ("engine", "engine_uuid", "stdout",
-                                                    "stderr")})
-        fut.metadata.update({k: _dt(md.get(k)) for k in ("started", "completed", "received")})
-        status = fut.metadata["status"] = msg.content.get("status", "error")
+        status = msg.content.get("status", "error")
+        fut.replied(md, status)
         if status == "timeout" and fut.retries_left > 0:
             fut.retries_left -= 1
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
+        if status == "ok":  # the usual case, without a call more
+            try:
+                fut.set_result(deserialize(buffers))
+            except errors.SerializationError as e:
+                fut.set_exception(e)
+            return
         self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],

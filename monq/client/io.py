@@ -57,7 +57,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,16 @@ import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
 from monq.errors import ProtocolError
-from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, BatchBuilder, Message, Session
+from monq.protocol import (
+    BATCH_REPLY,
+    BATCH_REQUEST,
+    DELIM,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_TASKS,
+    BatchBuilder,
+    Message,
+    Session,
+)
 from monq.security import client_socket_setup
 from monq.serialize import recv_frames, send_frames
 
@@ -83,7 +92,8 @@ BATCH = 1000
 _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "*", "", "::1")
 
 #: what a turn on the sockets received, to dispatch once the lock is released:
-#: ("reply" | "hub", Message) or ("auth_error", parent msg_id) or ("unsent", msg_id) or
+#: ("reply" | "hub", Message), ("replies", [Message, ...]) (a batch's),
+#: ("auth_error", parent msg_id) or ("unsent", msg_id) or
 #: ("unsent", (msg_id, why)): a task that could not be signed
 Received = tuple[str, Any]
 
@@ -99,7 +109,7 @@ class QueuedTask:
     metadata: dict[str, Any]
     buffers: list[Any]
     raw: list[bool]
-    idents: list[bytes]
+    idents: Sequence[bytes]
 
     def frames(self, session: Session) -> list[Any]:
         """The task signed as a single ``apply_request`` (with its routing idents)."""
@@ -146,10 +156,13 @@ def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
         while k < len(run):
             b = BatchBuilder()
             start = k
-            while k < len(run) and len(b) < cap and not b.full():
+            # what BatchBuilder.full() says, without two calls per task
+            end = min(len(run), k + min(cap, MAX_BATCH_TASKS))
+            while k < end and b.nbytes < MAX_BATCH_BYTES:
                 t = run[k]
-                b.add({"msg_id": t.header["msg_id"], "date": t.header["date"],
-                       "metadata": t.metadata}, t.buffers, t.raw)
+                h = t.header
+                b.add({"msg_id": h["msg_id"], "date": h["date"], "metadata": t.metadata},
+                      t.buffers, t.raw)
                 k += 1
             group = run[start:k]
             if len(group) == 1:
@@ -531,10 +544,10 @@ class IOThread(threading.Thread):
             elif msg.msg_type == BATCH_REPLY:
                 try:
                     with self._feed_lock:
-                        tasks = self.session.split_batch(msg)
+                        tasks = self.session.split_batch(msg, own_headers=False)
                 except ProtocolError:
                     continue
-                got.extend(("reply", m) for m in tasks)
+                got.append(("replies", tasks))
             else:
                 got.append(("reply", msg))
 
@@ -574,6 +587,14 @@ class IOThread(threading.Thread):
     def dispatch(self, got: list[Received]) -> None:
         """Hand received messages to the client (not holding ``lock``)."""
         for kind, x in got:
+            if kind == "replies":  # a batch's: one entry for its tasks
+                on_reply = self.on_reply
+                for m in x:
+                    try:
+                        on_reply(m)
+                    except Exception:
+                        log.exception("error handling a reply")
+                continue
             try:
                 if kind == "reply":
                     self.on_reply(x)

@@ -10,93 +10,91 @@ engines gives a list, in target order; a ``map`` gives the flattened list.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures as cf
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from monq import errors
+from monq.client.futures import _DONE, _FINISHED, _MAKE, _NONE, LeanFuture
 
-_PENDING = cf._base.PENDING
+if TYPE_CHECKING:
+    from monq.client.io import QueuedTask
+
+#: the metadata a task's reply sets (copied as they are, and as datetimes)
+_REPLY_FIELDS = ("engine", "engine_uuid", "stdout", "stderr")
+_REPLY_TIMES = ("started", "completed", "received")
 
 
-class _Condition(threading.Condition):
-    """A ``threading.Condition`` that does not keep five bound methods of its lock.
+class TaskFuture(LeanFuture):
+    """The future of one task (one msg_id); ``metadata`` is filled by the reply.
 
-    A burst holds two futures per task, each with a Condition, for as long as
-    the caller keeps them: the stock one is eight objects the cyclic garbage
-    collector tracks (the bound methods ``acquire``, ``release``,
-    ``_release_save``, ``_acquire_restore`` and ``_is_owned``), this one three,
-    and the collector's full passes over a growing heap of 100,000s of them cost
-    the client more CPU than sending the tasks (counted in tests/test_costs.py).
-    Same behaviour: the methods delegate to the RLock.
+    ``metadata`` is made when first read: in a burst most tasks' is never
+    read, and making it (a dict and four datetimes per task) was a good part
+    of the client's CPU per task.  The reply's metadata is kept as it came
+    until then.
     """
-
-    def __init__(self) -> None:  # noqa: D107 - the lock is always a fresh RLock
-        self._lock = threading.RLock()
-        self._waiters: collections.deque[Any] = collections.deque()
-
-    def acquire(self, *args: Any) -> bool:  # type: ignore[override]
-        return self._lock.acquire(*args)
-
-    def release(self) -> None:  # type: ignore[override]
-        self._lock.release()
-
-    def _release_save(self) -> Any:
-        return self._lock._release_save()  # type: ignore[attr-defined]
-
-    def _acquire_restore(self, x: Any) -> None:
-        self._lock._acquire_restore(x)  # type: ignore[attr-defined]
-
-    def _is_owned(self) -> bool:
-        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
-
-
-#: what cf.Future.__init__ sets (checked once: another Python may set more)
-_FUTURE_FIELDS = {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
-_LIGHT = set(vars(cf.Future())) == _FUTURE_FIELDS and hasattr(threading.RLock(), "_is_owned")
-
-
-def _init_future(f: cf.Future[Any]) -> None:
-    """``cf.Future.__init__`` with a :class:`_Condition`."""
-    if not _LIGHT:
-        cf.Future.__init__(f)
-        return
-    f._condition = _Condition()  # type: ignore[attr-defined]
-    f._state = _PENDING  # type: ignore[attr-defined]
-    f._result = None  # type: ignore[attr-defined]
-    f._exception = None  # type: ignore[attr-defined]
-    f._waiters = []  # type: ignore[attr-defined]
-    f._done_callbacks = []  # type: ignore[attr-defined]
-
-
-class TaskFuture(cf.Future):  # type: ignore[type-arg]
-    """The future of one task (one msg_id); ``metadata`` is filled by the reply."""
 
     def __init__(self, msg_id: str, submitted: float, queue: str,
                  engine: int | None = None) -> None:
-        _init_future(self)
+        LeanFuture.__init__(self)
         self.msg_id = msg_id
         self.queue = queue
         #: load-balanced tasks keep what they were sent with, to be sent again: after
         #: their engine died before reading them, or for a retry
-        self.request: tuple[dict[str, Any], Sequence[Any], Sequence[bool]] | None = None
+        self.request: QueuedTask | None = None
         self.retries_left = 0
-        self.metadata: dict[str, Any] = {
-            "msg_id": msg_id, "engine": engine, "status": "pending", "queue": queue,
-            "submitted": _dt(submitted), "started": None, "completed": None, "received": None,
-            "stdout": "", "stderr": "",
-        }
+        self._submitted = submitted
+        self._engine = engine
+        self._md: dict[str, Any] | None = None
+        #: the reply's metadata and status, until ``metadata`` is made
+        self._reply: dict[str, Any] | None = None
+        self._status = "pending"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """engine, status, submitted, started, completed, received, stdout, stderr, ..."""
+        md = self._md
+        if md is None:
+            with _MAKE:  # against a reply recorded meanwhile (see replied)
+                md = self._md
+                if md is None:
+                    md = {"msg_id": self.msg_id, "engine": self._engine, "status": "pending",
+                          "queue": self.queue, "submitted": _dt(self._submitted),
+                          "started": None, "completed": None, "received": None,
+                          "stdout": "", "stderr": ""}
+                    if self._reply is not None:
+                        _set_reply(md, self._reply, self._status)
+                        self._reply = None
+                    self._md = md
+        return md
+
+    def replied(self, md: dict[str, Any], status: str) -> None:
+        """Record a reply's metadata and status (in the metadata, or kept until it is made)."""
+        with _MAKE:
+            if self._md is None:
+                self._reply = md
+                self._status = status
+                return
+        _set_reply(self._md, md, status)
 
     def _invoke_callbacks(self) -> None:
-        super()._invoke_callbacks()  # type: ignore[misc]
+        super()._invoke_callbacks()
         # they ran once and never run again: dropping them breaks the cycle with the
         # AsyncResult that waits on this future, so a large result (or the shared memory
         # it views, see monq.shm) is freed as soon as the caller drops it, not at the next GC
-        self._done_callbacks: list[Any] = []
+        self._parent = None
+        self._done_callbacks = _NONE
+
+
+def _set_reply(dst: dict[str, Any], md: dict[str, Any], status: str) -> None:
+    for k in _REPLY_FIELDS:
+        dst[k] = md.get(k)
+    for k in _REPLY_TIMES:
+        dst[k] = _dt(md.get(k))
+    dst["status"] = status
 
 
 def _dt(t: float | None) -> datetime | None:
@@ -104,43 +102,63 @@ def _dt(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc)
 
 
-class AsyncResult(cf.Future):  # type: ignore[type-arg]
+class AsyncResult(LeanFuture):
     """The result of work submitted to the cluster, available later."""
 
     def __init__(self, children: Sequence[TaskFuture], single: bool = True,
                  reduce: Callable[[list[Any]], Any] | None = None,
                  waiter: Callable[[cf.Future[Any], float | None], bool] | None = None
                  ) -> None:
-        _init_future(self)
+        LeanFuture.__init__(self)
         #: ``waiter(self, timeout)`` waits until done (the client's, which receives the
         #: replies in the waiting thread when it can); None: wait on the future alone
         self._waiter = waiter
-        self._children = list(children)
-        self._single = single and len(self._children) == 1
+        kids = list(children)
+        one = len(kids) == 1
+        #: the one task's future, kept without a list (one object fewer per task in a
+        #: burst for the garbage collector); else None and ``_many`` has them all
+        self._child: TaskFuture | None = kids[0] if one else None
+        self._many: list[TaskFuture] | None = None if one else kids
+        self._single = single and one
         self._reduce = reduce
-        self._left = len(self._children)
-        # the condition's RLock: one object fewer per task for the garbage collector
-        self._lock = self._condition
-        if not self._children:
+        self._left = len(kids)
+        #: counts the children left (one child needs no count)
+        self._lock = threading.Lock() if self._left > 1 else None
+        if not kids:
             self.set_result([])
-        for c in self._children:
-            c.add_done_callback(self._child_done)
+        for c in kids:
+            c._watched_by(self)
+
+    @property
+    def _children(self) -> list[TaskFuture]:
+        """The tasks' futures, in order."""
+        c = self._child
+        return [c] if c is not None else self._many  # type: ignore[return-value]
 
     # -- composition -----------------------------------------------------------
 
     def _child_done(self, _: cf.Future) -> None:  # type: ignore[type-arg]
-        with self._lock:
-            self._left -= 1
-            if self._left:
-                return
+        if self._lock is not None:
+            with self._lock:
+                self._left -= 1
+                if self._left:
+                    return
+        if self._single:
+            c = self._child
+            assert c is not None
+            if c._state != _FINISHED:
+                c.exception()  # cancelled: raises CancelledError (as the stock Future's)
+            if c._exception is not None:
+                self.set_exception(c._exception)
+            else:
+                self.set_result(c._result)
+            return
         failed = [c for c in self._children if c.exception() is not None]
         if failed:
             self.set_exception(failed[0].exception())
             return
         values = [c.result() for c in self._children]
-        if self._single:
-            self.set_result(values[0])
-        elif self._reduce is not None:
+        if self._reduce is not None:
             self.set_result(self._reduce(values))
         else:
             self.set_result(values)
@@ -171,7 +189,7 @@ class AsyncResult(cf.Future):  # type: ignore[type-arg]
                 f"not finished after {timeout}s") from None
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._waiter is not None and not self.done():
+        if self._state not in _DONE and self._waiter is not None:
             if not self._waiter(self, timeout):
                 timeout = 0  # not done in time: raise TimeoutError at once
         return super().result(timeout)

@@ -38,6 +38,8 @@ class View:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.client = client
+        #: the client's waiter, bound once (not a bound method per AsyncResult in a burst)
+        self._waiter = client._wait_for
         self.block = block
         self.label = label
         #: seconds a task may run before it is ended and recorded ``timeout``
@@ -55,12 +57,12 @@ class View:
     def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
         """Submit ``f(*args, **kwargs)``; return its AsyncResult at once."""
         children = self._submit(f, args, kwargs)
-        return AsyncResult(children, single=self._single(), waiter=self.client._wait_for)
+        return AsyncResult(children, single=self._single(), waiter=self._waiter)
 
     def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``f(*args, **kwargs)`` and return its result (or raise its RemoteError)."""
         children = self._submit(f, args, kwargs, sync=True)
-        return AsyncResult(children, single=self._single(), waiter=self.client._wait_for).get()
+        return AsyncResult(children, single=self._single(), waiter=self._waiter).get()
 
     def apply(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return (self.apply_sync if self.block else self.apply_async)(f, *args, **kwargs)
@@ -89,7 +91,7 @@ class View:
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         children = self._submit_chunks(f, _chunks(lists, chunksize), sync)
-        return AsyncMapResult(children, ordered=ordered, waiter=self.client._wait_for)
+        return AsyncMapResult(children, ordered=ordered, waiter=self._waiter)
 
     def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]],
                        sync: bool = False) -> list[Any]:
@@ -193,12 +195,12 @@ class DirectView(View):
                                                     engine=t, label=self.label,
                                           timeout=self.timeout))
             start = end
-        return AsyncResult(children, single=False, waiter=self.client._wait_for)
+        return AsyncResult(children, single=False, waiter=self._waiter)
 
     def gather(self, name: str) -> AsyncResult:
         """Read ``name`` from every target and join the parts (lists, or numpy arrays)."""
         children = self._submit(_pull, (name,), {})
-        return AsyncResult(children, single=False, reduce=_join, waiter=self.client._wait_for)
+        return AsyncResult(children, single=False, reduce=_join, waiter=self._waiter)
 
     def __repr__(self) -> str:
         return f"<DirectView {self.targets!r}>"
