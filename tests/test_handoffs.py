@@ -126,6 +126,19 @@ def test_an_idle_engine_link_thread_sleeps(tmp_path: Path) -> None:
             before = link.wakeups
             time.sleep(1.0)
             assert link.wakeups == before  # it used to wake every 5 ms: 200 times
+            if link.timer is not None:
+                # short tasks one after another: each start arms the timer, each end
+                # disarms it, and the link is not woken (it used to be at the first
+                # start, then looked every 5 ms for 100 ms: 20 wake-ups and more)
+                armed = link.timer.armed
+                for i in range(50):
+                    assert v.apply_sync(abs, -i) == i
+                while not link.asleep and time.monotonic() < deadline + 10:
+                    time.sleep(0.05)
+                assert link.timer.armed - armed >= 45  # (asleep: armed once per task)
+                # a task delayed by the OS past the 5 ms would wake it once
+                assert link.wakeups - before <= 5
+                before = link.wakeups
             # a task wakes it (to tell the Hub about a long one), then it sleeps again
             assert v.apply_sync(time.sleep, 0.05) is None
             assert link.wakeups > before

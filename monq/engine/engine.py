@@ -64,6 +64,7 @@ from typing import Any
 import zmq
 
 from monq.connection import ConnectionInfo, pid_alive
+from monq.engine.timer import make_timer
 from monq.errors import MonqError, ProtocolError, SerializationError
 from monq.protocol import (
     BATCH_REPLY,
@@ -197,14 +198,36 @@ class _Link(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        #: wakes the sleeping thread ``delay`` after a task started, if it still runs then
+        #: (None where there is no timerfd: a task start then wakes the thread at once)
+        self.timer = make_timer()
+        #: sleep after this many idle looks: at once with a timer (a task start then costs
+        #: no wake-up), else after IDLE_LOOKS (each start while asleep costs one)
+        self.idle_looks = 1 if self.timer is not None else self.IDLE_LOOKS
 
     def task_started(self) -> None:
-        """Called by the main thread once ``engine.current`` is set: a sleeping link
-        wakes up, to tell the Hub if the task runs longer than ``delay``."""
-        if self.asleep:
-            self.asleep = False
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
+        """Called by the main thread once ``engine.current`` is set.
+
+        A sleeping link must look at the task if it runs longer than
+        ``delay`` (or, with replies held, ``reply_hold``): with a timer it is
+        armed for then, so a task that ends sooner wakes nobody.  Receipts to
+        report (tasks read behind this one) wake it at once.
+        """
+        if not self.asleep:
+            return  # awake: it looks every ``delay`` anyway
+        eng = self.engine
+        if self.timer is not None and not eng.receipts:
+            hold = eng.config.reply_hold
+            self.timer.arm(min(self.delay, hold) if eng.held else self.delay)
+            return
+        self.asleep = False
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def task_finished(self) -> None:
+        """Called by the main thread once ``engine.current`` is None again."""
+        if self.timer is not None:
+            self.timer.disarm()
 
     def stop(self) -> None:
         self._stopping = True
@@ -218,6 +241,8 @@ class _Link(threading.Thread):
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if self.timer is not None:
+                self.timer.close()
 
     def _run(self) -> None:
         eng = self.engine
@@ -227,6 +252,10 @@ class _Link(threading.Thread):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        timer_fd = -1
+        if self.timer is not None:
+            timer_fd = self.timer.fileno()
+            poller.register(timer_fd, zmq.POLLIN)
         idle = 0
         try:
             while not self._stopping:
@@ -235,7 +264,9 @@ class _Link(threading.Thread):
                 if self._wake_r in events:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
-                    self.asleep = False
+                if timer_fd in events:
+                    self.timer.clear()  # type: ignore[union-attr]
+                self.asleep = False
                 if self.sock in events:
                     self._drain_hub()
                 cur = eng.current
@@ -260,7 +291,7 @@ class _Link(threading.Thread):
                     idle = 0
                     continue
                 idle += 1
-                if idle >= self.IDLE_LOOKS:
+                if idle >= self.idle_looks:
                     # sleep until task_started(); a task that started meanwhile saw
                     # asleep False (and is seen here) or sees it True (and wakes us)
                     self.asleep = True
@@ -637,6 +668,8 @@ class Engine:
             sys.stdout, sys.stderr = saved
         completed = time.time()
         self.current = None
+        if self._link is not None:
+            self._link.task_finished()
         buffers: list[Any] = []
         raw: list[bool] = []
         metadata = {
