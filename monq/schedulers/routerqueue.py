@@ -24,13 +24,41 @@ messages, and stays on the C loop.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import zmq
+from zmq.backend import Socket as _BackendSocket
 
 #: a ROUTER->ROUTER message needs the sender's identity, the destination and a body
 MIN_FRAMES = 3
 #: messages moved per socket before looking at the other one (fairness, fewer polls)
 BATCH = 256
+
+# pyzmq's recv_multipart/send_multipart add several Python layers per frame (keyword
+# handling, type checks, a getsockopt(RCVMORE) per frame); the Cython calls they end in
+# cost a fraction of that.  This loop holds the GIL, shared with the Hub, for every
+# message it moves: each microsecond here is one the Hub or a relayed message waits.
+_recv = _BackendSocket.recv
+_send = _BackendSocket.send
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def _recv_message(sock: zmq.Socket) -> list[Any]:
+    """One whole multipart message as Frames (zmq.Again if none is waiting)."""
+    f = _recv(sock, _NOBLOCK, False)
+    frames = [f]
+    while f.more:
+        # the rest of a message arrives with its first frame: never waits
+        f = _recv(sock, 0, False)
+        frames.append(f)
+    return frames
+
+
+def _send_message(sock: zmq.Socket, frames: list[Any]) -> None:
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        _send(sock, f, _SNDMORE if i < last else 0, False)
 
 
 def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
@@ -43,7 +71,7 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
     as ``[destination, sender, *body]`` and copied to ``mon`` as
     ``[prefix, destination, sender, *body]``.  Shorter messages are dropped and
     counted in ``rejected[reason]``.  Frames are passed by reference
-    (``copy=False``): a payload is not copied for the second send.
+    (zmq Frames, ``copy=False``): a payload is not copied for the second send.
     """
     if rejected is None:
         rejected = Counter()
@@ -51,7 +79,6 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
     routes = ((front, back, in_prefix), (back, front, out_prefix))
-    flags = zmq.NOBLOCK
     while True:
         ready = dict(poller.poll())
         for src, dst, prefix in routes:
@@ -59,12 +86,13 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
                 continue
             for _ in range(BATCH):
                 try:
-                    frames = src.recv_multipart(flags, copy=False)
+                    frames = _recv_message(src)
                 except zmq.Again:
                     break
                 if len(frames) < MIN_FRAMES:
                     rejected[reason] += 1
                     continue
                 frames[0], frames[1] = frames[1], frames[0]
-                dst.send_multipart(frames, copy=False)
-                mon.send_multipart([prefix, *frames], copy=False)
+                _send_message(dst, frames)
+                _send(mon, prefix, _SNDMORE, True)
+                _send_message(mon, frames)
