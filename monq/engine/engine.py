@@ -110,12 +110,15 @@ class EngineConfig:
 
 
 class _Capture(io.StringIO):
-    """A text stream that keeps at most ``cap`` characters."""
+    """A text stream that keeps at most ``cap`` characters.
 
-    def __init__(self, cap: int) -> None:
-        super().__init__()
-        self.cap = cap
-        self.dropped = 0
+    ``cap`` and ``dropped`` are class attributes until set on an instance: two
+    are made per task, and a Python ``__init__`` tripled their cost (1.9 against
+    0.6 us here).
+    """
+
+    cap = _OUTPUT_CAP
+    dropped = 0
 
     def write(self, s: str) -> int:
         room = self.cap - self.tell()
@@ -639,7 +642,9 @@ class Engine:
         self.current = (msg.msg_id, started)
         if self._link is not None:
             self._link.task_started()
-        out, err = _Capture(self.config.output_cap), _Capture(self.config.output_cap)
+        out, err = _Capture(), _Capture()
+        if self.config.output_cap != _OUTPUT_CAP:
+            out.cap = err.cap = self.config.output_cap
         content: dict[str, Any]
         result: Any = None
         # what contextlib.redirect_stdout/stderr do, without their objects
