@@ -88,10 +88,11 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
             if src not in ready:
                 continue
             for i in range(BATCH):
-                # the poll said a message waits; after it, ask the socket rather than
-                # end on zmq.Again (raising it costs ~3x a look at ZMQ_EVENTS, and a
-                # sequential round trip has one message per wake-up)
-                if i and not _get(src, _EVENTS) & _POLLIN:
+                # the poll said a message waits; after it, ask the socket once rather
+                # than end on zmq.Again (raising it costs ~3x a look at ZMQ_EVENTS, and a
+                # sequential round trip has one message per wake-up); a burst reads on
+                # until zmq.Again
+                if i == 1 and not _get(src, _EVENTS) & _POLLIN:
                     break
                 try:
                     frames = _recv_message(src)
