@@ -27,9 +27,10 @@ def _readable(t: OneShotTimer, ms: int) -> bool:
 
 
 def test_an_armed_timer_fires_once_and_clears(timer: OneShotTimer) -> None:
-    assert not _readable(timer, 0)
+    assert not _readable(timer, 0) and not timer.pending()
     timer.arm(1e-6)
     assert _readable(timer, 5000)
+    assert not timer.pending()  # fired
     assert _readable(timer, 0)  # stays readable until read
     timer.clear()
     assert not _readable(timer, 0)
@@ -39,7 +40,9 @@ def test_an_armed_timer_fires_once_and_clears(timer: OneShotTimer) -> None:
 
 def test_a_disarmed_timer_does_not_fire(timer: OneShotTimer) -> None:
     timer.arm(30.0)
+    assert timer.pending()
     timer.disarm()
+    assert not timer.pending()
     timer.arm(1e-6)  # re-arming replaces the earlier time
     assert _readable(timer, 5000)
     timer.clear()

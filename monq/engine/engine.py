@@ -213,8 +213,9 @@ class _Link(threading.Thread):
 
         A sleeping link must look at the task if it runs longer than
         ``delay`` (or, with replies held, ``reply_hold``): with a timer it is
-        armed for then, so a task that ends sooner wakes nobody.  Receipts to
-        report (tasks read behind this one) wake it at once.
+        armed for then, so a task that ends sooner wakes nobody (a stream of
+        short tasks wakes it once, after the last).  Receipts to report (tasks
+        read behind this one) wake it at once.
         """
         if not self.asleep:
             return  # awake: it looks every ``delay`` anyway
@@ -227,10 +228,6 @@ class _Link(threading.Thread):
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def task_finished(self) -> None:
-        """Called by the main thread once ``engine.current`` is None again."""
-        if self.timer is not None:
-            self.timer.disarm()
 
     def stop(self) -> None:
         self._stopping = True
@@ -672,9 +669,9 @@ class Engine:
         finally:
             sys.stdout, sys.stderr = saved
         completed = time.time()
+        # (the link's timer is left armed: the next task's start moves it on, and a link
+        # woken after the last task finds nothing to do and sleeps again)
         self.current = None
-        if self._link is not None:
-            self._link.task_finished()
         buffers: list[Any] = []
         raw: list[bool] = []
         metadata = {

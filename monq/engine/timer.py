@@ -6,8 +6,11 @@ Most tasks end far sooner.  Waking the thread at each start (a pipe write)
 and letting it wait out the delay costs two thread wake-ups per task, which
 fight the task's own thread for the GIL and the CPU; polling every ``delay``
 costs wake-ups whether or not anything runs.  With a timerfd the main thread
-arms the timer when a task starts and disarms it when the task ends (two
-system calls, ~1 us each, no other thread woken): a short task wakes nobody.
+arms the timer when a task starts (one system call, ~1 us, no other thread
+woken): a short task wakes nobody.  The engine does not disarm it when a
+task ends: the next task's start moves it on, so a stream of short tasks
+wakes the link once, ``delay`` after the last one started, and finds nothing
+to do.
 
 :func:`make_timer` returns None where timerfd is not available (not Linux,
 no libc through ctypes); the engine then wakes its link thread as before.
@@ -46,12 +49,13 @@ class OneShotTimer:
 
     def __init__(self, libc: Any) -> None:
         self._settime = libc.timerfd_settime
+        self._gettime = libc.timerfd_gettime
         fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "timerfd_create failed")
         self._fd = fd
-        self._spec = _Itimerspec()
-        self._ref = ctypes.byref(self._spec)
+        #: the time specs armed so far, by seconds (an engine arms one or two delays)
+        self._specs: dict[float, Any] = {}
         self._zero = ctypes.byref(_Itimerspec())
         #: how many times it was armed (tests count them)
         self.armed = 0
@@ -60,12 +64,23 @@ class OneShotTimer:
         return self._fd
 
     def arm(self, seconds: float) -> None:
-        ns = max(1000, int(seconds * 1e9))  # an all-zero it_value would disarm it
-        v = self._spec.it_value
-        v.tv_sec, v.tv_nsec = divmod(ns, 1_000_000_000)
+        """Fire ``seconds`` from now (replacing any earlier time)."""
+        ref = self._specs.get(seconds)
+        if ref is None:
+            spec = _Itimerspec()
+            ns = max(1000, int(seconds * 1e9))  # an all-zero it_value would disarm it
+            spec.it_value.tv_sec, spec.it_value.tv_nsec = divmod(ns, 1_000_000_000)
+            ref = self._specs[seconds] = ctypes.byref(spec)
         self.armed += 1
-        if self._settime(self._fd, 0, self._ref, None) != 0:
+        if self._settime(self._fd, 0, ref, None) != 0:
             raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def pending(self) -> bool:
+        """Whether it is armed and has not fired yet."""
+        cur = _Itimerspec()
+        if self._gettime(self._fd, ctypes.byref(cur)) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_gettime failed")
+        return bool(cur.it_value.tv_sec or cur.it_value.tv_nsec)
 
     def disarm(self) -> None:
         self._settime(self._fd, 0, self._zero, None)
@@ -95,6 +110,8 @@ def make_timer() -> OneShotTimer | None:
                                          ctypes.POINTER(_Itimerspec),
                                          ctypes.POINTER(_Itimerspec)]
         libc.timerfd_settime.restype = ctypes.c_int
+        libc.timerfd_gettime.argtypes = [ctypes.c_int, ctypes.POINTER(_Itimerspec)]
+        libc.timerfd_gettime.restype = ctypes.c_int
         return OneShotTimer(libc)
     except (OSError, AttributeError):
         return None
