@@ -180,6 +180,12 @@ class _Link(threading.Thread):
       that died before reading them (see monq.hub.tracker);
     - answers the Hub's ``reregister_request`` (a restarted controller does
       not know this engine yet).
+
+    With nothing running, read or held it sleeps (on its Hub socket, a wake-up
+    pipe and, on Linux, a timerfd; see monq.engine.timer).  A task's start
+    arms the timer for ``delay`` later instead of waking the thread, so short
+    tasks one after another wake it once, after the last; receipts to report
+    wake it at once.
     """
 
     #: looks (every ``delay``) with nothing running, read or to report before it sleeps
