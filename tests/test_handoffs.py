@@ -68,12 +68,15 @@ def test_a_sequential_reply_is_read_without_a_raised_again(
     assert lb.apply_sync(abs, -1) == 1
     agains: list[int] = []
     real_recv = client_io.recv_frames
+    me = threading.current_thread()
 
     def recv(sock: Any, flags: int = 0) -> Any:
         try:
             return real_recv(sock, flags)
         except zmq.Again:
-            agains.append(1)
+            # (the I/O thread drains the Hub's notices, beats included, on its own)
+            if threading.current_thread() is me:
+                agains.append(1)
             raise
 
     monkeypatch.setattr(client_io, "recv_frames", recv)
@@ -164,18 +167,24 @@ def test_an_idle_engine_link_thread_sleeps(tmp_path: Path) -> None:
             time.sleep(1.0)
             assert link.wakeups == before  # it used to wake every 5 ms: 200 times
             if link.timer is not None:
-                # short tasks one after another: each start arms the timer, each end
-                # disarms it, and the link is not woken (it used to be at the first
-                # start, then looked every 5 ms for 100 ms: 20 wake-ups and more)
-                armed = link.timer.armed
+                # short tasks one after another: each start arms the timer (or finds the
+                # link awake), no start writes to its pipe, and the link wakes only
+                # where the next start came more than 5 ms after the last (the timer
+                # fired in between: once after the last task, and wherever the OS
+                # delayed a round trip).  The base woke at the first start, then looked
+                # every 5 ms for 100 ms: 20 wake-ups and more.
+                pipe_wakes = link.pipe_wakes
+                slow = 0
                 for i in range(50):
+                    t0 = time.monotonic()
                     assert v.apply_sync(abs, -i) == i
+                    slow += time.monotonic() - t0 >= 0.004
                 while not _settled(link) and time.monotonic() < deadline + 10:
                     time.sleep(0.05)
-                assert link.timer.armed - armed >= 45  # (asleep: armed once per task)
-                # once after the last task (the timer is moved on, not disarmed), and a
-                # task delayed by the OS past the 5 ms would wake it once more
-                assert link.wakeups - before <= 5
+                assert link.pipe_wakes == pipe_wakes
+                # each such gap: the timer's wake-up, maybe one more look if the next
+                # task had started meanwhile
+                assert link.wakeups - before <= 3 * (slow + 1)
                 before = link.wakeups
             # a task wakes it (to tell the Hub about a long one), then it sleeps again
             assert v.apply_sync(time.sleep, 0.05) is None

@@ -204,6 +204,8 @@ class _Link(threading.Thread):
         self.asleep = False
         #: how many times it woke up (tests count them: none while the engine is idle)
         self.wakeups = 0
+        #: how many times a task's start woke it through the pipe (tests count them)
+        self.pipe_wakes = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -231,6 +233,7 @@ class _Link(threading.Thread):
             self.timer.arm(min(self.delay, hold) if eng.held else self.delay)
             return
         self.asleep = False
+        self.pipe_wakes += 1
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
