@@ -7,7 +7,7 @@ sequential load-balanced ``apply_sync(noop)`` and prints, for each step, the
 median and p90 time from the previous step, in microseconds.  The tracing
 itself adds a few microseconds per step.
 
-Run: PYTHONPATH=$PWD python bench/trace_roundtrip.py [--n 1000] [--view lb|direct]
+Run: PYTHONPATH=$PWD python bench/trace_roundtrip.py [--n 1000] [--view lb|direct] [--slowest]
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--view", default="lb")
     p.add_argument("--raw", type=int, default=0, help="print the events of this many round trips")
+    p.add_argument("--slowest", action="store_true",
+                   help="the steps of the slowest 1 %% of round trips only (what makes the p99)")
     a = p.parse_args()
     tdir = Path(tempfile.mkdtemp(prefix="monq-trace-"))
     os.environ["MONQ_TRACE_DIR"] = str(tdir)
@@ -79,6 +81,12 @@ def main() -> None:
                 cur = None
     steps: dict[str, list[float]] = collections.defaultdict(list)
     order: dict[str, int] = {}
+    totals = [(trip[-1][0] - trip[0][0]) / 1000 for trip in trips]
+    if a.slowest:
+        # only the slowest 1 %: which steps make the p99
+        cut = sorted(totals)[int(len(totals) * 0.99)]
+        trips = [t for t, total in zip(trips, totals) if total >= cut]
+        print(f"slowest {len(trips)} round trips (>= {cut:.0f} us):")
     for trip in trips:
         prev = trip[0][0]
         seen = set()
@@ -92,7 +100,6 @@ def main() -> None:
             steps[key].append((t - prev) / 1000)
             order.setdefault(key, len(order))
             prev = t
-    totals = [(trip[-1][0] - trip[0][0]) / 1000 for trip in trips]
     print(f"{len(trips)} round trips ({a.view}); median {statistics.median(totals):.0f} us, "
           f"p99 {sorted(totals)[int(len(totals) * 0.99)]:.0f} us")
     print(f"{'step (time since the previous step)':60} {'n':>5} {'median':>7} {'p90':>7}")

@@ -12,6 +12,7 @@ thread is joined with a timeout.  Every receive is bounded by a poll.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import uuid
 from collections import Counter
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from monq.schedulers import Relay
+from monq.schedulers import Relay, routerqueue
 
 TIMEOUT_MS = 5000
 _urls = itertools.count()
@@ -316,3 +317,54 @@ def test_task_relay_balances_1000_messages_and_copies_all(task_rig: Rig) -> None
         copies[task_rig.monitor.recv_multipart()[0]] += 1
     assert copies == {b"in.task": n, b"out.task": n}, "the monitor dropped copies"
     assert nothing_more(task_rig.monitor)
+
+
+def test_direct_relay_moves_messages_without_pyzmqs_per_frame_layers(
+        direct_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct loop holds the GIL (shared with the Hub) per message: it uses the
+    Cython send/recv, never pyzmq's recv_multipart/send_multipart (2-3x its CPU),
+    and looks at ZMQ_EVENTS rather than raising zmq.Again after the last message."""
+    in_relay: Counter[str] = Counter()
+    for name in ("recv_multipart", "send_multipart"):
+        real = getattr(zmq.Socket, name)
+
+        def counted(self: zmq.Socket, *a: object, _real: object = real, _name: str = name,
+                    **k: object) -> object:
+            if threading.current_thread() is direct_rig.relay:
+                in_relay[_name] += 1
+            return _real(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(zmq.Socket, name, counted)
+    real_recv = routerqueue._recv
+
+    def recv_counting_again(sock: zmq.Socket, *a: object) -> object:
+        try:
+            return real_recv(sock, *a)
+        except zmq.Again:
+            in_relay["zmq.Again"] += 1
+            raise
+
+    monkeypatch.setattr(routerqueue, "_recv", recv_counting_again)
+    engine_id = b"engine-1"
+    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
+    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
+    for _ in range(50):
+        client.send_multipart([engine_id, b"ping"])
+        if engine.poll(100, zmq.POLLIN):
+            break
+    while not nothing_more(engine, 100):
+        engine.recv_multipart()
+    for i in range(20):
+        client.send_multipart([engine_id, b"<IDS|MSG>", str(i).encode(), b"x" * 100_000])
+        got = recv(engine)
+        assert got[:3] == [b"client-1", b"<IDS|MSG>", str(i).encode()]
+        assert len(got[3]) == 100_000
+        engine.send_multipart([b"client-1", b"<IDS|MSG>", b"reply"])
+        assert recv(client) == [engine_id, b"<IDS|MSG>", b"reply"]
+    copies = 0
+    while not nothing_more(direct_rig.monitor, 100):
+        direct_rig.monitor.recv_multipart()
+        copies += 1
+    assert copies >= 40  # each request and reply copied once (and the pings)
+    # nor does it end each wake-up on a raised zmq.Again: it asks the socket
+    assert in_relay == Counter()

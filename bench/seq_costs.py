@@ -1,0 +1,98 @@
+"""CPU and wake-ups per sequential round trip, by process and thread.
+
+Starts a 2-engine cluster, runs ``n`` sequential ``apply_sync(noop)`` on a
+load-balanced (or direct) view after a warm-up, and reads before and after,
+for every thread of the client, the engines and the controller, the CPU time
+(utime + stime, /proc/<pid>/task/<tid>/stat) and the voluntary context
+switches (each one a sleep, i.e. one wake-up later).  Prints them per round
+trip.  CPU and wake-up counts are steadier than wall time on a shared
+machine: they say what a round trip costs whoever runs it.
+
+Run: PYTHONPATH=$PWD python bench/seq_costs.py [--n 2000] [--view lb|direct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def threads(pid: int) -> dict[str, tuple[float, int, int]]:
+    """name/tid -> (cpu seconds, voluntary switches, involuntary switches)."""
+    out = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (t / "stat").read_text()
+            status = (t / "status").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat.rsplit(")", 1)[1].split()
+        cpu = (int(f[11]) + int(f[12])) / TICK
+        d = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        out[f"{name}/{t.name}"] = (cpu, int(d["voluntary_ctxt_switches"]),
+                                   int(d["nonvoluntary_ctxt_switches"]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--view", default="lb")
+    p.add_argument("--nice-hub", type=int, default=None,
+                   help="experiment: renice the controller's main (Hub) thread to this")
+    a = p.parse_args()
+    import monq
+    from monq.cluster import Cluster, ClusterConfig
+
+    def noop() -> None:
+        return None
+
+    home = Path(tempfile.mkdtemp(prefix="monq-seq-"))
+    cluster = Cluster(ClusterConfig(n=2, home=home, log_level="WARNING"))
+    try:
+        cluster.start(timeout=120)
+        with monq.Client(connection_file=cluster.connection_file) as client:
+            client.wait_for_engines(2, timeout=60)
+            view = client.load_balanced_view() if a.view == "lb" else client[client.ids[0]]
+            for _ in range(300):
+                view.apply_sync(noop)
+            pids = {"client": os.getpid(), **cluster.pids}
+            pids.pop("supervisor", None)
+            if a.nice_hub is not None:
+                os.setpriority(os.PRIO_PROCESS, pids["controller"], a.nice_hub)
+            before = {k: threads(p) for k, p in pids.items()}
+            ts = []
+            for _ in range(a.n):
+                t0 = time.perf_counter()
+                view.apply_sync(noop)
+                ts.append(time.perf_counter() - t0)
+            after = {k: threads(p) for k, p in pids.items()}
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    ts.sort()
+    print(f"{a.n} round trips ({a.view}): median {statistics.median(ts) * 1e6:.0f} us, "
+          f"p99 {ts[int(a.n * 0.99)] * 1e6:.0f} us")
+    print(f"{'thread':40} {'cpu us/rt':>10} {'wakes/rt':>9} {'preempt/rt':>10}")
+    tot = [0.0, 0.0, 0.0]
+    for proc in pids:
+        for th, (c1, v1, i1) in sorted(after[proc].items()):
+            c0, v0, i0 = before[proc].get(th, (0.0, 0, 0))
+            row = ((c1 - c0) / a.n * 1e6, (v1 - v0) / a.n, (i1 - i0) / a.n)
+            if row[0] < 0.5 and row[1] < 0.01:
+                continue
+            tot = [x + y for x, y in zip(tot, row)]
+            print(f"{proc + ':' + th:40} {row[0]:10.1f} {row[1]:9.2f} {row[2]:10.2f}")
+    print(f"{'total':40} {tot[0]:10.1f} {tot[1]:9.2f} {tot[2]:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
