@@ -368,3 +368,34 @@ def test_direct_relay_moves_messages_without_pyzmqs_per_frame_layers(
     assert copies >= 40  # each request and reply copied once (and the pings)
     # nor does it end each wake-up on a raised zmq.Again: it asks the socket
     assert in_relay == Counter()
+
+
+def test_direct_relay_copies_a_message_before_forwarding_it(
+        direct_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that has its reply may ask the Hub about it at once; the Hub takes in
+    the copies waiting before it answers, so the copy must be waiting by then: the
+    relay finishes the monitor copy before it sends the first frame on (a query right
+    after a direct reply had found the task unfinished under load)."""
+    order: list[str] = []
+    real_send = routerqueue._send
+
+    def send_noting(sock: zmq.Socket, frame: object, flags: int, *a: object) -> object:
+        if threading.current_thread() is direct_rig.relay:
+            order.append("copy" if sock.type == zmq.XPUB else "forward")
+        return real_send(sock, frame, flags, *a)
+
+    monkeypatch.setattr(routerqueue, "_send", send_noting)
+    engine_id = b"engine-1"
+    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
+    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
+    for _ in range(50):
+        client.send_multipart([engine_id, b"ping"])
+        if engine.poll(100, zmq.POLLIN):
+            break
+    while not nothing_more(engine, 100):
+        engine.recv_multipart()
+    order.clear()
+    engine.send_multipart([b"client-1", b"<IDS|MSG>", b"reply"])
+    assert recv(client) == [engine_id, b"<IDS|MSG>", b"reply"]
+    # prefix + 4 frames copied, then 4 forwarded
+    assert order == ["copy"] * 5 + ["forward"] * 4, order

@@ -105,6 +105,10 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
                     rejected[reason] += 1
                     continue
                 frames[0], frames[1] = frames[1], frames[0]
-                _send_message(dst, frames)
+                # the copy first: once a client has a reply, its copy is already waiting
+                # for the Hub, so a query the client sends next (which the Hub answers
+                # after taking in every waiting copy) sees the task finished, as with
+                # the C loop, which copies each frame before forwarding it
                 _send(mon, prefix, _SNDMORE, True)
                 _send_message(mon, frames)
+                _send_message(dst, frames)
