@@ -81,7 +81,7 @@ def _controller(out: str, argv: list[str]) -> int:
         flush(self, hold)
 
     def rec_monitor(self: Hub, frames: list[Any]) -> None:
-        log.append(("monitor", [f.bytes for f in frames]))
+        log.append(("monitor", [f if type(f) is bytes else f.bytes for f in frames]))
         on_monitor(self, frames)
 
     def rec_router(self: Hub, frames: list[Any]) -> None:

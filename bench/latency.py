@@ -57,10 +57,16 @@ def one_run(n: int, burst: int, engines: int) -> dict[str, Any]:
         with monq.Client(connection_file=cluster.connection_file) as client:
             client.wait_for_engines(engines, timeout=60)
             views = {"lb": client.load_balanced_view(), "direct": client[client.ids[0]]}
+            ctl = cluster.pids["controller"]
             for kind, view in views.items():
+                # the controller's CPU over the sequential loop (its warm-up included): the
+                # Hub records each task beside the round trip, on the same cores
+                c0 = cpu_seconds(ctl)
                 r = latency(view, n, noop, warm=200)
                 out[f"{kind}_median_us"] = r["median_us"]
                 out[f"{kind}_p99_us"] = r["p99_us"]
+                out[f"{kind}_controller_cpu_us_per_task"] = \
+                    (cpu_seconds(ctl) - c0) / (n + 200) * 1e6
             pids = cluster.pids
             eng = [p for name, p in pids.items() if name.startswith("engine")]
             ctl = pids["controller"]
@@ -86,7 +92,9 @@ def one_run(n: int, burst: int, engines: int) -> dict[str, Any]:
     return out
 
 
-KEYS = ["lb_median_us", "lb_p99_us", "direct_median_us", "direct_p99_us", "client_cpu_us_per_task",
+KEYS = ["lb_median_us", "lb_p99_us", "direct_median_us", "direct_p99_us",
+        "lb_controller_cpu_us_per_task", "direct_controller_cpu_us_per_task",
+        "client_cpu_us_per_task",
         "engines_cpu_us_per_task", "controller_cpu_us_per_task", "burst_tasks_per_s",
         "idle_engines_cpu_pct"]
 

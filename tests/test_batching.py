@@ -485,6 +485,10 @@ def test_the_hub_takes_a_backlog_of_batches_a_few_thousand_tasks_a_turn(
                 raise zmq.Again()
             return copies.pop(0)
 
+        def get(self, option: int) -> int:  # ZMQ_EVENTS: whether another copy waits
+            assert option == zmq.EVENTS
+            return zmq.POLLIN if copies else 0
+
     store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
     hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
     dirty: list[int] = []

@@ -32,6 +32,10 @@ class _Backlog:
             raise zmq.Again()
         return self.copies.pop(0)
 
+    def get(self, option: int) -> int:  # ZMQ_EVENTS: whether another copy waits
+        assert option == zmq.EVENTS
+        return zmq.POLLIN if self.copies else 0
+
 
 def _requests(client: Session, n: int) -> list[list[Any]]:
     out = []
