@@ -42,9 +42,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_run(n: int, burst: int, engines: int) -> dict[str, Any]:
+    from monq_basics import latency  # bench/ (this script's directory) is on sys.path
+
     import monq
     from monq.cluster import Cluster, ClusterConfig
-    from monq_basics import latency  # bench/ (this script's directory) is on sys.path
 
     def noop() -> None:
         return None

@@ -14,10 +14,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-from typing import Any
 
 import monq
 from monq.cluster import Cluster, ClusterConfig

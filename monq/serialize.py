@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import zmq
-from zmq.backend import Socket as _BackendSocket
 
 from monq.errors import SerializationError
+
+# whole messages over any zmq socket: kept importable from here
+from monq.frames import COPY_BELOW, recv_frames, send_frames  # noqa: F401
 
 if TYPE_CHECKING:
     import numpy as np
@@ -268,40 +270,3 @@ def recv_array(socket: zmq.Socket, flags: int = 0, copy: bool = False) -> np.nda
     dt = np.lib.format.descr_to_dtype(dtype)  # nested fields, padding, subarrays
     return np.frombuffer(buf, dtype=dt).reshape(md["shape"])
 
-
-# -- whole messages over any zmq socket ----------------------------------------------
-
-#: frames smaller than this are received as bytes (one copy, and parsing bytes is cheaper
-#: than parsing a Frame); larger ones stay zero-copy Frames (pyzmq's copy threshold)
-COPY_BELOW = 64 * 1024
-_SNDMORE = zmq.SNDMORE
-# pyzmq's sugar send/recv add several Python layers per frame (type checks, keyword
-# handling, a getsockopt(RCVMORE) per frame): 40 us for a 9-frame message here, against
-# 8 us through the Cython calls they end in
-_send = _BackendSocket.send
-_recv = _BackendSocket.recv
-
-
-def send_frames(socket: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
-    """``socket.send_multipart(frames, flags, copy=False)``, with less overhead.
-
-    Frames under the socket's ``copy_threshold`` are copied, larger ones are sent
-    without a copy (the caller must not change them until ZeroMQ has sent them).
-    Raises zmq.Again (with NOBLOCK) before anything is sent, never halfway.
-    """
-    last = len(frames) - 1
-    more = flags | _SNDMORE
-    for i, f in enumerate(frames):
-        _send(socket, f, more if i < last else flags, False)
-
-
-def recv_frames(socket: zmq.Socket, flags: int = 0) -> list[Any]:
-    """``socket.recv_multipart(flags, copy=False)``, but frames under ``COPY_BELOW``
-    bytes come as ``bytes``; larger ones are zmq Frames (no copy)."""
-    f = _recv(socket, flags, False)
-    out = [f.bytes if len(f) < COPY_BELOW else f]
-    while f.more:
-        # the rest of a message arrives with its first frame: never waits
-        f = _recv(socket, 0, False)
-        out.append(f.bytes if len(f) < COPY_BELOW else f)
-    return out

@@ -529,7 +529,7 @@ class IOThread(threading.Thread):
             # a sequential round trip reads one reply: asking the socket whether a second
             # waits (3 us) is cheaper than the raised zmq.Again that would say so (10 us);
             # a burst reads on until zmq.Again
-            if i == 1 and not _get(sock, _EVENTS) & _POLLIN:
+            if i == 1 and not int(_get(sock, _EVENTS)) & _POLLIN:
                 return
             try:
                 frames = recv_frames(sock, zmq.NOBLOCK)

@@ -42,6 +42,7 @@ import zmq
 
 from monq import bulk, shm
 from monq.errors import HubError, ProtocolError
+from monq.frames import recv_frames
 from monq.hub import blobs
 from monq.hub.filters import FILTER_KEYS, split_filters
 from monq.hub.heart import HeartMonitor
@@ -51,7 +52,6 @@ from monq.hub.tracker import LoadTracker
 from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, Message, Session
 from monq.schedulers.relay import bind_port
 from monq.security import SMALL_MSG
-from monq.serialize import recv_frames
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class Hub:
                 # one bad message must never end the loop
                 log.exception("error handling a message")
                 self.rejected["handler error"] += 1
-            if not get(zmq.EVENTS) & zmq.POLLIN:
+            if not int(get(zmq.EVENTS)) & zmq.POLLIN:
                 return i + 1
             if end is not None and not i & 63 and time.monotonic() > end:
                 break

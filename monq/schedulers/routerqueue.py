@@ -95,7 +95,7 @@ def router_router_queue(front: zmq.Socket, back: zmq.Socket, mon: zmq.Socket,
                 # than end on zmq.Again (raising it costs ~3x a look at ZMQ_EVENTS, and a
                 # sequential round trip has one message per wake-up); a burst reads on
                 # until zmq.Again
-                if i == 1 and not _get(src, _EVENTS) & _POLLIN:
+                if i == 1 and not int(_get(src, _EVENTS)) & _POLLIN:
                     break
                 try:
                     frames = _recv_message(src)
