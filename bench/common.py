@@ -11,7 +11,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +117,25 @@ class RSSSampler:
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+
+
+@contextlib.contextmanager
+def monq_cluster(engines: int = 2, prefix: str = "monq-bench-") -> Iterator[tuple[Any, Any]]:
+    """A fresh monq cluster in a temporary home and a client with every engine ready:
+    ``(cluster, client)``; both stopped and the home removed on the way out."""
+    import shutil
+    import tempfile
+
+    import monq
+    from monq.cluster import Cluster, ClusterConfig
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = Cluster(ClusterConfig(n=engines, home=home, log_level="WARNING"))
+    try:
+        cluster.start(timeout=120)
+        with monq.Client(connection_file=cluster.connection_file) as client:
+            client.wait_for_engines(engines, timeout=60)
+            yield cluster, client
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,35 +47,26 @@ def main() -> None:
     p.add_argument("--nice-hub", type=int, default=None,
                    help="experiment: renice the controller's main (Hub) thread to this")
     a = p.parse_args()
-    import monq
-    from monq.cluster import Cluster, ClusterConfig
+    from common import monq_cluster  # bench/ (this script's directory) is on sys.path
 
     def noop() -> None:
         return None
 
-    home = Path(tempfile.mkdtemp(prefix="monq-seq-"))
-    cluster = Cluster(ClusterConfig(n=2, home=home, log_level="WARNING"))
-    try:
-        cluster.start(timeout=120)
-        with monq.Client(connection_file=cluster.connection_file) as client:
-            client.wait_for_engines(2, timeout=60)
-            view = client.load_balanced_view() if a.view == "lb" else client[client.ids[0]]
-            for _ in range(300):
-                view.apply_sync(noop)
-            pids = {"client": os.getpid(), **cluster.pids}
-            pids.pop("supervisor", None)
-            if a.nice_hub is not None:
-                os.setpriority(os.PRIO_PROCESS, pids["controller"], a.nice_hub)
-            before = {k: threads(p) for k, p in pids.items()}
-            ts = []
-            for _ in range(a.n):
-                t0 = time.perf_counter()
-                view.apply_sync(noop)
-                ts.append(time.perf_counter() - t0)
-            after = {k: threads(p) for k, p in pids.items()}
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with monq_cluster(2, "monq-seq-") as (cluster, client):
+        view = client.load_balanced_view() if a.view == "lb" else client[client.ids[0]]
+        for _ in range(300):
+            view.apply_sync(noop)
+        pids = {"client": os.getpid(), **cluster.pids}
+        pids.pop("supervisor", None)
+        if a.nice_hub is not None:
+            os.setpriority(os.PRIO_PROCESS, pids["controller"], a.nice_hub)
+        before = {k: threads(p) for k, p in pids.items()}
+        ts = []
+        for _ in range(a.n):
+            t0 = time.perf_counter()
+            view.apply_sync(noop)
+            ts.append(time.perf_counter() - t0)
+        after = {k: threads(p) for k, p in pids.items()}
     ts.sort()
     print(f"{a.n} round trips ({a.view}): median {statistics.median(ts) * 1e6:.0f} us, "
           f"p99 {ts[int(a.n * 0.99)] * 1e6:.0f} us")

@@ -41,28 +41,19 @@ def main() -> None:
     import tracehooks
 
     tracehooks.install_client()
-    import monq
-    from monq.cluster import Cluster, ClusterConfig
+    from common import monq_cluster  # bench/ (this script's directory) is on sys.path
 
     def noop() -> None:
         return None
 
-    home = Path(tempfile.mkdtemp(prefix="monq-lat-"))
-    cluster = Cluster(ClusterConfig(n=2, home=home, log_level="WARNING"))
-    try:
-        cluster.start(timeout=120)
-        with monq.Client(connection_file=cluster.connection_file) as client:
-            client.wait_for_engines(2, timeout=60)
-            view = client.load_balanced_view() if a.view == "lb" else client[client.ids[0]]
-            for _ in range(200):
-                view.apply_sync(noop)
-            tracehooks.EVENTS.clear()
-            for _ in range(a.n):
-                view.apply_sync(noop)
-            client_events = list(tracehooks.EVENTS)
-    finally:
-        cluster.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with monq_cluster(2, "monq-lat-") as (cluster, client):
+        view = client.load_balanced_view() if a.view == "lb" else client[client.ids[0]]
+        for _ in range(200):
+            view.apply_sync(noop)
+        tracehooks.EVENTS.clear()
+        for _ in range(a.n):
+            view.apply_sync(noop)
+        client_events = list(tracehooks.EVENTS)
     events = [(t, tag, th) for t, tag, th in client_events]
     for f in tdir.glob("*.json"):
         events += [tuple(e) for e in json.loads(f.read_text())]

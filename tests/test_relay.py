@@ -99,6 +99,20 @@ def direct_rig() -> Iterator[Rig]:
     yield from _rig("direct", zmq.ROUTER)
 
 
+def _connected(rig: Rig, engine_id: bytes) -> tuple[zmq.Socket, zmq.Socket]:
+    """A client and an engine the direct relay routes between (pings sent until the
+    relay knows the engine, then drained from it)."""
+    client = rig.socket(zmq.DEALER, rig.client_url, identity=b"client-1")
+    engine = rig.socket(zmq.DEALER, rig.engine_url, identity=engine_id)
+    for _ in range(50):
+        client.send_multipart([engine_id, b"ping"])
+        if engine.poll(100, zmq.POLLIN):
+            break
+    while not nothing_more(engine, 100):
+        engine.recv_multipart()
+    return client, engine
+
+
 def test_engine_side_must_be_dealer_or_router() -> None:
     ctx = zmq.Context()
     try:
@@ -194,14 +208,7 @@ def test_direct_relay_drops_messages_for_unknown_engines(direct_rig: Rig) -> Non
 def test_direct_relay_survives_a_single_frame_message(direct_rig: Rig, side: str) -> None:
     """A stranger's one-frame message must not cost the next real message."""
     engine_id = b"engine-1"
-    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
-    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
-    for _ in range(50):
-        client.send_multipart([engine_id, b"ping"])
-        if engine.poll(100, zmq.POLLIN):
-            break
-    while not nothing_more(engine, 100):
-        engine.recv_multipart()
+    client, engine = _connected(direct_rig, engine_id)
     while not nothing_more(direct_rig.monitor, 100):
         direct_rig.monitor.recv_multipart()
 
@@ -230,14 +237,7 @@ def test_direct_relay_survives_a_single_frame_message(direct_rig: Rig, side: str
 def test_direct_relay_drops_short_messages_keeps_order_and_copies(direct_rig: Rig) -> None:
     """A mix of valid and too-short messages: every valid one arrives, in order, copied once."""
     engine_id = b"engine-1"
-    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
-    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
-    for _ in range(50):
-        client.send_multipart([engine_id, b"ping"])
-        if engine.poll(100, zmq.POLLIN):
-            break
-    while not nothing_more(engine, 100):
-        engine.recv_multipart()
+    client, engine = _connected(direct_rig, engine_id)
     while not nothing_more(direct_rig.monitor, 100):
         direct_rig.monitor.recv_multipart()
     n = 500
@@ -346,14 +346,7 @@ def test_direct_relay_moves_messages_without_pyzmqs_per_frame_layers(
 
     monkeypatch.setattr(routerqueue, "_recv", recv_counting_again)
     engine_id = b"engine-1"
-    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
-    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
-    for _ in range(50):
-        client.send_multipart([engine_id, b"ping"])
-        if engine.poll(100, zmq.POLLIN):
-            break
-    while not nothing_more(engine, 100):
-        engine.recv_multipart()
+    client, engine = _connected(direct_rig, engine_id)
     for i in range(20):
         client.send_multipart([engine_id, b"<IDS|MSG>", str(i).encode(), b"x" * 100_000])
         got = recv(engine)
@@ -386,14 +379,7 @@ def test_direct_relay_copies_a_message_before_forwarding_it(
 
     monkeypatch.setattr(routerqueue, "_send", send_noting)
     engine_id = b"engine-1"
-    client = direct_rig.socket(zmq.DEALER, direct_rig.client_url, identity=b"client-1")
-    engine = direct_rig.socket(zmq.DEALER, direct_rig.engine_url, identity=engine_id)
-    for _ in range(50):
-        client.send_multipart([engine_id, b"ping"])
-        if engine.poll(100, zmq.POLLIN):
-            break
-    while not nothing_more(engine, 100):
-        engine.recv_multipart()
+    client, engine = _connected(direct_rig, engine_id)
     order.clear()
     engine.send_multipart([b"client-1", b"<IDS|MSG>", b"reply"])
     assert recv(client) == [engine_id, b"<IDS|MSG>", b"reply"]
