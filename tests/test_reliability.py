@@ -167,6 +167,55 @@ def test_tasks_unread_in_a_dead_engines_socket_are_re_sent_and_run_once(
               f"re-sent and done {settled:.2f}s after the kill")
 
 
+def test_a_missed_task_lost_notice_is_made_up_from_the_history(tmp_path: Path) -> None:
+    """The Hub's notices travel on PUB/SUB: one can be missed (a client reconnecting,
+    a queue limit).  Tasks whose ``task_lost`` notice this client drops must still be
+    sent again and run once: the next notice's number shows the gap, and the client
+    looks its unfinished tasks up in the history."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def mark(i: int) -> int:
+        import os
+        import pathlib
+
+        pathlib.Path(marks, f"{i}-{os.getpid()}").touch()
+        return i
+
+    with cluster(tmp_path, 2, heartbeat=0.5) as cl, \
+            monq.Client(connection_file=cl.connection_file, timeout=10) as c:
+        ids = c.wait_for_engines(2)
+        victim = engine_pid(c, ids[0])
+        deliver = c._io.on_notify
+        dropped: list[list[str]] = []
+
+        def drop_first_loss(msg: Any) -> None:
+            if msg.msg_type == "task_lost" and not dropped:
+                dropped.append(list(msg.content["msg_ids"]))
+                return
+            deliver(msg)
+
+        c._io.on_notify = drop_first_loss
+        v = c.load_balanced_view()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            marked = [v.apply_async(mark, i) for i in range(40)]
+            wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= 40, 10,
+                       "all 40 dealt")
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        results = [f.result(timeout=60) for f in marked]
+        assert results == list(range(40))
+        assert dropped and dropped[0], "no task_lost notice came"
+        assert c.notice_gaps >= 1
+        runs = collections.Counter(p.name.split("-")[0] for p in marks.iterdir())
+        assert runs == {str(i): 1 for i in range(40)}, runs  # each ran exactly once
+        by_id = {f.msg_id: f for f in marked}
+        assert all(by_id[m].metadata.get("retries") for m in dropped[0])
+        print(f"\n{len(dropped[0])} tasks' task_lost notice dropped; all re-sent and done")
+
+
 # --- 2. engine death on the direct path ------------------------------------------------------
 
 def test_engine_killed_under_direct_tasks(tmp_path: Path) -> None:
@@ -182,15 +231,27 @@ def test_engine_killed_under_direct_tasks(tmp_path: Path) -> None:
         target = ids[0]
         pid = engine_pid(c, target)
         dv = c.direct_view(target)
+        deliver = c._io.on_notify
+        notices: collections.Counter[str] = collections.Counter()
+
+        def count(msg: Any) -> None:
+            notices[msg.msg_type] += 1
+            deliver(msg)
+
+        c._io.on_notify = count
         futures = [dv.apply_async(nap, i) for i in range(400)]
         wait_until(lambda: sum(f.done() for f in futures) >= 50, 30, "50 direct tasks done")
         os.kill(pid, signal.SIGKILL)
         monq.AsyncResult(futures, single=False).wait(timeout=60)
         got = outcomes(futures)
         db = db_statuses(c, [f.msg_id for f in futures])
-        print(f"\ndirect: client {dict(got)}; hub {dict(db)}")
+        print(f"\ndirect: client {dict(got)}; hub {dict(db)}; notices {dict(notices)}")
         assert got["pending"] == 0 and set(got) <= {"ok", "EngineDied"}
         assert got["EngineDied"] > 0  # they were not moved to another engine
+        # the engine's tasks are lost together: one notice for all (one per task could be
+        # dropped by a busy client's queue limit, and left tasks pending)
+        assert notices["task_lost"] == 1, notices
+        assert c.notice_gaps == 0
         assert db["ok"] == got["ok"] and db["lost"] == got["EngineDied"]
         assert all(f.metadata.get("engine") in (None, target) for f in futures)
 

@@ -68,6 +68,11 @@ class Client:
         self._engine_news = threading.Event()
         #: the session of the controller's Hub; another one means it restarted
         self._hub_session: str | None = None
+        #: (session, seq) of the last notice from the Hub: a jump in its numbers means
+        #: notices were missed (a task_lost among them would leave tasks pending)
+        self._notice_seq: tuple[Any, int] = (None, 0)
+        #: notices missed so far (tests read it)
+        self.notice_gaps = 0
         #: large buffers through shared memory with engines on this host (monq.shm)
         self.shm = ClientShm(self.info.key, reach=self.info.ip)
         if self.info.curve:
@@ -379,6 +384,13 @@ class Client:
 
     def _on_notify(self, msg: Message) -> None:
         c = msg.content
+        h = msg.header
+        session, seq = h.get("session"), h.get("seq")
+        if isinstance(seq, int):
+            last_session, last = self._notice_seq
+            self._notice_seq = (session, seq)
+            if session == last_session and seq > last + 1:
+                self._missed_notices(seq - last - 1)
         if msg.msg_type == "engine_registered":
             self._engines[int(c["id"])] = str(c["uuid"])
             self.shm.engine_added(int(c["id"]), str(c.get("host", "")))
@@ -420,13 +432,14 @@ class Client:
     RECONCILE_LOOKS = 8
     RECONCILE_EVERY = 1.0
 
-    def _reconcile(self) -> None:
-        """After a controller restart: settle every task still waiting here.
+    def _reconcile(self, restarted: bool = True) -> None:
+        """Settle every task still waiting here from what the Hub knows of it.
 
-        The new Hub knows what the old one recorded.  A task it has finished is
-        fetched from the history; one it holds as unfinished will be answered
-        or reported lost; one it never heard of was lost with the old
-        controller before being recorded, and is treated as never started.
+        After a controller restart (``restarted``): the new Hub knows what the
+        old one recorded.  A task it has finished is fetched from the history;
+        one it holds as unfinished will be answered or reported lost; one it
+        never heard of was lost with the old controller before being recorded,
+        and is treated as never started.
 
         An answer sent while this client was not yet connected to the new
         controller's relay is dropped there (a ROUTER drops what it cannot
@@ -435,73 +448,102 @@ class Client:
         finished meanwhile whose answer did not come is fetched from the
         history.  A batch's answer carries many tasks: this matters more with
         batching.
+
+        After missed notices (not ``restarted``): one look.  A task the Hub
+        recorded lost is handled as its ``task_lost`` notice would have been
+        (sent again if it never started); one it does not know yet is still on
+        its way to it.  A task whose notice does come meanwhile is left to it:
+        only a future still on the try that was looked up is settled here.
         """
         ids: list[str] = []
-        for look in range(self.RECONCILE_LOOKS):
+        for look in range(self.RECONCILE_LOOKS if restarted else 1):
             if look:
                 time.sleep(self.RECONCILE_EVERY)
                 ids = [m for m in ids if (f := self._tasks.get(m)) is not None and
                        not f.done()]
             try:
                 if not look:
-                    self._refresh_engines()
+                    if restarted:
+                        self._refresh_engines()
                     ids = [m for m, f in list(self._tasks.items()) if not f.done()]
                 if not ids or self._closed:
                     return
+                tries = {m: f.request for m in ids if (f := self._tasks.get(m)) is not None}
                 known = self._query("tasks_status_request", {"msg_ids": ids})["statuses"]
             except errors.MonqError as e:
-                log.warning("could not reconcile tasks with the restarted controller: %s", e)
+                log.warning("could not look up this client's tasks at the controller: %s", e)
                 return
             unknown = []
+            settled = False
             for msg_id in ids:
                 status = known.get(msg_id)
                 if status is None:
                     unknown.append(msg_id)
                 elif status not in ("pending", "running"):
-                    fut = self._tasks.pop(msg_id, None)
-                    if fut is not None and not fut.done():
-                        try:
-                            self._fetch_result(fut)
-                        except errors.MonqError as e:
-                            fut.set_exception(e)
-            if unknown and not look:
+                    with self._lock:
+                        fut = self._tasks.get(msg_id)
+                        if fut is None or fut.done() or fut.request is not tries.get(msg_id):
+                            continue  # settled meanwhile, or sent again
+                        del self._tasks[msg_id]
+                    try:
+                        self._fetch_result(fut, lost=None if restarted else self._lost)
+                    except errors.MonqError as e:
+                        fut.set_exception(e)
+                    settled = True
+            if settled:
+                self._ring()  # a caller receiving notices its future settled
+            if unknown and not look and restarted:
                 self._on_lost({"msg_ids": unknown, "started": False, "status": "lost",
                                "reason": "the controller restarted before recording it"})
             ids = [m for m in ids if known.get(m) in ("pending", "running")]
 
     def _on_lost(self, c: dict[str, Any]) -> None:
-        """The Hub says tasks will not be answered: send them again, or fail them.
+        """The Hub says tasks will not be answered: send them again, or fail them."""
+        failed = False
+        for msg_id in c.get("msg_ids", []):
+            fut = self._tasks.pop(msg_id, None)
+            if fut is not None and not fut.done():
+                failed |= not self._lost(fut, c)
+        if failed:
+            self._ring()
+
+    def _lost(self, fut: TaskFuture, c: dict[str, Any]) -> bool:
+        """Send a lost task again, or fail it; True when sent again.
 
         A load-balanced task that never started is always sent again (it has had
         no effect yet); one that started, or overran its timeout, only while its
         view's ``retries`` last.  Direct tasks belong to their engine: they fail.
         """
-        reason = str(c.get("reason", "engine died"))
+        reason = str(c.get("reason") or "engine died")
         status = str(c.get("status", "lost"))
-        failed = False
-        for msg_id in c.get("msg_ids", []):
-            fut = self._tasks.pop(msg_id, None)
-            if fut is None or fut.done():
-                continue
-            if fut.request is not None:
-                if not c.get("started", True):
-                    if self._resend(fut, reason):
-                        continue
-                elif fut.retries_left > 0:
-                    fut.retries_left -= 1
-                    if self._resend(fut, reason):
-                        continue
-            fut.request = None
-            fut.metadata["status"] = status
-            if status == "timeout":
-                fut.set_exception(errors.TaskTimeout(f"task {msg_id}: {reason}",
-                                                     c.get("engine"), msg_id))
-            else:
-                fut.set_exception(errors.EngineDied(f"task {msg_id} was lost: {reason}",
-                                                    c.get("engine")))
-            failed = True
-        if failed:
-            self._ring()
+        if fut.request is not None:
+            if not c.get("started", True):
+                if self._resend(fut, reason):
+                    return True
+            elif fut.retries_left > 0:
+                fut.retries_left -= 1
+                if self._resend(fut, reason):
+                    return True
+        fut.request = None
+        fut.metadata["status"] = status
+        if status == "timeout":
+            fut.set_exception(errors.TaskTimeout(f"task {fut.msg_id}: {reason}",
+                                                 c.get("engine"), fut.msg_id))
+        else:
+            fut.set_exception(errors.EngineDied(f"task {fut.msg_id} was lost: {reason}",
+                                                c.get("engine")))
+        return False
+
+    def _missed_notices(self, n: int) -> None:
+        """``n`` notices from the Hub never came (dropped on the way, or sent while
+        this client reconnected): settle from the history the tasks they may have
+        been about (see _reconcile)."""
+        self.notice_gaps += n
+        log.warning("%d notice(s) from the controller were missed: looking up this "
+                    "client's unfinished tasks", n)
+        if self._tasks and not self._closed:
+            threading.Thread(target=self._reconcile, kwargs={"restarted": False},
+                             name="monq-reconcile", daemon=True).start()
 
     def _on_hub_lost(self, silent: float) -> None:
         """The controller has been silent too long: fail everything that waits on it."""
@@ -778,17 +820,28 @@ class Client:
                              name=f"monq-result-{msg_id[:8]}").start()
         return AsyncResult([fut])
 
-    def _fetch_result(self, fut: TaskFuture) -> None:
+    def _fetch_result(self, fut: TaskFuture,
+                      lost: Callable[[TaskFuture, dict[str, Any]], Any] | None = None) -> None:
+        """Settle ``fut`` from its record in the history (if it is finished there).
+
+        ``lost``: what to do with a task recorded lost or timed out while it may be
+        sent again (``Client._lost``, given the notice the record stands for).
+        """
         reply = self._query_msg("result_request", {"msg_id": fut.msg_id})
         content = reply.content
         rec = content["record"]
+        status = rec.get("status")
+        if lost is not None and content.get("done") and fut.request is not None and \
+                status in ("lost", "timeout"):
+            lost(fut, {"status": status, "reason": rec.get("evalue"),
+                       "engine": rec.get("engine"), "started": rec.get("started") is not None})
+            return
         for k in ("engine", "status", "stdout", "stderr", "queue"):
             fut.metadata[k] = rec.get(k)
         for k in _TIME_FIELDS:
             fut.metadata[k] = _dt(rec.get(k))
         if not content.get("done"):
             return
-        status = rec.get("status")
         if status == "ok":
             if not content.get("has_result"):
                 why = ("evicted by the history's retention or a purge at "

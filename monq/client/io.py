@@ -313,6 +313,7 @@ class IOThread(threading.Thread):
                 s.connect(self.info.url(name))
                 sockets[name] = s
             sub = self.ctx.socket(zmq.SUB)
+            sub.rcvhwm = 0  # a busy client queues the Hub's notices rather than drop them
             sub.subscribe(b"notify")
             client_socket_setup(sub, self.info)
             sub.connect(self.info.url("notify"))

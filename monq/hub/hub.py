@@ -65,6 +65,8 @@ RECEIPT_DRAIN = 5000
 #: seconds the loop spends on one socket's backlog before it looks at the others and
 #: at its heartbeat (a burst's monitor backlog can take minutes on a loaded machine)
 TURN = 0.1
+#: msg_ids in one task_lost notice at most (~40 bytes each)
+LOST_PER_NOTICE = 5000
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,10 @@ class Hub:
         self._received_keys: dict[tuple[str, str], str] = {}
         self._next_probe = 0.0
         self._timed: dict[str, _InFlight] = {}  # running tasks with a timeout
+        #: task_lost notices not sent yet, by what they say (engine, reason, started,
+        #: status, queue): one message per kind at the end of the turn, not one per task
+        #: (an engine's death in a burst loses thousands; see _send_lost)
+        self._lost_out: dict[tuple[Any, ...], list[str]] = {}
         #: engines' receipts (task_started, tasks_received) waiting for the monitor copies
         #: sent before them to be handled (see _receipt)
         self._parked: deque[Message] = deque()
@@ -240,6 +246,10 @@ class Hub:
         self.socket_setup(self.router, -1)
         self.ports["hub"] = bind_port(self.router, addr, want.get("hub", 0))
         self.notify = self._socket(zmq.PUB)
+        # queue notices for a slow client rather than drop them: a task_lost dropped
+        # left its tasks pending forever (clients also look again after a gap in the
+        # notices' numbers: monq.client.io)
+        self.notify.sndhwm = 0
         self.socket_setup(self.notify, SMALL_MSG)  # subscriptions only come in
         self.ports["notify"] = bind_port(self.notify, addr, want.get("notify", 0))
         ping = self._socket(zmq.PUB)
@@ -272,6 +282,10 @@ class Hub:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._send_lost()
+        except Exception:
+            log.exception("could not send the last task_lost notices")
         try:
             self.flush()
         except Exception:
@@ -324,6 +338,8 @@ class Hub:
                 self._periodic()
                 self.shm_sweeper.tick(lambda msg_id: shm.hub_task_end(self, msg_id))
             self._settle_orphans()
+            if self._lost_out:
+                self._send_lost()
             if self._dirty and self._flush_due():
                 self._safe_flush(hold=True)
             self._retain()
@@ -351,6 +367,7 @@ class Hub:
                             for st in self._inflight.values()):
                 # one last look: a copy may have come with the goodbyes
                 self._catch_up()
+                self._send_lost()
                 return
             try:
                 events = poller.poll(max(1, math.ceil(min(quiet, left) * 1000)))
@@ -363,6 +380,7 @@ class Hub:
             for sock, _ in events:
                 handlers[sock]()
         self._catch_up()
+        self._send_lost()
 
     def _dirty_full(self) -> bool:
         """``flush_rows`` rows are dirty besides those the last write held back.
@@ -879,9 +897,17 @@ class Hub:
         ename = "TaskTimeout" if status == "timeout" else "EngineDied"
         self._touch(msg_id, status=status, completed=time.time(), ename=ename,
                     evalue=why, engine=engine)
-        self._publish("task_lost", {"msg_ids": [msg_id], "engine": engine, "reason": why,
-                                    "started": started, "status": status,
-                                    "queue": state.queue})
+        self._lost_out.setdefault((engine, why, started, status, state.queue),
+                                  []).append(msg_id)
+
+    def _send_lost(self) -> None:
+        """Tell clients, in one ``task_lost`` message per kind, the tasks lost this turn."""
+        out, self._lost_out = self._lost_out, {}
+        for (engine, why, started, status, queue), ids in out.items():
+            for i in range(0, len(ids), LOST_PER_NOTICE):
+                self._publish("task_lost", {
+                    "msg_ids": ids[i:i + LOST_PER_NOTICE], "engine": engine, "reason": why,
+                    "started": started, "status": status, "queue": queue})
 
     def flush(self, hold: bool = False) -> None:
         """Write every dirty record in one transaction; forget finished tasks.
@@ -992,6 +1018,8 @@ class Hub:
         return {str(e.id): e.uuid for e in self._engines.values() if e.status == "alive"}
 
     def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        if self._lost_out and msg_type != "task_lost":
+            self._send_lost()  # notices leave in the order they were decided
         _, frames = self.session.serialize(msg_type, "notify", content)
         self.notify.send_multipart([b"notify", *frames])
 
