@@ -67,3 +67,40 @@ def test_capture_defaults_are_per_instance_once_set() -> None:
     b.write("abcdef")
     assert a.text() == "abc\n[... 3 characters dropped]"
     assert b.text() == "abcdef" and b.dropped == 0 and _Capture.dropped == 0
+
+
+def test_a_task_taken_without_a_receipt_is_named_before_any_later_read(rig: Any) -> None:
+    """The first task read when idle runs at once with no receipt (its reply says it
+    was read).  A task read after it, while it runs or just before it is marked
+    running, gets a receipt: the earlier one must be named first, or the Hub sees the
+    engine read past a task it never heard of, takes that for a task dealt to a dead
+    engine, and has the client send a running task again."""
+    eng, client, engine_side, session = rig
+    eng.channels = {engine_side: "task"}
+    poller = zmq.Poller()
+    poller.register(engine_side, zmq.POLLIN)
+
+    def send(i: int) -> str:
+        bufs, raw = pack_apply(abs, (i,), {})
+        hdr, frames = session.serialize("apply_request", "task", {}, metadata={"func": "abs"},
+                                        buffers=bufs, raw=raw)
+        send_frames(client, frames)
+        return str(hdr["msg_id"])
+
+    first = send(-1)
+    item = eng._next(poller)
+    assert item is not None and item.msg.msg_id == first
+    assert not eng.receipts  # a lone task read when idle costs no receipt
+    # the link thread reads the next one before the main thread has set ``current``
+    second = send(-2)
+    assert engine_side.poll(5000)
+    with eng.lock:
+        eng.read_available()
+    assert list(eng.receipts) == [first, second]
+    # named once: a third read is reported alone
+    eng.receipts.clear()
+    third = send(-3)
+    assert engine_side.poll(5000)
+    with eng.lock:
+        eng.read_available()
+    assert list(eng.receipts) == [third]

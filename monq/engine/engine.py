@@ -256,7 +256,6 @@ class _Link(threading.Thread):
     def _run(self) -> None:
         eng = self.engine
         told: str | None = None
-        reported: str | None = None
         ms = max(1, int(self.delay * 1000))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -290,11 +289,6 @@ class _Link(threading.Thread):
                             eng.send_held()
                     finally:
                         eng.lock.release()
-                if eng.receipts and cur is not None and cur[0] not in (told, reported):
-                    # the running task was read before what these receipts name: say so
-                    # first, or the Hub could take it for one this engine never read
-                    eng.receipts.appendleft(cur[0])
-                    reported = cur[0]
                 self._report_receipts()
                 if cur is not None or eng.backlog or eng.held:
                     idle = 0
@@ -365,6 +359,9 @@ class Engine:
         self.backlog: collections.deque[_Item] = collections.deque()
         #: msg_ids read but not answered at once, for the link thread to report
         self.receipts: collections.deque[str] = collections.deque()
+        #: the last task taken to run at once without a receipt (its reply says it was
+        #: read): reported before any later read, see _receipt
+        self.unreceipted: str | None = None
         #: replies of a batch's finished tasks not sent yet (under ``lock``), and the
         #: monotonic time the oldest was held
         self.held: list[_Held] = []
@@ -526,11 +523,27 @@ class Engine:
             log.warning("dropped a message on %s: %s", channel, e)
             return
         if msg.msg_type == "probe":
-            self.receipts.append(msg.msg_id)
+            self._receipt(msg.msg_id)
             return
         for item in self._items(sock, channel, msg):
             self.backlog.append(item)
-            self.receipts.append(item.msg.msg_id)
+            self._receipt(item.msg.msg_id)
+
+    def _receipt(self, msg_id: str) -> None:
+        """Queue a receipt for ``msg_id`` (the caller holds ``self.lock``).
+
+        The Hub takes a load-balanced task that an engine has read past, and that
+        it knows no engine has read, for one dealt to a dead engine (lost, sent
+        again: monq.hub.tracker).  So the task taken before without a receipt is
+        named first, whether it still runs, is about to start or is answered (its
+        reply may reach the Hub after this receipt): otherwise, read by the link
+        thread before the main thread marked that task current, a later task's
+        receipt made the Hub report a running task lost and the client run it twice.
+        """
+        if self.unreceipted is not None:
+            self.receipts.append(self.unreceipted)
+            self.unreceipted = None
+        self.receipts.append(msg_id)
 
     def _items(self, sock: zmq.Socket, channel: str, msg: Message) -> list[_Item]:
         """The tasks a verified message carries: one, or a batch's (none if unusable)."""
@@ -571,7 +584,7 @@ class Engine:
                         log.warning("dropped a message on %s: %s", self.channels[sock], e)
                         continue
                     if msg.msg_type == "probe":
-                        self.receipts.append(msg.msg_id)
+                        self._receipt(msg.msg_id)
                         continue
                     items = self._items(sock, self.channels[sock], msg)
                     for item in items:
@@ -579,7 +592,9 @@ class Engine:
                         # others could reach the Hub before it is running (or answered),
                         # and the Hub would take it for one no engine read (a lost task)
                         if self.backlog or len(items) > 1:
-                            self.receipts.append(item.msg.msg_id)
+                            self._receipt(item.msg.msg_id)
+                        else:
+                            self.unreceipted = item.msg.msg_id
                         self.backlog.append(item)
             return self.backlog.popleft() if self.backlog else None
 
