@@ -46,6 +46,10 @@ def main() -> None:
     p.add_argument("--view", default="lb")
     p.add_argument("--nice-hub", type=int, default=None,
                    help="experiment: renice the controller's main (Hub) thread to this")
+    p.add_argument("--pin", action="store_true",
+                   help="experiment: the controller on CPU 0, client and engines on CPU 1")
+    p.add_argument("--idle-hub", action="store_true",
+                   help="experiment: the controller's main (Hub) thread under SCHED_IDLE")
     a = p.parse_args()
     from common import monq_cluster  # bench/ (this script's directory) is on sys.path
 
@@ -60,6 +64,13 @@ def main() -> None:
         pids.pop("supervisor", None)
         if a.nice_hub is not None:
             os.setpriority(os.PRIO_PROCESS, pids["controller"], a.nice_hub)
+        if a.pin:
+            for who, pid in pids.items():
+                cpus = {0} if who == "controller" else {1}
+                for t in Path(f"/proc/{pid}/task").iterdir():
+                    os.sched_setaffinity(int(t.name), cpus)
+        if a.idle_hub:
+            os.sched_setscheduler(pids["controller"], os.SCHED_IDLE, os.sched_param(0))
         before = {k: threads(p) for k, p in pids.items()}
         ts = []
         for _ in range(a.n):

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from monq.connection import DB_FILE, find_connection_file, load_connection_file, profile_dir
 from monq.errors import NoClusterError
 from monq.hub.filters import parse_duration
-from monq.records import TaskRecord, to_epoch
+from monq.records import TaskRecord, short_id, to_epoch
 
 #: history's filter options: (flag, dest, help)
 _FILTER_HELP = "filters (all must match); times: ISO 8601, epoch seconds or '10 minutes ago'"
@@ -273,7 +273,7 @@ def cmd_history(args: argparse.Namespace, home: Path, table: Callable[..., str],
     if not page:
         out("no tasks")
         return 0
-    rows = [[r.msg_id[:8], r.status, "-" if r.engine is None else r.engine,
+    rows = [[short_id(r.msg_id), r.status, "-" if r.engine is None else r.engine,
              _short(r.func or r.label or "-", 40), fmt_time(r.submitted),
              fmt_dur(r.duration)] for r in page]
     out(table(["msg_id", "status", "engine", "func", "submitted", "duration"], rows,

@@ -105,18 +105,25 @@ def new_id() -> str:
 
 
 class _Ids:
-    """Message ids: random 128-bit hex, from a generator seeded once from the OS.
+    """Message ids: 32 hex digits, the time in milliseconds (12) then 80 random bits (20),
+    from a generator seeded once from the OS.
 
     ``uuid4`` asks the kernel for entropy on every call, which costs tens of
     microseconds here on each of hundreds of thousands of messages; ids only
-    need to be unique, not secret.
+    need to be unique, not secret.  Time first (as in UUIDv7), so that ids sort
+    roughly by creation: the Hub's history keys its rows by msg_id, and a
+    random key put every new row on a random page of that index, one more page
+    read and written per task at every commit (measured on a 200,000-task
+    history: 2,820 -> 1,380 page writes and 484 -> 162 reads per 500-row
+    write, bench/PROFILE.md).  80 random bits per millisecond per process keep
+    them unique.
     """
 
     def __init__(self) -> None:
         self._rng = random.Random(os.urandom(32))
 
     def __call__(self) -> str:
-        return f"{self._rng.getrandbits(128):032x}"
+        return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{self._rng.getrandbits(80):020x}"
 
 
 def _nbytes(buf: Buffer) -> int:

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
-__all__ = ["TaskRecord", "from_epoch", "to_epoch"]
+__all__ = ["TaskRecord", "from_epoch", "short_id", "to_epoch"]
+
+#: characters of a msg_id shown where space is short (the CLI's table, the dashboard):
+#: ids begin with their time in milliseconds (12 characters, monq.protocol), so a short
+#: id needs the 8 random characters after it to tell tasks of the same moment apart; it
+#: is still a prefix, which ``monq show`` and ``task_record`` accept
+SHORT_ID = 20
+
+
+def short_id(msg_id: str) -> str:
+    """The prefix of ``msg_id`` shown in tables (see :data:`SHORT_ID`)."""
+    return msg_id[:SHORT_ID]
 
 _UNITS = {
     "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,

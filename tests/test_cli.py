@@ -27,6 +27,7 @@ from conftest import (
 
 from monq.cli import ExitCode, main
 from monq.connection import ConnectionInfo, load_connection_file, write_connection_file
+from monq.records import short_id
 
 # -- no cluster: one line, a named exit code, quickly
 
@@ -134,7 +135,7 @@ def test_daemon_start_status_history_stop(monq_home: Path) -> None:
         header, *rows = r.stdout.strip().splitlines()
         assert header.split() == ["msg_id", "status", "engine", "func", "submitted", "duration"]
         assert len(rows) == 2
-        assert {row.split()[0] for row in rows} == {m[:8] for m in recorded}
+        assert {row.split()[0] for row in rows} == {short_id(m) for m in recorded}
         assert "pow" in r.stdout and "divmod" in r.stdout
         # history: JSON lines and filters
         r = run_monq("history", "--json", timeout=30)

@@ -19,6 +19,7 @@ from conftest import kill_cluster, monq_env, run_monq, wait_until
 import monq
 from monq.cluster import Cluster
 from monq.hub.store import TaskStore
+from monq.records import short_id
 
 
 def _label() -> str:
@@ -81,7 +82,7 @@ def test_client_query_api(client: monq.Client) -> None:
     per_label = client.duration_percentiles(by="label", label=label)
     assert list(per_label) == [label] and per_label[label]["n"] == 12
     # one full record, by a prefix
-    rec = client.task_record(ids[4][:16])
+    rec = client.task_record(short_id(ids[4]))
     assert rec.msg_id == ids[4] and rec.ename == "ValueError" and "broken 4" in rec.traceback
 
 
@@ -167,8 +168,8 @@ def test_cli_history_filters_formats_and_pages(client: monq.Client, cluster: Clu
     # a table page, then the next with the cursor it printed
     r = _cli(cluster, "history", "--label", label, "--order", "submitted", "--limit", "5")
     assert r.returncode == 0, r.stderr
-    assert sum(1 for m in ids[:5] if m[:8] in r.stdout) == 5
-    assert not any(m[:8] in r.stdout for m in ids[5:])
+    assert sum(1 for m in ids[:5] if short_id(m) in r.stdout) == 5
+    assert not any(short_id(m) in r.stdout for m in ids[5:])
     cursor = r.stdout.strip().splitlines()[-1].split("--cursor ")[1]
     r = _cli(cluster, "history", "--label", label, "--order", "submitted", "--limit", "5",
              "--cursor", cursor, "--json")

@@ -817,7 +817,7 @@ class Client:
         self._fetch_result(fut)
         if not fut.done():
             threading.Thread(target=self._poll_result, args=(fut,), daemon=True,
-                             name=f"monq-result-{msg_id[:8]}").start()
+                             name=f"monq-result-{msg_id[-8:]}").start()
         return AsyncResult([fut])
 
     def _fetch_result(self, fut: TaskFuture,

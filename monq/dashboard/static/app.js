@@ -9,6 +9,9 @@
   const FAILED = ["error", "timeout", "lost", "aborted"];
   const STATUSES = ["pending", "running", "ok", "error", "timeout", "aborted", "lost", "resubmitted"];
   const SVG = "http://www.w3.org/2000/svg";
+  // characters of a msg_id shown (monq.records.SHORT_ID): ids begin with their time, so
+  // the random characters after it are what tells tasks of the same moment apart
+  const SHORT_ID = 20;
   const $ = (sel) => document.querySelector(sel);
 
   const state = {
@@ -365,7 +368,7 @@
       const err = t.ename ? `${t.ename}: ${t.evalue || ""}` : "";
       const tr = el("tr", { "data-msg-id": t.msg_id, tabindex: 0,
                             class: t.msg_id === state.openTask ? "selected" : null },
-        el("td", { class: "msgid", title: t.msg_id, text: t.msg_id.slice(0, 12) }),
+        el("td", { class: "msgid", title: t.msg_id, text: t.msg_id.slice(0, SHORT_ID) }),
         el("td", {}, badge(t.status)),
         el("td", { class: "num", text: t.engine === null ? "–" : t.engine }),
         el("td", { class: "lbl", title: t.label || "", text: t.label || "–" }),
@@ -458,7 +461,7 @@
   }
 
   function renderTask(t) {
-    $("#tv-title").textContent = `Task ${t.msg_id.slice(0, 12)}`;
+    $("#tv-title").textContent = `Task ${t.msg_id.slice(0, SHORT_ID)}`;
     const st = $("#tv-status");
     st.className = `badge ${t.status}`;
     st.textContent = t.status;
