@@ -489,6 +489,10 @@ class Client:
                         self._fetch_result(fut, lost=None if restarted else self._lost)
                     except errors.MonqError as e:
                         fut.set_exception(e)
+                    if not fut.done():
+                        # sent again (it is registered anew), or not finished after all:
+                        # its answer or notice must still find it
+                        self._tasks.setdefault(msg_id, fut)
                     settled = True
             if settled:
                 self._ring()  # a caller receiving notices its future settled

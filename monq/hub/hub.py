@@ -248,7 +248,7 @@ class Hub:
         self.notify = self._socket(zmq.PUB)
         # queue notices for a slow client rather than drop them: a task_lost dropped
         # left its tasks pending forever (clients also look again after a gap in the
-        # notices' numbers: monq.client.io)
+        # notices' numbers: Client._on_notify)
         self.notify.sndhwm = 0
         self.socket_setup(self.notify, SMALL_MSG)  # subscriptions only come in
         self.ports["notify"] = bind_port(self.notify, addr, want.get("notify", 0))
