@@ -693,7 +693,11 @@ class Cluster:
         """
         if self.controller is None:
             raise ClusterError("the cluster was not started")
-        self._stop_requested.wait()
+        # in slices: a Ctrl-C that the kernel hands to another thread (any thread not
+        # blocking SIGINT may take it) only trips Python's flag, which this thread
+        # looks at when it wakes; blocked in one endless wait it never would
+        while not self._stop_requested.wait(0.25):
+            pass
         return self._failed or 0
 
     def _supervise(self) -> None:

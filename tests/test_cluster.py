@@ -120,3 +120,40 @@ def test_controller_failure_reports_the_log_and_leaves_nothing(monq_home: Path) 
     # the lock was released: a good start on the same profile works
     with Cluster(ClusterConfig(n=1)) as ok:
         ok.start(timeout=START_TIMEOUT)
+
+
+_WAIT_INTERRUPTED = r"""
+import os, signal, sys, threading, time
+from monq.cluster import Cluster, ClusterConfig
+
+c = Cluster(ClusterConfig(home=sys.argv[1]))
+c.controller = object()  # as if started: wait() only needs it set
+started = threading.Event()
+# a thread that takes signals (created before the main thread blocks SIGINT)
+threading.Thread(target=lambda: (started.set(), time.sleep(30)), daemon=True).start()
+started.wait()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+t0 = time.monotonic()
+try:
+    c.wait()
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - t0:.2f}s")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_wait_ends_on_ctrl_c_that_another_thread_receives(tmp_path: Path) -> None:
+    """``monq start`` waits in Cluster.wait() until Ctrl-C.  The kernel may hand the
+    SIGINT to any thread not blocking it (here the main thread blocks it, as happens
+    when it already has a signal pending): Python then only trips a flag that the main
+    thread reads when it runs.  One endless wait never ran again; the foreground
+    `monq start` ignored Ctrl-C (seen once in a fresh-clone run)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _WAIT_INTERRUPTED, str(tmp_path / "home")],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("interrupted after"), r.stdout + r.stderr
+    assert float(r.stdout.split()[2].rstrip("s")) < 2.0
