@@ -122,15 +122,8 @@ def test_engine_killed_under_10000_load_balanced_tasks(tmp_path: Path, retries: 
         assert resent > 0  # the dead engine's queue was worked out and sent again
 
 
-def test_tasks_unread_in_a_dead_engines_socket_are_re_sent_and_run_once(
-        tmp_path: Path) -> None:
-    """The hard case: requests the relay dealt to an engine that never read them.
-
-    The victim is frozen (SIGSTOP) while a burst is dealt, so its share sits unread
-    in its socket; then it is killed.  Only the Hub can tell which requests those
-    were; they never started, so they are re-sent (no retries needed) and each
-    runs exactly once."""
-    marks = tmp_path / "marks"
+def _marker(marks: Path) -> Any:
+    """A task that leaves a file per run (``<i>-<pid>``) and returns ``i``."""
     marks.mkdir()
 
     def mark(i: int) -> int:
@@ -140,24 +133,49 @@ def test_tasks_unread_in_a_dead_engines_socket_are_re_sent_and_run_once(
         pathlib.Path(marks, f"{i}-{os.getpid()}").touch()
         return i
 
+    return mark
+
+
+def _deal_to_a_frozen_engine_then_kill_it(c: monq.Client, victim: int, mark: Any,
+                                           n: int = 40) -> tuple[list[Any], float]:
+    """Freeze ``victim``, submit ``n`` marking tasks (its share sits unread in its
+    socket), kill it once the Hub has a record of all; the futures and the kill's time."""
+    v = c.load_balanced_view()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        marked = [v.apply_async(mark, i) for i in range(n)]
+        wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= n, 10,
+                   f"all {n} dealt")
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    return marked, t0
+
+
+def _runs(marks: Path) -> collections.Counter[str]:
+    return collections.Counter(p.name.split("-")[0] for p in marks.iterdir())
+
+
+def test_tasks_unread_in_a_dead_engines_socket_are_re_sent_and_run_once(
+        tmp_path: Path) -> None:
+    """The hard case: requests the relay dealt to an engine that never read them.
+
+    The victim is frozen (SIGSTOP) while a burst is dealt, so its share sits unread
+    in its socket; then it is killed.  Only the Hub can tell which requests those
+    were; they never started, so they are re-sent (no retries needed) and each
+    runs exactly once."""
+    marks = tmp_path / "marks"
+    mark = _marker(marks)
     with cluster(tmp_path, 2, heartbeat=2.0) as cl, \
             monq.Client(connection_file=cl.connection_file, timeout=10) as c:
         ids = c.wait_for_engines(2)
         victim = engine_pid(c, ids[0])
-        v = c.load_balanced_view()
-        os.kill(victim, signal.SIGSTOP)
-        try:
-            marked = [v.apply_async(mark, i) for i in range(40)]
-            wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= 40, 10,
-                       "all 40 dealt")
-            t0 = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
-        finally:
-            os.kill(victim, signal.SIGCONT)
+        marked, t0 = _deal_to_a_frozen_engine_then_kill_it(c, victim, mark)
         results = [f.result(timeout=60) for f in marked]
         settled = time.monotonic() - t0
         assert results == list(range(40))
-        runs = collections.Counter(p.name.split("-")[0] for p in marks.iterdir())
+        runs = _runs(marks)
         assert runs == {str(i): 1 for i in range(40)}, runs  # each ran exactly once
         resent = [f for f in marked if f.metadata.get("retries")]
         assert 5 <= len(resent) <= 35  # the victim's share, about half
@@ -173,15 +191,7 @@ def test_a_missed_task_lost_notice_is_made_up_from_the_history(tmp_path: Path) -
     sent again and run once: the next notice's number shows the gap, and the client
     looks its unfinished tasks up in the history."""
     marks = tmp_path / "marks"
-    marks.mkdir()
-
-    def mark(i: int) -> int:
-        import os
-        import pathlib
-
-        pathlib.Path(marks, f"{i}-{os.getpid()}").touch()
-        return i
-
+    mark = _marker(marks)
     with cluster(tmp_path, 2, heartbeat=0.5) as cl, \
             monq.Client(connection_file=cl.connection_file, timeout=10) as c:
         ids = c.wait_for_engines(2)
@@ -196,20 +206,12 @@ def test_a_missed_task_lost_notice_is_made_up_from_the_history(tmp_path: Path) -
             deliver(msg)
 
         c._io.on_notify = drop_first_loss
-        v = c.load_balanced_view()
-        os.kill(victim, signal.SIGSTOP)
-        try:
-            marked = [v.apply_async(mark, i) for i in range(40)]
-            wait_until(lambda: sum(c.cluster_status()["counts"].values()) >= 40, 10,
-                       "all 40 dealt")
-            os.kill(victim, signal.SIGKILL)
-        finally:
-            os.kill(victim, signal.SIGCONT)
+        marked, _ = _deal_to_a_frozen_engine_then_kill_it(c, victim, mark)
         results = [f.result(timeout=60) for f in marked]
         assert results == list(range(40))
         assert dropped and dropped[0], "no task_lost notice came"
         assert c.notice_gaps >= 1
-        runs = collections.Counter(p.name.split("-")[0] for p in marks.iterdir())
+        runs = _runs(marks)
         assert runs == {str(i): 1 for i in range(40)}, runs  # each ran exactly once
         by_id = {f.msg_id: f for f in marked}
         assert all(by_id[m].metadata.get("retries") for m in dropped[0])
