@@ -35,6 +35,7 @@ from monq.cluster import (
     check_not_running,
     hub_request,
     log_tail,
+    monq_command,
     wait_gone,
     watch_engines,
 )
@@ -273,9 +274,10 @@ def _start_daemon(args: argparse.Namespace, cfg: ClusterConfig, home: Path) -> i
     """Run ``monq start`` (without --daemon) detached, and wait until it is ready."""
     check_not_running(cfg)
     cfg.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = [sys.executable, "-m", "monq", "--home", str(home), "--log-level", cfg.log_level,
-           "start", "-n", str(cfg.n_engines), "--profile", cfg.profile, "--ip", cfg.ip,
-           "--heartbeat-period", str(cfg.heartbeat_period), "--timeout", str(args.timeout)]
+    cmd = monq_command("monq", [
+        "--home", str(home), "--log-level", cfg.log_level, "start", "-n", str(cfg.n_engines),
+        "--profile", cfg.profile, "--ip", cfg.ip, "--heartbeat-period", str(cfg.heartbeat_period),
+        "--timeout", str(args.timeout)])
     if cfg.db_url:
         cmd += ["--db", cfg.db_url]
     if cfg.curve:

@@ -171,6 +171,26 @@ class _Child:
         return log_tail(self.log_path, self.log_offset)
 
 
+#: how a child runs one of monq's modules: ``python -c BOOT <monq's root> <module> args``.
+#: ``python -m`` puts the working directory first on sys.path, so a directory holding
+#: another ``monq`` (a checkout, an older copy) gave the children that one while this
+#: process ran its own.  The package is imported from the parent's root once, then the
+#: root leaves sys.path again: user code keeps the import order it would have had.
+_BOOT = (
+    "import sys, runpy; root, module = sys.argv[1:3]; del sys.argv[1:3]; "
+    "sys.path.insert(0, root); import monq; sys.path.remove(root); "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+
+
+def monq_command(module: str, args: list[str], flags: tuple[str, ...] = ()) -> list[str]:
+    """The command that runs ``python -m <module> <args>`` with the monq this process runs."""
+    import monq
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(monq.__file__)))
+    return [sys.executable, *flags, "-c", _BOOT, root, module, *args]
+
+
 def _no_site_env() -> dict[str, str]:
     """The environment of a child started with ``python -S``: this process's sys.path.
 
@@ -579,13 +599,14 @@ class Cluster:
                pass_fds: tuple[int, ...] = ()) -> _Child:
         log_path = self.config.log_dir / f"{name}.log"
         logf = open(log_path, "ab")  # noqa: SIM115 - the child owns it once started
-        flags, env = (["-S"], _no_site_env()) if no_site else ([], None)
+        flags, env = (("-S",), _no_site_env()) if no_site else ((), None)
         try:
             offset = logf.tell()
             logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
             logf.flush()
             proc = subprocess.Popen(
-                [sys.executable, *flags, "-m", *module_args], env=env, pass_fds=pass_fds,
+                monq_command(module_args[0], module_args[1:], flags), env=env,
+                pass_fds=pass_fds,
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_child_setup(os.getpid()),
             )

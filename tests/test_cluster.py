@@ -157,3 +157,37 @@ def test_wait_ends_on_ctrl_c_that_another_thread_receives(tmp_path: Path) -> Non
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("interrupted after"), r.stdout + r.stderr
     assert float(r.stdout.split()[2].rstrip("s")) < 2.0
+
+
+@pytest.mark.timeout(90)
+def test_children_run_this_monq_even_from_a_directory_holding_another(
+        monq_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m`` puts the working directory first on sys.path: started from a
+    directory with another ``monq`` in it (a checkout, an old copy), the controller and
+    the engines imported that one while this process ran its own."""
+    import monq
+
+    decoy = tmp_path / "work"
+    (decoy / "monq").mkdir(parents=True)
+    (decoy / "monq" / "__init__.py").write_text(
+        "raise ImportError('the monq of the working directory was imported')\n")
+    (decoy / "helper_mod.py").write_text("VALUE = 42\n")
+    monkeypatch.chdir(decoy)
+    c = Cluster(ClusterConfig(n=1, profile="decoy"))
+    try:
+        c.start(timeout=START_TIMEOUT)
+        client = monq.Client(connection_file=c.connection_file)
+        try:
+            client.wait_for_engines(1, timeout=30)
+
+            def where() -> tuple[str, int]:
+                import monq as m
+                import helper_mod  # the working directory is still importable for user code
+                return m.__file__, helper_mod.VALUE
+
+            got = client.load_balanced_view().apply_sync(where)
+            assert got == (monq.__file__, 42)
+        finally:
+            client.close()
+    finally:
+        c.stop()
