@@ -181,8 +181,9 @@ def test_children_run_this_monq_even_from_a_directory_holding_another(
             client.wait_for_engines(1, timeout=30)
 
             def where() -> tuple[str, int]:
-                import monq as m
                 import helper_mod  # the working directory is still importable for user code
+
+                import monq as m
                 return m.__file__, helper_mod.VALUE
 
             got = client.load_balanced_view().apply_sync(where)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.backend import Socket as _BackendSocket
 
 from monq import bulk, shm
 from monq.errors import HubError, ProtocolError
@@ -67,6 +69,8 @@ RECEIPT_DRAIN = 5000
 TURN = 0.1
 #: msg_ids in one task_lost notice at most (~40 bytes each)
 LOST_PER_NOTICE = 5000
+_get = _BackendSocket.get
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -496,7 +500,10 @@ class Hub:
         tasks come one at a time, every copy is a turn of its own.
         """
         end = None if budget is None else time.monotonic() + budget
-        get = sock.get
+        # ZMQ_EVENTS through the Cython call, as an int: pyzmq's Socket.get makes an enum
+        # member of it (5 us a look instead of 3)
+        get: Callable[[int], Any] = \
+            functools.partial(_get, sock) if isinstance(sock, zmq.Socket) else sock.get
         for i in range(limit):
             try:
                 frames = recv(sock, zmq.NOBLOCK) if recv is not None else \
@@ -509,7 +516,7 @@ class Hub:
                 # one bad message must never end the loop
                 log.exception("error handling a message")
                 self.rejected["handler error"] += 1
-            if not int(get(zmq.EVENTS)) & zmq.POLLIN:
+            if not get(_EVENTS) & _POLLIN:
                 return i + 1
             if end is not None and not i & 63 and time.monotonic() > end:
                 break
