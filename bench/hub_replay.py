@@ -406,8 +406,10 @@ def burst(tasks: int, compare: Path | None, rounds: int) -> None:
     for r in range(rounds):
         for side, root in sides.items():
             env = dict(os.environ, PYTHONPATH=str(root))
+            # cwd=root: see bench/latency.py's ab() (`python -m` and the working directory)
             out = subprocess.run([sys.executable, __file__, "_burst", str(tasks)], env=env,
-                                 check=True, capture_output=True, text=True, timeout=1800)
+                                 check=True, capture_output=True, text=True, timeout=1800,
+                                 cwd=str(root))
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[side].append(res)
             print(f"round {r} {side:5}: " + " ".join(f"{k}={res[k]:.0f}" for k in _BURST_KEYS),

@@ -106,8 +106,11 @@ def ab(base: str, rounds: int, argv: list[str]) -> None:
     for r in range(rounds):
         for label, tree in trees.items():
             env = {**os.environ, "PYTHONPATH": tree}
+            # cwd=tree: a monq before b9442af starts its controller and engines with
+            # `python -m`, which imports the monq of the working directory, whatever
+            # PYTHONPATH says (from this repository, both sides ran this one's)
             p = subprocess.run([sys.executable, str(HERE / "latency.py"), "--json", *argv],
-                               env=env, capture_output=True, text=True, timeout=1800)
+                               env=env, capture_output=True, text=True, timeout=1800, cwd=tree)
             if p.returncode:
                 print(p.stderr, file=sys.stderr)
                 raise SystemExit(f"{label} round {r} failed")

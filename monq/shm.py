@@ -767,12 +767,12 @@ class EngineShm:
         try:
             threshold = max(1, int(spec.get("min", self.config.threshold)))
             owner = int(spec["pid"])
-            msg_id = msg.msg_id if re.fullmatch(r"[0-9a-f]{1,64}", msg.msg_id) else ""
         except (KeyError, TypeError, ValueError):
             return buffers, raw
         big = _big(buffers, raw, threshold)
         if not big:
-            return buffers, raw
+            return buffers, raw  # most replies: nothing large (no regex per reply)
+        msg_id = msg.msg_id if re.fullmatch(r"[0-9a-f]{1,64}", msg.msg_id) else ""
         entries: list[list[Any]] = []
         fresh: list[int] = []
         for i in big:
