@@ -772,7 +772,8 @@ class EngineShm:
         big = _big(buffers, raw, threshold)
         if not big:
             return buffers, raw  # most replies: nothing large (no regex per reply)
-        msg_id = msg.msg_id if re.fullmatch(r"[0-9a-f]{1,64}", msg.msg_id) else ""
+        msg_id = msg.msg_id if isinstance(msg.msg_id, str) and \
+            re.fullmatch(r"[0-9a-f]{1,64}", msg.msg_id) else ""
         entries: list[list[Any]] = []
         fresh: list[int] = []
         for i in big:
