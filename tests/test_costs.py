@@ -323,7 +323,7 @@ def test_a_short_task_is_one_insert_and_no_per_row_parameter_building(
                 monkeypatch.setattr(compiler.SQLCompiler, "construct_params", counting_construct)
                 monkeypatch.setattr(compiler.SQLCompiler, "__init__", counting_init)
                 statements.clear()
-            # the loop's flush holds new pending rows once: replies that come before the
+            # the loop's flush holds new pending rows: replies that come before the
             # next flush make each task a single INSERT
             for frames in requests[:500]:
                 hub._on_monitor(frames)

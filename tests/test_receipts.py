@@ -151,7 +151,8 @@ def test_a_query_after_a_burst_writes_rows_as_it_catches_up(
         setup: tuple[Hub, zmq.Socket, Session], monkeypatch: pytest.MonkeyPatch) -> None:
     """A query drains the whole backlog before answering, but never piles it up unwritten."""
     hub, pub, client = setup
-    monkeypatch.setattr(hub, "config", dataclasses.replace(hub.config, flush_rows=200))
+    monkeypatch.setattr(hub, "config", dataclasses.replace(hub.config, flush_rows=200,
+                                                           hold_rows=300))
     ids = _requests(pub, client, 3000)
     most = 0
     on_monitor = hub._on_monitor
@@ -159,13 +160,13 @@ def test_a_query_after_a_burst_writes_rows_as_it_catches_up(
     def watched(frames: list[Any]) -> None:
         nonlocal most
         on_monitor(frames)
-        most = max(most, len(hub._dirty))
+        most = max(most, len(hub._dirty) + len(hub._held))
 
     monkeypatch.setattr(hub, "_on_monitor", watched)
     _, frames = client.serialize("queue_request", "hub", {})
     hub._on_router([b"client-ident", *frames])
     assert hub.received["in.task apply_request"] == 3000
-    assert hub.store.count() == 3000 and not hub._dirty
-    # at most the rows of one flush, and the pending rows a flush holds back once
-    assert most <= 2 * 200 + hub.MONITOR_STEP, most
+    assert hub.store.count() == 3000 and not hub._dirty and not hub._held
+    # at most the rows of one flush, and the pending rows flushes hold back (hold_rows)
+    assert most <= 200 + hub.MONITOR_STEP + 300, most
     assert all(m in hub._inflight for m in ids)
