@@ -322,19 +322,32 @@ def test_at_most_hold_rows_are_held(hub: Hub, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_query_or_close_writes_the_held_rows(tmp_path: Path) -> None:
+    """A query that reads rows writes the held ones first; one that only counts tasks
+    (cluster_status, polled during a burst) leaves them held and counts them pending:
+    polling must not turn a burst's tasks back into an INSERT and an UPDATE each."""
     store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
     hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
-    requests, _ = _burst(20)
+    requests, replies = _burst(20)
+    client = Session(KEY)
+
+    def ask(what: str, content: dict[str, Any]) -> None:
+        _, frames = client.serialize(what, "hub", content)
+        hub._on_router([b"client-ident", *frames])
+        assert hub.received[f"hub {what}"] >= 1
+
     try:
+        hub.bind()
         for frames in requests[:10]:
             hub._on_monitor(frames)
-        hub.flush(hold=True)
-        assert len(hub._held) == 10
-        hub.bind()
-        _, frames = Session(KEY).serialize("queue_request", "hub", {})
-        hub._on_router([b"client-ident", *frames])  # a query: everything is written first
-        assert hub.received["hub queue_request"] == 1
-        assert not hub._held and store.count(status="pending") == 10
+        hub._on_monitor(replies[0])  # one finished: written before any answer
+        for what in ("status_request", "queue_request", "engines_request"):
+            ask(what, {})
+            assert len(hub._held) == 9 and store.count(status="ok") == 1
+            assert store.count(status="pending") == 0
+        assert hub._q_status(None)["counts"] == {"ok": 1, "pending": 9}  # type: ignore[arg-type]
+        ask("history_request", {"status": "pending"})  # reads rows: everything written
+        assert not hub._held and store.count(status="pending") == 9
+        assert hub._q_status(None)["counts"] == {"ok": 1, "pending": 9}  # type: ignore[arg-type]
         for frames in requests[10:]:
             hub._on_monitor(frames)
         hub.flush(hold=True)
@@ -342,7 +355,7 @@ def test_a_query_or_close_writes_the_held_rows(tmp_path: Path) -> None:
     finally:
         hub.close()
     with TaskStore(f"sqlite:///{tmp_path / 'hub.db'}") as again:
-        assert again.count(status="pending") == 20
+        assert again.count(status="pending") == 19 and again.count(status="ok") == 1
 
 
 def test_a_failed_write_drops_its_rows_only(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:

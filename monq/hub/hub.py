@@ -1104,9 +1104,11 @@ class Hub:
             self._reply(msg, {"status": "error", "ename": "HubError",
                               "evalue": f"unknown request {t!r}"})
             return
-        # see every copy the relays have made, and write it, before answering
+        # see every copy the relays have made, and write it, before answering (the queries
+        # that only count tasks leave the held rows of pending tasks held: they count
+        # them in memory; see _ROWLESS)
         self._catch_up()
-        self._safe_flush()
+        self._safe_flush(hold=t in _ROWLESS)
         buffers: list[Any] = []
         raw: list[bool] = []
         try:
@@ -1191,9 +1193,12 @@ class Hub:
     def _q_status(self, msg: Message) -> dict[str, Any]:
         counts = self.store.counts()
         rejected = Counter(self.rejected)
+        by_status = counts.get("status", {})
+        if self._held:  # pending tasks whose rows wait for their replies (see flush)
+            by_status["pending"] = by_status.get("pending", 0) + len(self._held)
         return {
             "engines": self.store.engines(),
-            "counts": counts.get("status", {}),
+            "counts": by_status,
             "queue": self._queue_status(),
             "rejected": dict(rejected),
             "received": dict(self.received),
@@ -1310,6 +1315,14 @@ class Hub:
 
 
 Hub._queries["registration_request"] = lambda hub, msg: hub._register(msg)
+
+#: queries answered without reading task rows, only their counts (``cluster_status``
+#: polled during a burst, ``monq status --watch``): the rows of pending tasks held for
+#: their replies stay held (see Hub.flush), and ``status_request`` counts them as
+#: pending; every other query writes them first.  Finished tasks are written before
+#: any answer: a client that has seen its result sees it counted.
+_ROWLESS = frozenset({"connect_request", "engines_request", "queue_request",
+                      "status_request", "registration_request"})
 
 
 _TIME_FIELDS = ("submitted", "started", "completed", "received")
