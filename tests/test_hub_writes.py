@@ -277,6 +277,44 @@ def test_held_rows_are_written_pending_after_hold_pending(
     assert writes[1] == (0, 2) and hub.store.count(status="ok") == 3
 
 
+def test_held_rows_wait_while_the_hub_is_behind(
+        hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hold_pending counts from when the Hub last found copies piling up (a query's
+    catch-up included): in a long burst the replies of rows held for seconds are still
+    on their way.  hold_max bounds the wait whatever happens."""
+    hub.config = dataclasses.replace(hub.config, hold_pending=0.2, hold_max=0.8)
+    writes = _counting_writes(hub, monkeypatch)
+    requests, replies = _burst(40)
+    for frames in requests[:3]:
+        hub._on_monitor(frames)
+    hub.flush(hold=True)
+    time.sleep(0.25)  # older than hold_pending, but copies have piled up meanwhile
+    hub.monitor = _Backlog(requests[3:])  # type: ignore[assignment]
+    hub._catch_up()
+    assert not hub._backlog and not hub._held_due()
+    hub.flush(hold=True)
+    assert writes == [] and len(hub._held) == 40
+    time.sleep(0.25)  # caught up for hold_pending since
+    assert hub._held_due()
+    hub.monitor = _Backlog(replies[:3])  # type: ignore[assignment]
+    hub._drain_monitor()
+    hub.flush(hold=True)
+    assert writes == [(40, 0)], writes  # 3 finished, 37 pending
+    assert hub.store.count(status="pending") == 37
+    # behind all along: hold_max still writes them
+    for frames in [*replies[3:], *_burst(5)[0]]:
+        hub._on_monitor(frames)
+    hub.flush(hold=True)
+    assert len(hub._held) == 5
+    hub._backlog, hub._behind_at = True, time.monotonic()
+    assert not hub._held_due()
+    time.sleep(0.85)
+    hub._behind_at = time.monotonic()
+    assert hub._held_due()
+    hub.flush(hold=True)
+    assert not hub._held and hub.store.count(status="pending") == 5
+
+
 def test_the_loop_writes_held_rows_when_they_are_due(
         hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing else to do: the loop wakes up for a held row and writes it."""

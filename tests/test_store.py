@@ -438,6 +438,37 @@ def test_counts_empty(store: TaskStore) -> None:
     assert store.counts() == {"status": {}, "engine": {}}
 
 
+def _counted_in_sql(store: TaskStore) -> dict[str, Any]:
+    with store.engine.connect() as c:
+        status = dict(c.exec_driver_sql("SELECT status, count(*) FROM tasks GROUP BY 1").all())
+        engine: dict[int, dict[str, int]] = {}
+        for e, st, n in c.exec_driver_sql("SELECT engine, status, count(*) FROM tasks "
+                                          "WHERE engine IS NOT NULL GROUP BY 1, 2"):
+            engine.setdefault(e, {})[st] = n
+    return {"status": status, "engine": engine}
+
+
+def test_counts_come_from_the_aggregates_and_agree_with_the_tasks(filled: TaskStore) -> None:
+    """cluster_status is polled: its counts are read from task_counts (a few rows), not
+    counted over the tasks table, and stay equal to that count as tasks move on, change
+    engine and are purged."""
+    assert filled.aggregates
+    filled.write([{"msg_id": f"n{i}", "status": "pending", "submitted": 1.0 + i,
+                   "engine": None if i % 2 else 3} for i in range(40)], [])
+    filled.write([], [{"msg_id": f"n{i}", "status": "ok" if i % 3 else "error",
+                       "engine": 2, "started": 2.0, "completed": 3.0} for i in range(0, 40, 2)])
+    filled.purge(status="error", engine=2)
+    assert filled.counts() == _counted_in_sql(filled)
+    statements: list[str] = []
+
+    @event.listens_for(filled.engine, "before_cursor_execute")
+    def seen(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        statements.append(statement)
+
+    filled.counts()
+    assert len(statements) == 1 and "task_counts" in statements[0], statements
+
+
 # -- purge --------------------------------------------------------------------------
 
 

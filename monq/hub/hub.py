@@ -86,10 +86,12 @@ class HubConfig:
     #: writes every ``flush_rows`` rows, or once the oldest unwritten row is this old,
     #: instead of every ``flush_interval``: see :meth:`Hub._flush_due`
     flush_backlog_interval: float = 0.5
-    #: a new task's row waits in memory for its reply up to this long (or, while copies
-    #: are waiting, until the backlog is gone), so that a task that ends by then is one
-    #: INSERT rather than an INSERT and an UPDATE: see :meth:`Hub.flush`
+    #: a new task's row waits in memory for its reply up to this long after the Hub has
+    #: caught up with the copies (while they wait, the history is behind anyway), so
+    #: that a task that ends by then is one INSERT rather than an INSERT and an UPDATE:
+    #: see :meth:`Hub.flush`; and ``hold_max`` at most, caught up or not
     hold_pending: float = 1.0
+    hold_max: float = 10.0
     #: at most this many rows wait so (~1.2 KB each); later new tasks are written at once
     hold_rows: int = 10_000
     payload_cap: int = 1 << 20
@@ -172,6 +174,8 @@ class Hub:
         self._dirty_since = 0.0
         #: the last monitor turn ended with copies still waiting (see _flush_due)
         self._backlog = False
+        #: when the Hub last found more copies waiting than one step takes (see flush)
+        self._behind_at = 0.0
         #: rows of new tasks still pending, not written yet (see flush): msg_id ->
         #: (when first held, row), oldest first
         self._held: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -325,7 +329,7 @@ class Hub:
             if self._dirty:
                 timeout = max(0.0, (self._dirty_since + self._flush_age()
                                     - time.monotonic()) * 1000)
-            if self._held and not self._backlog:
+            if self._held:
                 timeout = min(timeout, max(0.0, (self._held_until() - time.monotonic()) * 1000))
             timeout = min(timeout, max(0.0, (self.heart.next_beat - time.monotonic()) * 1000))
             try:
@@ -421,13 +425,25 @@ class Hub:
         return self._dirty_full() or \
             time.monotonic() - self._dirty_since >= self._flush_age()
 
+    def _held_cutoff(self, now: float) -> float:
+        """Held rows held since this time or earlier are due (see flush)."""
+        c = self.config
+        cutoff = now - c.hold_max
+        if not self._backlog and self._behind_at <= now - c.hold_pending:
+            cutoff = max(cutoff, now - c.hold_pending)
+        return cutoff
+
     def _held_until(self) -> float:
-        """When the oldest held row is due to be written (with no backlog)."""
-        return next(iter(self._held.values()))[0] + self.config.hold_pending
+        """When the oldest held row is due, if the Hub keeps up meanwhile."""
+        since = next(iter(self._held.values()))[0]
+        c = self.config
+        return min(max(since, self._behind_at) + c.hold_pending, since + c.hold_max)
 
     def _held_due(self) -> bool:
-        return bool(self._held) and not self._backlog and \
-            time.monotonic() >= self._held_until()
+        if not self._held:
+            return False
+        now = time.monotonic()
+        return next(iter(self._held.values()))[0] <= self._held_cutoff(now)
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -554,6 +570,8 @@ class Hub:
             seen = self.monitor_tasks
             step = min(budget, self.MONITOR_STEP)
             n = self._drain(self.monitor, self._on_monitor, recv=self._recv_monitor, limit=step)
+            if n == step:
+                self._behind_at = time.monotonic()
             if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
@@ -833,6 +851,8 @@ class Hub:
         if self._drain(self.monitor, self._on_monitor, recv=self._recv_monitor, limit=RECEIPT_DRAIN,
                        budget=TURN) < RECEIPT_DRAIN:
             self._apply_parked()
+        else:
+            self._behind_at = time.monotonic()
 
     def _catch_up(self) -> None:
         """Handle every waiting monitor copy, then every parked receipt.
@@ -846,6 +866,8 @@ class Hub:
         step = self.MONITOR_STEP
         while True:
             n = self._drain(self.monitor, self._on_monitor, recv=self._recv_monitor, limit=step)
+            if n == step:
+                self._behind_at = time.monotonic()
             if self._dirty_full():
                 self._safe_flush(hold=True)
             if n < step:
@@ -950,10 +972,12 @@ class Hub:
         a task whose reply comes meanwhile is one INSERT instead of an INSERT,
         then an UPDATE (which also rewrites the row's index entries and reads
         its old state for the aggregates): in a burst that was ~20 % of the
-        Hub's work.  A held row is written with the first flush after
-        ``hold_pending`` seconds while no copies wait (while they do, the
-        history is behind by their backlog anyway), and at most ``hold_rows``
-        are held.  Queries and :meth:`close` write everything.
+        Hub's work.  A held row is written pending with the first flush once
+        it has waited ``hold_pending`` seconds since the Hub last found copies
+        piling up (while they do, the history is behind by their backlog
+        anyway; a query's catch-up counts too), or ``hold_max`` seconds in
+        all; at most ``hold_rows`` are held.  Queries that read rows, and
+        :meth:`close`, write everything.
         """
         now = time.monotonic()
         held = self._held
@@ -977,7 +1001,7 @@ class Hub:
         self._dirty = {}
         if due:
             # the oldest first (held in arrival order); every one when not holding
-            cutoff = now - self.config.hold_pending if hold else math.inf
+            cutoff = self._held_cutoff(now) if hold else math.inf
             gone = []
             for msg_id, (since, row) in held.items():
                 if since > cutoff:

@@ -837,7 +837,15 @@ class TaskStore(TaskStats):
         return rows[0]
 
     def counts(self) -> dict[str, Any]:
-        """``{"status": {status: n}, "engine": {engine_id: {status: n}}}``, counted in SQL."""
+        """``{"status": {status: n}, "engine": {engine_id: {status: n}}}``.
+
+        Read from the maintained ``task_counts`` (a few rows) where the store keeps
+        it: counting the tasks table took 130-190 ms at 144,000 tasks (a second at a
+        million), and ``cluster_status`` is polled (``monq status --watch``, a client
+        waiting for a burst to be recorded).  Other databases count in SQL.
+        """
+        if self.aggregates:
+            return self._counts_from_aggregates()
         n = func.count()
         by_status = select(tasks.c.status, n).group_by(tasks.c.status)
         by_engine = (select(tasks.c.engine, tasks.c.status, n)
@@ -848,6 +856,24 @@ class TaskStore(TaskStats):
             per_engine: dict[int, dict[str, int]] = {}
             for eid, s, c in conn.execute(by_engine):
                 per_engine.setdefault(int(eid), {})[s] = int(c)
+        return {"status": status, "engine": per_engine}
+
+    def _counts_from_aggregates(self) -> dict[str, Any]:
+        from monq.hub.schema import task_counts
+
+        c = task_counts.c
+        stmt = select(c.status, c.engine, func.sum(c.n)).group_by(c.status, c.engine)
+        status: dict[str, int] = {}
+        per_engine: dict[int, dict[str, int]] = {}
+        with self._engine.connect() as conn:
+            for s, eid, total in conn.execute(stmt):
+                k = int(total or 0)
+                if not k:
+                    continue  # every task of that key has gone (purged, or moved on)
+                status[s] = status.get(s, 0) + k
+                engine = aggregates.unkey_engine(int(eid))
+                if engine is not None:
+                    per_engine.setdefault(engine, {})[s] = k
         return {"status": status, "engine": per_engine}
 
     # -- purge and retention -----------------------------------------------------
