@@ -308,6 +308,8 @@ def test_held_rows_wait_while_the_hub_is_behind(
     assert len(hub._held) == 5
     hub._backlog, hub._behind_at = True, time.monotonic()
     assert not hub._held_due()
+    # (the loop sleeps until then, not until hold_pending: nothing would be due)
+    assert hub._held_until() == pytest.approx(next(iter(hub._held.values()))[0] + 0.8)
     time.sleep(0.85)
     hub._behind_at = time.monotonic()
     assert hub._held_due()

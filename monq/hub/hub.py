@@ -434,9 +434,12 @@ class Hub:
         return cutoff
 
     def _held_until(self) -> float:
-        """When the oldest held row is due, if the Hub keeps up meanwhile."""
+        """When the oldest held row is due, if the Hub keeps up meanwhile (the loop's
+        wake-up: while a backlog lasts, only ``hold_max`` can make it due)."""
         since = next(iter(self._held.values()))[0]
         c = self.config
+        if self._backlog:
+            return since + c.hold_max
         return min(max(since, self._behind_at) + c.hold_pending, since + c.hold_max)
 
     def _held_due(self) -> bool:
