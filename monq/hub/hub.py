@@ -69,6 +69,9 @@ RECEIPT_DRAIN = 5000
 TURN = 0.1
 #: msg_ids in one task_lost notice at most (~40 bytes each)
 LOST_PER_NOTICE = 5000
+#: a walk over the tasks in flight for cluster_status is reused for this many times
+#: what it cost (see Hub._inflight_by_engine)
+QUEUE_WALK_REUSE = 10
 _get = _BackendSocket.get
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -80,7 +83,11 @@ class HubConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     heartbeat_max_missed: int = 3
-    flush_interval: float = 0.02
+    #: how often the loop writes while it keeps up.  Each write is a CPU burst of a
+    #: few ms (~2 ms fixed: statements, the pages a commit rewrites) on a core the
+    #: relays and engines share: at 20 ms it was the latency's p99 (a round trip in
+    #: ~25 waited behind it); at 0.25 s, 0.33x the load-balanced p99 (bench/PROFILE.md 12)
+    flush_interval: float = 0.25
     flush_rows: int = 2000
     #: while monitor copies are still waiting (a burst the Hub is behind on), the loop
     #: writes every ``flush_rows`` rows, or once the oldest unwritten row is this old,
@@ -170,6 +177,8 @@ class Hub:
         self._stop = False
         self._sockets: list[zmq.Socket] = []
         self._inflight: dict[str, _InFlight] = {}
+        self._walk: dict[str | None, list[int]] = {}  # see _inflight_by_engine
+        self._walk_until = 0.0
         self._dirty: dict[str, dict[str, Any]] = {}
         self._dirty_since = 0.0
         #: the last monitor turn ended with copies still waiting (see _flush_due)
@@ -410,8 +419,9 @@ class Hub:
     def _flush_due(self) -> bool:
         """Whether the loop writes the dirty rows now.
 
-        Every ``flush_interval`` (a few ms: the history follows the cluster
-        closely), except while the monitor has a backlog: then every
+        Every ``flush_interval`` (a quarter of a second: the history follows
+        the cluster closely, and queries write first anyway), except while the
+        monitor has a backlog: then every
         ``flush_rows`` rows, or ``flush_backlog_interval`` seconds at most.
         A write costs a fixed ~2 ms (statements, the pages every commit
         rewrites) plus its rows, and a bigger one dirties fewer pages per row
@@ -1194,25 +1204,45 @@ class Hub:
     def _queue_status(self) -> dict[str, Any]:
         counts = self.store.counts()
         q: dict[str, Any] = {}
+        by_engine = self._inflight_by_engine()
+        unassigned = sum(map(sum, by_engine.values()))  # less those of live engines, below
         for e in self._engines.values():
             if e.status != "alive":
                 continue
             done = counts.get("engine", {}).get(e.id, counts.get("engine", {}).get(str(e.id), {}))
-            q[str(e.id)] = {"queue": 0, "tasks": 0,
+            waiting, running = by_engine.get(str(e.id), (0, 0))
+            unassigned -= waiting + running
+            q[str(e.id)] = {"queue": waiting, "tasks": running,
                             "completed": sum(n for s, n in done.items() if s in TERMINAL)}
-        unassigned = 0
-        for st in self._inflight.values():
-            if st.status in TERMINAL:
-                continue
-            key = str(st.engine) if st.engine is not None else None
-            if key is None or key not in q:
-                unassigned += 1
-            elif st.status == "pending":  # addressed to it, or read by it and waiting
-                q[key]["queue"] += 1
-            else:
-                q[key]["tasks"] += 1
         q["unassigned"] = unassigned
         return q
+
+    def _inflight_by_engine(self) -> dict[str | None, list[int]]:
+        """Unfinished tasks in flight by engine (``str(id)``, None: not assigned yet):
+        [pending (addressed to it, or read by it and waiting), running].
+
+        A walk over every task in flight: ~8 ms with 50,000 of them (a burst), and
+        ``monq status --watch`` or a progress display may ask every few tens of ms.
+        So a walk that cost ``c`` is reused for ``QUEUE_WALK_REUSE * c`` seconds:
+        polling costs the Hub at most ~1/QUEUE_WALK_REUSE of its time, and a walk
+        of a few hundred tasks (microseconds) is never reused in practice.
+        """
+        now = time.monotonic()
+        if now < self._walk_until:
+            return self._walk
+        out: dict[str | None, list[int]] = {}
+        for st in self._inflight.values():
+            status = st.status
+            if status in TERMINAL:
+                continue
+            key = None if st.engine is None else str(st.engine)
+            n = out.get(key)
+            if n is None:
+                n = out[key] = [0, 0]
+            n[status != "pending"] += 1
+        self._walk = out
+        self._walk_until = now + QUEUE_WALK_REUSE * (time.monotonic() - now)
+        return out
 
     def _q_queue(self, msg: Message) -> dict[str, Any]:
         return {"queue": self._queue_status()}
