@@ -25,7 +25,11 @@ Message types (``msg_type``), by channel:
   Or, for many tasks at once, ``apply_batch``; reply ``apply_batch_reply``
   (or single ``apply_reply`` messages): see *Batches* below.
 - hub (engine -> hub): ``registration_request`` -> ``registration_reply``,
-  ``task_started`` (no reply), ``unregistration_request`` (no reply).
+  ``task_started`` (no reply), ``unregistration_request`` (no reply); after
+  the Hub's ``reregister_request`` (a restarted controller), the engine
+  registers again and sends its last seconds' replies as ``recent_replies``
+  (no reply; shaped as an ``apply_batch_reply``, plus ``queue`` and
+  ``engine_uuid``).
 - hub (client -> hub): ``connect_request``, ``engines_request``,
   ``queue_request``, ``history_request``, ``db_request``,
   ``hub_history_request``, ``result_request``, ``purge_request``,
@@ -91,7 +95,11 @@ BATCH_REPLY = "apply_batch_reply"
 MAX_BATCH_TASKS = 64
 #: a sender closes a batch once its buffers reach this many bytes
 MAX_BATCH_BYTES = 1 << 20
-_SINGLE = {BATCH_REQUEST: "apply_request", BATCH_REPLY: "apply_reply"}
+#: an engine's replies of the last seconds, told to a restarted controller (the old one
+#: may have died before writing them): shaped as a batch of replies
+RECENT_REPLIES = "recent_replies"
+_SINGLE = {BATCH_REQUEST: "apply_request", BATCH_REPLY: "apply_reply",
+           RECENT_REPLIES: "apply_reply"}
 VERSION = 1
 #: Frames after the delimiter that every message has: signature + 4 JSON docs.
 N_FIXED = 5

@@ -71,6 +71,7 @@ from monq.protocol import (
     BATCH_REQUEST,
     MAX_BATCH_BYTES,
     MAX_BATCH_TASKS,
+    RECENT_REPLIES,
     BatchBuilder,
     Message,
     Session,
@@ -85,6 +86,14 @@ _OUTPUT_CAP = 1 << 20
 #: how often an engine looks for its controller's connection file when no ready pipe
 #: tells it (see _wait_for_connection_file)
 CONNECTION_POLL = 0.02
+#: the replies an engine remembers after sending them, to tell a controller that
+#: restarted (its Hub records those the old one died before writing: a finished
+#: task's row waits up to the Hub's flush interval, longer in a burst): the last
+#: RECENT_KEPT, sent within RECENT_SECONDS, each with its result if it is at most
+#: RECENT_RESULT_BYTES (a larger one is told without it)
+RECENT_KEPT = 5000
+RECENT_SECONDS = 10.0
+RECENT_RESULT_BYTES = 4096
 
 
 class Stopping(BaseException):
@@ -328,9 +337,45 @@ class _Link(threading.Thread):
             if msg.msg_type == "reregister_request":
                 log.info("the Hub asks this engine to register again (controller restarted?)")
                 self._send("registration_request", self.engine.registration_content())
+                eng = self.engine
+                for content, buffers, raw in recent_batches(eng.recent, eng.uuid):
+                    self.session.send(self.sock, RECENT_REPLIES, "link", content,
+                                      buffers=buffers, raw=raw)
             elif msg.msg_type == "registration_reply" and msg.content.get("status") == "ok":
                 self.engine.id = int(msg.content["id"])
                 log.info("registered again as engine %d", self.engine.id)
+
+
+def recent_batches(recent: collections.deque[tuple[Any, ...]], uuid: str,
+                   now: float | None = None) -> list[tuple[dict[str, Any], list[Any], list[bool]]]:
+    """The ``recent_replies`` messages (content, buffers, raw) telling the replies of
+    ``recent`` sent in the last RECENT_SECONDS: one per channel and batch's worth."""
+    cutoff = (time.monotonic() if now is None else now) - RECENT_SECONDS
+    for _ in range(3):  # the main thread appends meanwhile
+        try:
+            kept = [r for r in list(recent) if r[0] >= cutoff]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return []
+    out = []
+    for channel in ("task", "direct"):
+        b = BatchBuilder()
+        for _, ch, hdr, content, metadata, buffers, raw in kept:
+            if ch != channel:
+                continue
+            b.add({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
+                              "date": hdr.get("date"), "msg_type": "apply_request"},
+                   "metadata": metadata, "content": content}, buffers, raw)
+            if b.full():
+                out.append(({"queue": channel, "engine_uuid": uuid, "tasks": b.entries},
+                            b.buffers, b.raw))
+                b = BatchBuilder()
+        if len(b):
+            out.append(({"queue": channel, "engine_uuid": uuid, "tasks": b.entries},
+                        b.buffers, b.raw))
+    return out
 
 
 class Engine:
@@ -367,6 +412,9 @@ class Engine:
         self.held: list[_Held] = []
         self.held_since = 0.0
         self._held_bytes = 0
+        #: (monotonic time sent, channel, request header, content, metadata, buffers, raw)
+        #: of the replies sent last (see RECENT_KEPT); appended by the main thread
+        self.recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=RECENT_KEPT)
         self._heart: threading.Thread | None = None
         self._link: _Link | None = None
         #: readable when a signal arrived (main() passes signal.set_wakeup_fd's pipe): the
@@ -734,6 +782,15 @@ class Engine:
                                            parent=item.msg.header, metadata=metadata,
                                            buffers=buffers, raw=raw)
         send_frames(item.sock, [*item.msg.idents, *frames])
+        self._remember(item, content, metadata, buffers, raw)
+
+    def _remember(self, item: _Item, content: dict[str, Any], metadata: dict[str, Any],
+                  buffers: list[Any], raw: list[bool]) -> None:
+        """Keep a sent reply for a controller that may restart (see RECENT_KEPT)."""
+        if buffers and sum(memoryview(b).nbytes for b in buffers) > RECENT_RESULT_BYTES:
+            buffers, raw = [], []
+        self.recent.append((time.monotonic(), item.channel, item.msg.header, content,
+                            metadata, buffers, raw))
 
     def send_held(self) -> None:
         """Send the held replies: one ``apply_batch_reply`` per run of replies going to the
@@ -754,6 +811,7 @@ class Engine:
                 b.add({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
                                   "date": hdr.get("date"), "msg_type": "apply_request"},
                        "metadata": h.metadata, "content": h.content}, h.buffers, h.raw)
+                self._remember(it, h.content, h.metadata, h.buffers, h.raw)
                 j += 1
             if j - i == 1:
                 h = held[i]

@@ -51,7 +51,7 @@ from monq.hub.heart import HeartMonitor
 from monq.hub.retention import Retention, RetentionPolicy
 from monq.hub.store import TaskStore
 from monq.hub.tracker import LoadTracker
-from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, Message, Session
+from monq.protocol import BATCH_REPLY, BATCH_REQUEST, DELIM, RECENT_REPLIES, Message, Session
 from monq.schedulers.relay import bind_port
 from monq.security import SMALL_MSG
 
@@ -795,7 +795,8 @@ class Hub:
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg_id, f"no engine with uuid {target_uuid}", None)
 
-    def _on_reply(self, msg: Message, channel: str, received: float | None = None) -> None:
+    def _on_reply(self, msg: Message, channel: str, received: float | None = None,
+                  track: bool = True) -> None:
         parent, md, content = msg.parent, msg.metadata, msg.content
         msg_id = parent.get("msg_id")
         if not msg_id:
@@ -809,7 +810,7 @@ class Hub:
         uuid = md.get("engine_uuid")
         if isinstance(uuid, str):
             uuid = sys.intern(uuid)
-            if channel == "task":
+            if channel == "task" and track:
                 self.tracker.read(uuid, msg_id, state.seq if state is not None else None)
         blob, size = self._payload(msg)
         engine = md.get("engine")
@@ -967,6 +968,38 @@ class Hub:
                     evalue=why, engine=engine)
         self._lost_out.setdefault((engine, why, started, status, state.queue),
                                   []).append(msg_id)
+
+    def _on_recent(self, msg: Message) -> None:
+        """A re-registered engine's replies of its last seconds (``recent_replies``).
+
+        A finished task's row waits in memory up to ``flush_interval`` (longer in
+        a burst), and the copies of replies the old controller had not read yet
+        died with it: the engine that sent them still knows them (see
+        monq.engine.engine.RECENT_KEPT).  Those this Hub does not hold finished,
+        in memory or in the history, are recorded from the engine's word, as
+        their copies would have been (results kept up to a few KB).
+        """
+        c = msg.content
+        queue = c.get("queue")
+        eng = self._engines.get(str(c.get("engine_uuid", "")))
+        if queue not in ("task", "direct") or eng is None:
+            self.rejected["recent replies of an unknown engine"] += 1
+            return
+        replies = self.session.split_batch(msg, own_headers=False)
+        self._catch_up()  # the copies that did come first
+        ids = [m.parent["msg_id"] for m in replies]
+        stored = self.store.statuses([i for i in ids if i not in self._inflight])
+        told = 0
+        for m, msg_id in zip(replies, ids):
+            st = self._inflight.get(msg_id)
+            if (st.status if st is not None else stored.get(msg_id)) in TERMINAL:
+                continue
+            self._on_reply(m, queue, track=False)
+            told += 1
+        if told:
+            log.warning("engine %d told %d finished task(s) the last controller had not "
+                        "recorded", eng.id, told)
+            self.received["recovered replies"] += told
 
     def _send_lost(self) -> None:
         """Tell clients, in one ``task_lost`` message per kind, the tasks lost this turn."""
@@ -1135,6 +1168,15 @@ class Hub:
             return
         if t == "engine_exited":
             self._on_exited(msg)
+            return
+        if t == RECENT_REPLIES:
+            try:
+                self._on_recent(msg)
+            except ProtocolError:
+                pass  # counted by split_batch
+            except Exception:
+                log.exception("error handling an engine's recent replies")
+                self.rejected["handler error"] += 1
             return
         handler = self._queries.get(t)
         if handler is None:

@@ -820,6 +820,19 @@ class TaskStore(TaskStats):
                 row[col] = shared.get(key)
         return row
 
+    def statuses(self, msg_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of ``msg_ids`` in the history (unknown ones left out)."""
+        out: dict[str, str] = {}
+        try:
+            with self._engine.connect() as conn:
+                for i in range(0, len(msg_ids), 500):
+                    stmt = select(tasks.c.msg_id, tasks.c.status).where(
+                        tasks.c.msg_id.in_(list(msg_ids[i:i + 500])))
+                    out.update((r[0], r[1]) for r in conn.execute(stmt))
+        except SQLAlchemyError as e:
+            raise HubError(f"database query failed: {type(e).__name__}: {e}") from e
+        return out
+
     def find_task(self, prefix: str) -> dict[str, Any]:
         """The one task whose msg_id is or starts with ``prefix`` (HubError if none or several)."""
         exact = self.get_task(prefix) if isinstance(prefix, str) else None
