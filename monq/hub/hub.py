@@ -83,10 +83,12 @@ class HubConfig:
     ip: str = "127.0.0.1"
     heartbeat_period: float = 1.0
     heartbeat_max_missed: int = 3
-    #: how often the loop writes while it keeps up.  Each write is a CPU burst of a
-    #: few ms (~2 ms fixed: statements, the pages a commit rewrites) on a core the
-    #: relays and engines share: at 20 ms it was the latency's p99 (a round trip in
-    #: ~25 waited behind it); at 0.25 s, 0.33x the load-balanced p99 (bench/PROFILE.md 12)
+    #: how often the loop writes while it keeps up.  Each write is a burst of CPU
+    #: (~1.7 ms for the ~23 rows of 20 ms of sequential round trips) on a core the
+    #: relays and engines share: written every 20 ms it was the latency's p99 (one
+    #: round trip in 25-30 waited behind it); every 0.25 s, the load-balanced p99 is
+    #: 0.33-0.37x (bench/PROFILE.md 12).  Rows held longer are not lost with the
+    #: controller: engines tell a new one their recent replies (see _on_recent)
     flush_interval: float = 0.25
     flush_rows: int = 2000
     #: while monitor copies are still waiting (a burst the Hub is behind on), the loop
