@@ -26,6 +26,13 @@ from monq.connection import CONNECTION_FILE, load_connection_file, pid_alive
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 
+# Several tests press Ctrl-C (SIGINT) on the processes they start.  A suite run in
+# the background of a non-interactive shell (`pytest &`, as a script would) inherits
+# SIGINT ignored, and every process it starts would ignore it too, as the shell
+# meant for background jobs: give this process, and through it them, the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
