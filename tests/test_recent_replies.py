@@ -35,21 +35,22 @@ class _NoCopies:
 
 def _reply(msg_id: str, channel: str = "task", result: bytes = b"R", sent: float = 100.0
            ) -> tuple[Any, ...]:
-    header = {"msg_id": msg_id, "session": "client-1", "date": 1_800_000_000.0,
-              "msg_type": "apply_request"}
+    request = (msg_id, "client-1", 1_800_000_000.0)
     metadata = {"engine": 0, "engine_uuid": "e0", "started": 1_800_000_000.5,
                 "completed": 1_800_000_000.6, "stdout": "", "stderr": ""}
-    return (sent, channel, header, {"status": "ok"}, metadata, [result], [False])
+    return (sent, channel, request, {"status": "ok"}, metadata, [result], [False])
 
 
 def test_an_engine_keeps_small_results_and_drops_large_ones() -> None:
     fake = types.SimpleNamespace(recent=collections.deque(maxlen=3))
-    item = types.SimpleNamespace(channel="task", msg=types.SimpleNamespace(header={"msg_id": "a"}))
+    item = types.SimpleNamespace(channel="task", msg=types.SimpleNamespace(
+        header={"msg_id": "a", "session": "s", "date": 1.0, "buffers": []}))
     small, large = b"s" * RECENT_RESULT_BYTES, b"l" * (RECENT_RESULT_BYTES + 1)
     for result in (small, large, small, small):
         Engine._remember(fake, item, {"status": "ok"}, {}, [result], [False])  # type: ignore[arg-type]
     assert len(fake.recent) == 3  # the oldest went
     assert [r[5] for r in fake.recent] == [[], [small], [small]]
+    assert fake.recent[0][2] == ("a", "s", 1.0)  # the request's header itself is not kept
 
 
 def test_recent_batches_cover_the_last_seconds_by_channel_in_batches() -> None:

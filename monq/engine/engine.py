@@ -90,10 +90,11 @@ CONNECTION_POLL = 0.02
 #: restarted (its Hub records those the old one died before writing: a finished
 #: task's row waits up to the Hub's flush interval, longer in a burst): the last
 #: RECENT_KEPT, sent within RECENT_SECONDS, each with its result if it is at most
-#: RECENT_RESULT_BYTES (a larger one is told without it)
-RECENT_KEPT = 5000
+#: RECENT_RESULT_BYTES (a larger one is told without it).  ~1.5 KB each, so a few MB
+#: per engine at most (5,000 with 4 KB results measured +20-30 MB of RSS per engine)
+RECENT_KEPT = 2000
 RECENT_SECONDS = 10.0
-RECENT_RESULT_BYTES = 4096
+RECENT_RESULT_BYTES = 1024
 
 
 class Stopping(BaseException):
@@ -362,11 +363,11 @@ def recent_batches(recent: collections.deque[tuple[Any, ...]], uuid: str,
     out = []
     for channel in ("task", "direct"):
         b = BatchBuilder()
-        for _, ch, hdr, content, metadata, buffers, raw in kept:
+        for _, ch, (msg_id, session, date), content, metadata, buffers, raw in kept:
             if ch != channel:
                 continue
-            b.add({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
-                              "date": hdr.get("date"), "msg_type": "apply_request"},
+            b.add({"parent": {"msg_id": msg_id, "session": session, "date": date,
+                              "msg_type": "apply_request"},
                    "metadata": metadata, "content": content}, buffers, raw)
             if b.full():
                 out.append(({"queue": channel, "engine_uuid": uuid, "tasks": b.entries},
@@ -412,8 +413,9 @@ class Engine:
         self.held: list[_Held] = []
         self.held_since = 0.0
         self._held_bytes = 0
-        #: (monotonic time sent, channel, request header, content, metadata, buffers, raw)
-        #: of the replies sent last (see RECENT_KEPT); appended by the main thread
+        #: (monotonic time sent, channel, (msg_id, session, date) of the request, content,
+        #: metadata, buffers, raw) of the replies sent last (see RECENT_KEPT); appended by
+        #: the main thread
         self.recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=RECENT_KEPT)
         self._heart: threading.Thread | None = None
         self._link: _Link | None = None
@@ -789,7 +791,9 @@ class Engine:
         """Keep a sent reply for a controller that may restart (see RECENT_KEPT)."""
         if buffers and sum(memoryview(b).nbytes for b in buffers) > RECENT_RESULT_BYTES:
             buffers, raw = [], []
-        self.recent.append((time.monotonic(), item.channel, item.msg.header, content,
+        hdr = item.msg.header
+        self.recent.append((time.monotonic(), item.channel,
+                            (hdr["msg_id"], hdr.get("session"), hdr.get("date")), content,
                             metadata, buffers, raw))
 
     def send_held(self) -> None:
