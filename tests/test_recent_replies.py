@@ -119,3 +119,21 @@ def test_recent_replies_of_an_unknown_engine_are_refused(hub: Hub) -> None:
     assert hub.store.get_task("x") is None
     assert hub.rejected["recent replies of an unknown engine"] == 1
 
+
+
+def test_malformed_recent_replies_are_counted_and_change_nothing(hub: Hub) -> None:
+    """A batch whose entries do not fit (here: a reply without a parent msg_id) is
+    refused whole, counted, and the Hub goes on."""
+    recent = collections.deque([_reply("good")])
+    [(content, buffers, raw)] = recent_batches(recent, "e0", now=100.0)
+    content["tasks"].append({"parent": {}, "metadata": {}, "content": {"status": "ok"},
+                             "b": []})
+    hub._on_router(_frames(content, buffers, raw))
+    hub.flush()
+    assert hub.store.get_task("good") is None
+    assert hub.session.rejected["malformed"] == 1
+    # and the next one, well formed, is recorded
+    [(content, buffers, raw)] = recent_batches(recent, "e0", now=100.0)
+    hub._on_router(_frames(content, buffers, raw))
+    hub.flush()
+    assert hub.store.get_task("good")["status"] == "ok"  # type: ignore[index]
