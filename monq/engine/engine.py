@@ -171,6 +171,16 @@ class _Held:
     metadata: dict[str, Any]
     buffers: list[Any]
     raw: list[bool]
+    #: the reply's buffer bytes (counted once: for MAX_BATCH_BYTES and RECENT_RESULT_BYTES)
+    nbytes: int = 0
+
+
+def _nbytes(buffers: list[Any]) -> int:
+    """The bytes of a reply's buffers (a loop, not sum(<generator>): once per task)."""
+    n = 0
+    for b in buffers:
+        n += len(b) if type(b) is bytes else memoryview(b).nbytes
+    return n
 
 
 class _Link(threading.Thread):
@@ -575,9 +585,18 @@ class Engine:
         if msg.msg_type == "probe":
             self._receipt(msg.msg_id)
             return
-        for item in self._items(sock, channel, msg):
-            self.backlog.append(item)
-            self._receipt(item.msg.msg_id)
+        items = self._items(sock, channel, msg)
+        if items:
+            self.backlog.extend(items)
+            self._receipts([item.msg.header["msg_id"] for item in items])
+
+    def _receipts(self, msg_ids: list[str]) -> None:
+        """Queue receipts for ``msg_ids``, in order (the caller holds ``self.lock``): what
+        :meth:`_receipt` does, once per message rather than once per task."""
+        if self.unreceipted is not None:
+            self.receipts.append(self.unreceipted)
+            self.unreceipted = None
+        self.receipts.extend(msg_ids)
 
     def _receipt(self, msg_id: str) -> None:
         """Queue a receipt for ``msg_id`` (the caller holds ``self.lock``).
@@ -606,7 +625,8 @@ class Engine:
             except ProtocolError as e:
                 log.warning("dropped a batch on %s: %s", channel, e)
                 return []
-            return [_Item(sock, channel, m, now, msg.msg_id) for m in tasks]
+            batch = msg.msg_id
+            return [_Item(sock, channel, m, now, batch) for m in tasks]
         log.warning("ignored %s on %s", msg.msg_type, channel)
         return []
 
@@ -637,15 +657,16 @@ class Engine:
                         self._receipt(msg.msg_id)
                         continue
                     items = self._items(sock, self.channels[sock], msg)
-                    for item in items:
-                        # a batch's first task has a receipt too: the receipts of the
-                        # others could reach the Hub before it is running (or answered),
-                        # and the Hub would take it for one no engine read (a lost task)
-                        if self.backlog or len(items) > 1:
-                            self._receipt(item.msg.msg_id)
-                        else:
-                            self.unreceipted = item.msg.msg_id
-                        self.backlog.append(item)
+                    if not items:
+                        continue
+                    # a batch's first task has a receipt too: the receipts of the others
+                    # could reach the Hub before it is running (or answered), and the Hub
+                    # would take it for one no engine read (a lost task)
+                    if self.backlog or len(items) > 1:
+                        self._receipts([item.msg.header["msg_id"] for item in items])
+                    else:
+                        self.unreceipted = items[0].msg.msg_id
+                    self.backlog.extend(items)
             return self.backlog.popleft() if self.backlog else None
 
     def run(self) -> None:
@@ -751,7 +772,8 @@ class Engine:
         metadata = {
             "engine": self.id, "engine_uuid": self.uuid, "status": content["status"],
             "received": item.received, "started": started, "completed": completed,
-            "stdout": out.text(), "stderr": err.text(),
+            "stdout": out.text() if out.dropped else out.getvalue(),
+            "stderr": err.text() if err.dropped else err.getvalue(),
         }
         if content["status"] == "ok":
             try:
@@ -768,12 +790,14 @@ class Engine:
             if item.batch is None:
                 self._send_reply(item, content, metadata, buffers, raw)
                 return
-            if not self.held:
+            held = self.held
+            if not held:
                 self.held_since = time.monotonic()
-            self.held.append(_Held(item, content, metadata, buffers, raw))
-            self._held_bytes += sum(memoryview(b).nbytes for b in buffers)
-            nxt = self.backlog[0] if self.backlog else None
-            if nxt is None or nxt.batch != item.batch or len(self.held) >= MAX_BATCH_TASKS \
+            nbytes = _nbytes(buffers) if buffers else 0
+            held.append(_Held(item, content, metadata, buffers, raw, nbytes))
+            self._held_bytes += nbytes
+            backlog = self.backlog
+            if not backlog or backlog[0].batch != item.batch or len(held) >= MAX_BATCH_TASKS \
                     or self._held_bytes >= MAX_BATCH_BYTES:
                 self.send_held()
 
@@ -789,7 +813,7 @@ class Engine:
     def _remember(self, item: _Item, content: dict[str, Any], metadata: dict[str, Any],
                   buffers: list[Any], raw: list[bool]) -> None:
         """Keep a sent reply for a controller that may restart (see RECENT_KEPT)."""
-        if buffers and sum(memoryview(b).nbytes for b in buffers) > RECENT_RESULT_BYTES:
+        if buffers and _nbytes(buffers) > RECENT_RESULT_BYTES:
             buffers, raw = [], []
         hdr = item.msg.header
         self.recent.append((time.monotonic(), item.channel,
@@ -801,30 +825,62 @@ class Engine:
         same client on the same channel, a lone one as an ``apply_reply`` (the caller
         holds ``self.lock``)."""
         held, self.held, self._held_bytes = self.held, [], 0
-        i = 0
-        while i < len(held):
+        i, n = 0, len(held)
+        while i < n:
             first = held[i].item
-            b = BatchBuilder()
+            if i + 1 == n or held[i + 1].item.sock is not first.sock or \
+                    held[i + 1].item.msg.idents != first.msg.idents:
+                h = held[i]
+                self._send_reply(first, h.content, h.metadata, h.buffers, h.raw)
+                i += 1
+                continue
+            # a run of replies to one client: what BatchBuilder.add/full do, inline (this
+            # runs for every task of a burst)
+            sock, idents, channel = first.sock, first.msg.idents, first.channel
+            entries: list[dict[str, Any]] = []
+            bufs: list[Any] = []
+            raws: list[bool] = []
+            index: dict[int, int] = {}
+            total = 0
             j = i
-            while j < len(held) and not b.full():
+            while j < n and j - i < MAX_BATCH_TASKS and total < MAX_BATCH_BYTES:
                 h = held[j]
                 it = h.item
-                if it.sock is not first.sock or it.msg.idents != first.msg.idents:
+                if it.sock is not sock or it.msg.idents != idents:
                     break
                 hdr = it.msg.header
-                b.add({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
-                                  "date": hdr.get("date"), "msg_type": "apply_request"},
-                       "metadata": h.metadata, "content": h.content}, h.buffers, h.raw)
-                self._remember(it, h.content, h.metadata, h.buffers, h.raw)
+                idx: list[int] = []
+                for b, r in zip(h.buffers, h.raw):
+                    k = index.get(id(b))
+                    if k is None or raws[k] != bool(r):
+                        k = index[id(b)] = len(bufs)
+                        bufs.append(b)
+                        raws.append(bool(r))
+                    idx.append(k)
+                total += h.nbytes
+                entries.append({"parent": {"msg_id": hdr["msg_id"], "session": hdr.get("session"),
+                                           "date": hdr.get("date"), "msg_type": "apply_request"},
+                                "metadata": h.metadata, "content": h.content, "b": idx})
                 j += 1
             if j - i == 1:
                 h = held[i]
-                self._send_reply(h.item, h.content, h.metadata, h.buffers, h.raw)
-            else:
-                _, frames = self.session.serialize(BATCH_REPLY, first.channel,
-                                                   {"tasks": b.entries}, buffers=b.buffers,
-                                                   raw=b.raw)
-                send_frames(first.sock, [*first.msg.idents, *frames])
+                self._send_reply(first, h.content, h.metadata, h.buffers, h.raw)
+                i = j
+                continue
+            _, frames = self.session.serialize(BATCH_REPLY, channel, {"tasks": entries},
+                                               buffers=bufs, raw=raws)
+            send_frames(sock, [*idents, *frames])
+            # what _remember keeps, with one clock read for the run
+            now = time.monotonic()
+            remember = self.recent.append
+            for e, h in zip(entries, held[i:j]):
+                p = e["parent"]
+                if h.nbytes > RECENT_RESULT_BYTES:
+                    remember((now, channel, (p["msg_id"], p["session"], p["date"]), h.content,
+                              h.metadata, [], []))
+                else:
+                    remember((now, channel, (p["msg_id"], p["session"], p["date"]), h.content,
+                              h.metadata, h.buffers, h.raw))
             i = j
 
 
