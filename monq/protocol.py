@@ -311,7 +311,10 @@ class Session:
                 raw = [False] * len(buffers)
             elif len(raw) != len(buffers):
                 raise ValueError("one raw flag per buffer")
-            hdr["buffers"] = [[_nbytes(b), bool(r)] for b, r in zip(buffers, raw)]
+            spec: list[list[Any]] = []
+            hdr["buffers"] = spec
+            for b, r in zip(buffers, raw):  # a loop, not a comprehension: once per buffer
+                spec.append([len(b) if type(b) is bytes else _nbytes(b), bool(r)])
         else:
             if raw:
                 raise ValueError("one raw flag per buffer")
@@ -409,7 +412,7 @@ class Session:
         h.update(ct)
         for b, r in zip(bufs, raw_flags):
             if not r:
-                h.update(_frame_view(b))
+                h.update(b if type(b) is bytes else _frame_view(b))
         if not hmac.compare_digest(sig, h.hexdigest().encode()):
             what = header.get("msg_type", "?") if isinstance(header, dict) else "?"
             raise ProtocolError("bad signature", str(what))

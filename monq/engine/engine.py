@@ -731,7 +731,8 @@ class Engine:
 
     def handle_apply(self, item: _Item) -> None:
         msg = item.msg
-        timeout = _timeout(msg.metadata.get("timeout"))
+        md = msg.metadata
+        timeout = _timeout(md["timeout"]) if "timeout" in md else None
         started = time.time()
         if timeout is not None:
             # said by this thread, not the link thread: a task that holds the GIL in C code
