@@ -740,7 +740,8 @@ class Engine:
             self.session.send(self.hub, "task_started", "hub", {
                 "msg_id": msg.msg_id, "engine": self.id, "engine_uuid": self.uuid,
                 "started": started, "timeout": timeout})
-        self.current = (msg.msg_id, started)
+        msg_id = msg.header.get("msg_id")
+        self.current = (msg_id if type(msg_id) is str else msg.msg_id, started)
         if self._link is not None:
             self._link.task_started()
         out, err = self._out, self._err
@@ -809,7 +810,9 @@ class Engine:
             held = self.held
             if not held:
                 self.held_since = time.monotonic()
-            nbytes = _nbytes(buffers) if buffers else 0
+            # most results are one small pickle: no call to count it
+            nbytes = len(buffers[0]) if len(buffers) == 1 and type(buffers[0]) is bytes \
+                else _nbytes(buffers)
             held.append(_Held(item, content, metadata, buffers, raw, nbytes))
             self._held_bytes += nbytes
             backlog = self.backlog
