@@ -9,8 +9,9 @@ monq.frames) for one task of a 32-task batch, from the read to the reply.
 a4c9454 made 24 per task (a generator per byte count, a method per receipt, a
 BatchBuilder.add/full and a _remember per reply, three msg_id properties, two
 capture streams' text()...); now 6 (the task's Message, _Item and _Held, _next,
-handle_apply, and its share of the batch's read and reply).  And the messages stay what they were: one receipt per task in
-read order, one reply message for the batch.
+handle_apply, and its share of the batch's read and reply).  And the messages
+stay what they were: one receipt per task in read order, one reply message for
+the batch.
 """
 
 from __future__ import annotations
