@@ -57,7 +57,7 @@ def _late() -> str:
 def rig() -> Iterator[tuple[Engine, zmq.Socket, zmq.Socket, zmq.Poller]]:
     eng = Engine(ConnectionInfo(key=KEY, ports={"hub": 1}), EngineConfig())
     eng.id = 0
-    ctx = zmq.Context.instance()
+    ctx: Any = zmq.Context.instance()
     client, engine_side = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     url = f"inproc://engine-batch-costs-{id(eng)}"
     client.bind(url)
