@@ -742,8 +742,9 @@ class Engine:
                 "started": started, "timeout": timeout})
         msg_id = msg.header.get("msg_id")
         self.current = (msg_id if type(msg_id) is str else msg.msg_id, started)
-        if self._link is not None:
-            self._link.task_started()
+        link = self._link
+        if link is not None and link.asleep:  # (awake, it looks every ``delay`` anyway)
+            link.task_started()
         out, err = self._out, self._err
         # the references to them now (ours, self's): more after the task means the task
         # kept one (a handler on sys.stdout...), and they are not used again
