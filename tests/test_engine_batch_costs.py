@@ -17,6 +17,8 @@ the batch.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -25,7 +27,7 @@ import pytest
 import zmq
 
 from monq.connection import ConnectionInfo
-from monq.engine.engine import Engine, EngineConfig
+from monq.engine.engine import Engine, EngineConfig, _Link
 from monq.frames import recv_frames, send_frames
 from monq.protocol import BATCH_REPLY, BATCH_REQUEST, BatchBuilder, Session
 from monq.serialize import deserialize, pack_apply
@@ -171,3 +173,87 @@ def test_a_task_that_prints_or_keeps_its_stream_gets_fresh_ones_next(rig: Any) -
     assert outs == ["", "mine\n", ""]
     assert _KEPT[0] is first and eng._out is not first
     _KEPT.clear()
+
+
+def _sleep_5ms() -> None:
+    time.sleep(0.005)
+
+
+def _sleep_300ms() -> None:
+    time.sleep(0.3)
+
+
+@pytest.fixture
+def running() -> Iterator[tuple[Engine, zmq.Socket, Session]]:
+    """An engine whose loop and link thread run (in this process, no Hub), replies held
+    up to 50 ms."""
+    eng = Engine(ConnectionInfo(key=KEY, ports={"hub": 1}), EngineConfig(reply_hold=0.05))
+    eng.id = 0
+    ctx: Any = zmq.Context.instance()
+    client, engine_side = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    hub, link_side = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    for a, b, name in ((client, engine_side, "task"), (hub, link_side, "hub")):
+        url = f"inproc://engine-batch-costs-{name}-{id(eng)}"
+        a.bind(url)
+        b.connect(url)
+    eng.channels = {engine_side: "task"}
+    eng._link = _Link(eng, link_side, Session(KEY, eng.session.session_id),
+                      eng.config.started_notice_delay)
+    eng._link.start()
+    loop = threading.Thread(target=eng.run, daemon=True)
+    loop.start()
+    try:
+        yield eng, client, Session(KEY)
+    finally:
+        eng.stop()
+        loop.join(5)
+        eng.close()  # stops and joins the link thread
+        for s in (client, engine_side, hub, link_side):
+            s.close(linger=0)
+
+
+def _replies(client: zmq.Socket, session: Session, n: int, timeout: float) -> list[list[str]]:
+    """The msg_ids each reply message answers, until ``n`` tasks are answered."""
+    out: list[list[str]] = []
+    deadline = time.monotonic() + timeout
+    while sum(map(len, out)) < n:
+        assert client.poll(max(1, int((deadline - time.monotonic()) * 1000))), out
+        msg = session.feed(recv_frames(client))
+        if msg.msg_type == BATCH_REPLY:
+            out.append([t.parent["msg_id"] for t in session.split_batch(msg)])
+        else:
+            out.append([msg.parent["msg_id"]])
+    return out
+
+
+def test_a_batch_of_short_tasks_outlasting_the_hold_is_answered_in_one_message(
+        running: Any) -> None:
+    """16 tasks of 5 ms: 80 ms of run, more than the 50 ms hold.  No task holds the
+    replies up, so the link thread leaves them to go together when the batch ends (at
+    a4c9454 it sent them in pieces, every 50 ms: one message more per piece for the
+    engine, the relay, the Hub and the client)."""
+    eng, client, session = running
+    frames, ids = _batch(session, _sleep_5ms, 16)
+    send_frames(client, frames)
+    assert _replies(client, session, 16, 30) == [ids]
+    assert not client.poll(100)
+
+
+def test_a_long_task_never_holds_up_the_replies_before_it(running: Any) -> None:
+    eng, client, session = running
+    b = BatchBuilder()
+    ids = []
+    hdr: dict[str, Any] = {}
+    for f in (_noop, _noop, _sleep_300ms):
+        bufs, raw = pack_apply(f, (), {})
+        hdr = session.header("apply_request", "task")
+        ids.append(hdr["msg_id"])
+        b.add({"msg_id": hdr["msg_id"], "date": hdr["date"], "metadata": {}}, bufs, raw)
+    header = {**hdr, "msg_id": session.new_msg_id(), "msg_type": BATCH_REQUEST}
+    _, frames = session.serialize(BATCH_REQUEST, "task", {"tasks": b.entries},
+                                  buffers=b.buffers, raw=b.raw, header=header)
+    send_frames(client, frames)
+    first = _replies(client, session, 2, 30)
+    assert first == [ids[:2]]
+    assert eng.current is not None and eng.current[0] == ids[2]  # sent while it ran
+    assert _replies(client, session, 1, 30) == [ids[2:]]

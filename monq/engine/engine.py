@@ -21,10 +21,14 @@ per task, each reported in receipts and run as a single task is.  The
 replies of a batch's tasks are held and sent together as one
 ``apply_batch_reply``, but never held long: they are sent when the next
 task to run is not of the same batch (or there is none), when
-``MAX_BATCH_TASKS`` or ``MAX_BATCH_BYTES`` are held, and, by the link thread
-while a task runs, once the oldest is ``reply_hold`` old, so a long task
-never delays the replies of the short ones before it.  A single request's
-reply is never held.
+``MAX_BATCH_TASKS`` or ``MAX_BATCH_BYTES`` are held, and, by the link thread,
+once the oldest is ``reply_hold`` old and the task running has run that
+long too, so a long task never delays the replies of the short ones before
+it.  While the batch's tasks follow each other quickly they are not sent in
+pieces (each piece is one more message for the engine, the relay, the Hub
+and the client to handle; in a burst on a busy machine a batch's run often
+outlasts ``reply_hold``), up to ``HOLD_CAP`` times ``reply_hold``.  A single
+request's reply is never held.
 
 A task with a ``timeout`` is interrupted by SIGALRM (a ``TaskTimeout`` raised
 in it, answered ``timeout``); one that cannot be interrupted (C code holding
@@ -95,6 +99,9 @@ CONNECTION_POLL = 0.02
 RECENT_KEPT = 2000
 RECENT_SECONDS = 10.0
 RECENT_RESULT_BYTES = 1024
+#: held replies wait at most this many times ``reply_hold`` while the batch's tasks run
+#: (see the module's docstring; the link thread looks every ``started_notice_delay``)
+HOLD_CAP = 8
 
 
 class Stopping(BaseException):
@@ -305,7 +312,7 @@ class _Link(threading.Thread):
                 if (cur is not None or eng.held) and eng.lock.acquire(blocking=False):
                     try:
                         eng.read_available()
-                        if eng.held and time.monotonic() - eng.held_since >= eng.config.reply_hold:
+                        if eng.held and _flush_due(eng):
                             eng.send_held()
                     finally:
                         eng.lock.release()
@@ -355,6 +362,18 @@ class _Link(threading.Thread):
             elif msg.msg_type == "registration_reply" and msg.content.get("status") == "ok":
                 self.engine.id = int(msg.content["id"])
                 log.info("registered again as engine %d", self.engine.id)
+
+
+def _flush_due(eng: Engine) -> bool:
+    """Whether the link thread sends the held replies now (the caller holds ``eng.lock``):
+    the oldest is ``reply_hold`` old and the task running is holding them up (it has run
+    that long), or the oldest is ``HOLD_CAP`` times that old."""
+    hold = eng.config.reply_hold
+    age = time.monotonic() - eng.held_since
+    if age < hold:
+        return False
+    cur = eng.current
+    return (cur is not None and time.time() - cur[1] >= hold) or age >= HOLD_CAP * hold
 
 
 def recent_batches(recent: collections.deque[tuple[Any, ...]], uuid: str,
