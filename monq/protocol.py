@@ -84,6 +84,7 @@ import orjson
 import zmq
 
 from monq.errors import ProtocolError
+from monq.frames import send_frames
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,11 @@ class Session:
         """Sign and send a message; returns its header."""
         hdr, frames = self.serialize(msg_type, channel, content, parent, metadata, buffers, raw,
                                      header)
-        socket.send_multipart([*idents, *frames], copy=False)
+        if type(socket) is zmq.Socket:
+            # pyzmq's send_multipart adds several Python layers per frame (monq.frames)
+            send_frames(socket, [*idents, *frames])
+        else:
+            socket.send_multipart([*idents, *frames], copy=False)
         return hdr
 
     # -- incoming -----------------------------------------------------------
