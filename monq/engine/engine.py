@@ -157,7 +157,7 @@ class TaskTimeout(BaseException):
     """Raised inside a running task when it overruns its timeout (answered ``timeout``)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Item:
     """A task read from a channel, waiting to run or running."""
 
@@ -169,7 +169,7 @@ class _Item:
     batch: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Held:
     """A finished task's reply, waiting to go with the replies of its batch."""
 
