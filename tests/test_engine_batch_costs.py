@@ -257,3 +257,24 @@ def test_a_long_task_never_holds_up_the_replies_before_it(running: Any) -> None:
     assert first == [ids[:2]]
     assert eng.current is not None and eng.current[0] == ids[2]  # sent while it ran
     assert _replies(client, session, 1, 30) == [ids[2:]]
+
+
+def test_a_signed_request_without_a_msg_id_is_read_ahead_and_answered(rig: Any) -> None:
+    """Its receipt names it "" (as Message.msg_id does): the read goes on, nothing raises."""
+    eng, client, engine_side, poller = rig
+    session = Session(KEY)
+    bufs, raw = pack_apply(_noop, (), {})
+    header = session.header("apply_request", "task")
+    del header["msg_id"]
+    _, frames = session.serialize("apply_request", "task", {}, metadata={}, buffers=bufs,
+                                  raw=raw, header=header)
+    send_frames(client, frames)
+    assert engine_side.poll(5000)
+    with eng.lock:
+        eng.read_available()
+    assert list(eng.receipts) == [""]
+    item = eng._next(poller)
+    assert item is not None
+    eng.handle_apply(item)
+    assert client.poll(5000)
+    assert session.feed(recv_frames(client)).content["status"] == "ok"

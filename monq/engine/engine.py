@@ -364,6 +364,14 @@ class _Link(threading.Thread):
                 log.info("registered again as engine %d", self.engine.id)
 
 
+def _ids(items: list[_Item]) -> list[str]:
+    """The msg_ids of one message's tasks: a batch's were checked strings (split_batch);
+    a single request's header may lack one (``Message.msg_id`` says "" then)."""
+    if items[0].batch is None:
+        return [item.msg.msg_id for item in items]
+    return [item.msg.header["msg_id"] for item in items]
+
+
 def _flush_due(eng: Engine) -> bool:
     """Whether the link thread sends the held replies now (the caller holds ``eng.lock``):
     the oldest is ``reply_hold`` old and the task running is holding them up (it has run
@@ -609,7 +617,7 @@ class Engine:
         items = self._items(sock, channel, msg)
         if items:
             self.backlog.extend(items)
-            self._receipts([item.msg.header["msg_id"] for item in items])
+            self._receipts(_ids(items))
 
     def _receipts(self, msg_ids: list[str]) -> None:
         """Queue receipts for ``msg_ids``, in order (the caller holds ``self.lock``): what
@@ -684,7 +692,7 @@ class Engine:
                     # could reach the Hub before it is running (or answered), and the Hub
                     # would take it for one no engine read (a lost task)
                     if self.backlog or len(items) > 1:
-                        self._receipts([item.msg.header["msg_id"] for item in items])
+                        self._receipts(_ids(items))
                     else:
                         self.unreceipted = items[0].msg.msg_id
                     self.backlog.extend(items)
@@ -855,9 +863,10 @@ class Engine:
         if buffers and _nbytes(buffers) > RECENT_RESULT_BYTES:
             buffers, raw = [], []
         hdr = item.msg.header
+        # (a signed request may lack a msg_id: named "" then, as Message.msg_id does)
         self.recent.append((time.monotonic(), item.channel,
-                            (hdr["msg_id"], hdr.get("session"), hdr.get("date")), content,
-                            metadata, buffers, raw))
+                            (str(hdr.get("msg_id", "")), hdr.get("session"), hdr.get("date")),
+                            content, metadata, buffers, raw))
 
     def send_held(self) -> None:
         """Send the held replies: one ``apply_batch_reply`` per run of replies going to the
