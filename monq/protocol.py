@@ -130,9 +130,17 @@ class _Ids:
 
     def __init__(self) -> None:
         self._rng = random.Random(os.urandom(32))
+        self._bits = self._rng.getrandbits
+        #: the last millisecond and its 12 hex digits, as one tuple (threads may share a
+        #: Session): a burst makes many ids in each
+        self._last: tuple[int, str] = (-1, "")
 
     def __call__(self) -> str:
-        return f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}{self._rng.getrandbits(80):020x}"
+        ms = int(time.time() * 1000) & 0xFFFFFFFFFFFF
+        last = self._last
+        if ms != last[0]:
+            last = self._last = (ms, f"{ms:012x}")
+        return f"{last[1]}{self._bits(80):020x}"
 
 
 def _nbytes(buf: Buffer) -> int:

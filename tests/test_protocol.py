@@ -156,6 +156,28 @@ def test_header_numbering_is_per_channel_and_msg_ids_unique():
     assert tx.header("x", "task")["session"] == "sess"
 
 
+def test_msg_ids_start_with_the_current_millisecond_as_the_clock_moves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids made within one millisecond share its 12 hex digits (made once per ms), and the
+    next millisecond's ids carry it: the prefix follows the clock, never lags it."""
+    import monq.protocol as protocol
+
+    now = [1_800_000_000.0001]
+    monkeypatch.setattr(protocol.time, "time", lambda: now[0])
+    ids = protocol._Ids()
+    first = [ids() for _ in range(50)]
+    now[0] += 0.001
+    second = [ids() for _ in range(50)]
+    now[0] -= 0.5  # a clock stepped back is followed too
+    third = ids()
+    ms = int(1_800_000_000.0001 * 1000)
+    assert {i[:12] for i in first} == {f"{ms:012x}"}
+    assert {i[:12] for i in second} == {f"{ms + 1:012x}"}
+    assert third[:12] == f"{int((1_800_000_000.0011 - 0.5) * 1000):012x}"
+    assert len(set(first + second + [third])) == 101
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in first + second)
+
+
 def test_serialize_checks_raw_flags_length():
     tx = Session(KEY)
     with pytest.raises(ValueError):
