@@ -168,12 +168,13 @@ def test_msg_ids_start_with_the_current_millisecond_as_the_clock_moves(
     first = [ids() for _ in range(50)]
     now[0] += 0.001
     second = [ids() for _ in range(50)]
+    t2 = now[0]
     now[0] -= 0.5  # a clock stepped back is followed too
     third = ids()
-    ms = int(1_800_000_000.0001 * 1000)
-    assert {i[:12] for i in first} == {f"{ms:012x}"}
-    assert {i[:12] for i in second} == {f"{ms + 1:012x}"}
-    assert third[:12] == f"{int((1_800_000_000.0011 - 0.5) * 1000):012x}"
+    assert {i[:12] for i in first} == {f"{int(1_800_000_000.0001 * 1000):012x}"}
+    assert {i[:12] for i in second} == {f"{int(t2 * 1000):012x}"}
+    assert int(t2 * 1000) == int(1_800_000_000.0001 * 1000) + 1
+    assert third[:12] == f"{int(now[0] * 1000):012x}"
     assert len(set(first + second + [third])) == 101
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in first + second)
 
