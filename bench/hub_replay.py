@@ -179,10 +179,21 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
     return hub, ctx
 
 
-def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
+def _received(where: str, frames: list[bytes]) -> list[Any]:
+    """A recorded message as the Hub receives it: a monitor copy through
+    ``monq.frames.recv_frames`` (frames under COPY_BELOW bytes as ``bytes``, larger ones
+    zmq Frames), a router message as zmq Frames (``recv_multipart(copy=False)``)."""
     import zmq
 
-    return [(where, [zmq.Frame(b) for b in frames] if where != "flush" else frames)
+    if where == "monitor":
+        from monq.frames import COPY_BELOW
+
+        return [b if len(b) < COPY_BELOW else zmq.Frame(b) for b in frames]
+    return [zmq.Frame(b) for b in frames]
+
+
+def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
+    return [(where, _received(where, frames) if where != "flush" else frames)
             for where, frames in messages]
 
 
@@ -271,7 +282,7 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         for is_monitor, raw in msgs:
-            frames = [zmq.Frame(b) for b in raw]
+            frames = _received("monitor" if is_monitor else "router", raw)
             (hub._on_monitor if is_monitor else hub._on_router)(frames)
             del frames
         gc.collect()

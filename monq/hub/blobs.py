@@ -7,6 +7,7 @@ frames back, signed anew, to a client that asks for a result.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,39 @@ def pack(frames: Sequence[Any], raw: Sequence[Any]) -> bytes:
             continue
         parts += (head(1 if r else 0, len(f)), f)
     return b"".join(parts)
+
+
+class Packer:
+    """Packs the buffers of many messages, none of them raw, making the blob of equal
+    buffers once.
+
+    The tasks of a burst mostly carry the same bytes (one pickled function, the
+    same empty arguments; results the same pickled ``None``): one blob for all
+    of them costs one lookup each instead of a pack, and their rows hold one
+    object (the payload store then finds equal blobs by identity).  Buffers
+    are compared by content when they are ``bytes`` (how the Hub receives
+    frames under 64 KB), by identity otherwise (a zmq Frame).  Meant to live
+    for one batch: it keeps what it has seen.
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, ...], bytes] = {}
+
+    def pack(self, frames: Sequence[Any]) -> bytes:
+        key = tuple(frames)
+        try:
+            blob = self._known.get(key)
+        except TypeError:  # an unhashable buffer (a writable memoryview)
+            return pack(frames, _NOT_RAW)
+        if blob is None:
+            blob = self._known[key] = pack(frames, _NOT_RAW)
+        return blob
+
+
+#: one "not raw" flag per frame, however many
+_NOT_RAW = itertools.repeat(0)
 
 
 def unpack(blob: bytes) -> tuple[list[memoryview], list[bool]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import math
@@ -680,14 +681,19 @@ class Hub:
         if direction == "in" and msg_type == "apply_request":
             target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                 msg.idents else None
-            self._on_request(msg, channel, target)
+            self._on_requests([msg], channel, target, _no_raw(msg))
         elif direction == "out" and msg_type == "apply_reply":
-            self._on_reply(msg, channel)
+            self._on_replies([msg], channel, None, _no_raw(msg))
         elif (direction == "in" and msg_type == BATCH_REQUEST) or \
                 (direction == "out" and msg_type == BATCH_REPLY):
-            # verified once, recorded as its tasks: each exactly as if it came alone
+            # verified once, recorded as its tasks: each exactly as if it came alone.  A
+            # reply's own header is never read here, only its raw flags (packed with its
+            # buffers): without raw buffers in the batch, its tasks share the batch's
+            # header (split_batch builds no header per task)
+            no_raw = _no_raw(msg)
             try:
-                tasks = self.session.split_batch(msg)
+                tasks = self.session.split_batch(
+                    msg, own_headers=direction == "in" or not no_raw)
             except ProtocolError as e:
                 self.rejected[e.reason] += 1
                 return
@@ -696,13 +702,10 @@ class Hub:
             if direction == "in":
                 target = msg.idents[0].decode(errors="replace") if channel == "direct" and \
                     msg.idents else None
-                for m in tasks:
-                    self._on_request(m, channel, target)
+                self._on_requests(tasks, channel, target, no_raw)
             else:
                 # the batch's replies were received together: one timestamp for all
-                received = _epoch(time.time())
-                for m in tasks:
-                    self._on_reply(m, channel, received)
+                self._on_replies(tasks, channel, _epoch(time.time()), no_raw)
         elif direction == "in" and msg_type == "probe" and channel == "task" and \
                 msg.header.get("session") == self.session.session_id:
             self.tracker.sent(msg.msg_id)
@@ -731,7 +734,11 @@ class Hub:
                 self._dirty[msg_id] = row
         return row
 
-    def _payload(self, msg: Message) -> tuple[bytes | None, int]:
+    def _payload(self, msg: Message, no_raw: bool = False) -> tuple[bytes | None, int]:
+        """The blob of a message's buffers to store (None: not kept) and their size.
+
+        ``no_raw``: none of its buffers is raw (their flags are not read: a batch's
+        replies may share the batch's header, see _on_monitor)."""
         bufs = msg.buffers
         size = blobs.total_size(bufs)
         # handles count as their size, unread (only messages with an "shm" entry have
@@ -749,14 +756,82 @@ class Hub:
             return None, size + in_shm + in_bulk
         if size > self.config.payload_cap:
             return None, size
-        return blobs.pack(bufs, [s[1] for s in msg.header["buffers"]]), size
+        return blobs.pack(bufs, _NO_RAW if no_raw else
+                          [s[1] for s in msg.header["buffers"]]), size
 
-    def _on_request(self, msg: Message, channel: str, target_uuid: str | None) -> None:
+    def _on_requests(self, msgs: Sequence[Message], channel: str, target_uuid: str | None,
+                     no_raw: bool) -> None:
+        """Record requests that came together (one copy, or the tasks of one batch:
+        one sender, one target), each exactly as :meth:`_on_request` would.
+
+        A burst's tasks come in batches, and the Hub's work per task was most of
+        its CPU: so what is the same for the whole batch (the sender's session,
+        the target, the time, the payload counters, the blobs of equal buffers)
+        is worked out once, and a new task (the common case: not a new try, no
+        shared-memory or peer-served buffers) is recorded inline, without the
+        calls :meth:`_on_request` makes; any other goes through it.
+        """
+        engine = self._engines.get(target_uuid) if target_uuid else None
+        if channel == "direct" and (engine is None or engine.status != "alive"):
+            for m in msgs:  # each is recorded lost: rare, the general way
+                self._on_request(m, channel, target_uuid, no_raw)
+            return
+        engine_id = engine.id if engine else None
+        inflight, dirty, held = self._inflight, self._dirty, self._held
+        was_dirty = bool(dirty)
+        now = time.monotonic()
+        sent = self.tracker.sent if channel == "task" else None
+        packer = blobs.Packer() if no_raw else None
+        cap = self.config.payload_cap
+        wire = 0
+        # all the tasks of one message have its sender's session: one string for them all
+        client = ""
+        for m in msgs:
+            h, md = m.header, m.metadata
+            if not client:
+                client = sys.intern(str(h.get("session", "")))
+            msg_id = h.get("msg_id")
+            if type(msg_id) is not str:
+                msg_id = m.msg_id
+            spec = md.get("shm")
+            if spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
+                    "bulk" in md or "timeout" in md or "retries_done" in md or \
+                    msg_id in inflight or msg_id in dirty or msg_id in held or \
+                    (packer is None and m.buffers):
+                self._on_request(m, channel, target_uuid, no_raw)
+                continue
+            bufs = m.buffers
+            size = blobs.total_size(bufs)
+            wire += size
+            blob = None if size > cap else packer.pack(bufs) if packer is not None else \
+                blobs.pack(bufs, ())
+            state = _InFlight(channel, "pending", engine_id, client)
+            inflight[msg_id] = state
+            if sent is not None:
+                state.seq = sent(msg_id, now)
+            label, func = md.get("label"), md.get("func")
+            date = h.get("date")
+            dirty[msg_id] = {
+                "msg_id": msg_id,
+                "submitted": _epoch(date),
+                "client": client, "queue": channel, "status": "pending",
+                "label": None if label is None else _short(label, 200),
+                "func": None if func is None else
+                func if type(func) is str and len(func) <= 300 else _short(func, 300),
+                "engine": engine_id, "engine_uuid": target_uuid, "request": blob,
+                "request_bytes": size, "retries": 0}
+        if wire:
+            self.payload_bytes["wire"] += wire
+        if not was_dirty and dirty:
+            self._dirty_since = now
+
+    def _on_request(self, msg: Message, channel: str, target_uuid: str | None,
+                    no_raw: bool = False) -> None:
         h, md = msg.header, msg.metadata
         msg_id = msg.msg_id
         engine = self._engines.get(target_uuid) if target_uuid else None
         engine_id = engine.id if engine else None
-        blob, size = self._payload(msg)
+        blob, size = self._payload(msg, no_raw)
         # the sender's session id is the same string for all its tasks: keep one copy
         client = sys.intern(str(h.get("session", "")))
         timeout = md.get("timeout")
@@ -797,8 +872,85 @@ class Hub:
             # the relay drops messages for unknown identities: say so instead of waiting forever
             self._finish_lost(msg_id, f"no engine with uuid {target_uuid}", None)
 
+    def _on_replies(self, msgs: Sequence[Message], channel: str, received: float | None,
+                    no_raw: bool, track: bool = True) -> None:
+        """Record replies that came together (one copy, or the tasks of one batch), each
+        exactly as :meth:`_on_reply` would; ``received``: when (None: now).
+
+        As :meth:`_on_requests`: what the batch shares is worked out once, and
+        the common reply (``ok``, to a request seen here, without shared-memory
+        or peer-served buffers) is recorded inline; any other goes through
+        :meth:`_on_reply`.  What engines have read is told to the tracker once
+        per engine for the batch (its horizon is the highest seq read).
+        """
+        if received is None:
+            received = _epoch(time.time())
+        inflight, dirty, held = self._inflight, self._dirty, self._held
+        was_dirty = bool(dirty)
+        packer = blobs.Packer() if no_raw else None
+        cap = self.config.payload_cap
+        unread = self.tracker.unread if channel == "task" and track else None
+        read: dict[str, int] = {}  # engine uuid -> the highest seq it has read here
+        wire = 0
+        for m in msgs:
+            md, content = m.metadata, m.content
+            msg_id = m.parent.get("msg_id")
+            state = inflight.get(msg_id) if type(msg_id) is str and msg_id else None
+            uuid = md.get("engine_uuid")
+            spec = md.get("shm")
+            if state is None or content.get("status") != "ok" or type(uuid) is not str or \
+                    spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
+                    "bulk" in md or (packer is None and m.buffers):
+                self._on_reply(m, channel, received, track, no_raw)
+                continue
+            uuid = sys.intern(uuid)
+            if unread is not None:
+                seq = state.seq
+                if seq is None:
+                    self.tracker.read(uuid, msg_id, None)
+                else:
+                    unread.pop(msg_id, None)
+                    if seq > read.get(uuid, -1):
+                        read[uuid] = seq
+            bufs = m.buffers
+            size = blobs.total_size(bufs)
+            wire += size
+            engine = md.get("engine")
+            stdout, stderr = md.get("stdout"), md.get("stderr")
+            fields: dict[str, Any] = {
+                "status": "ok", "engine": engine, "engine_uuid": uuid,
+                "started": _epoch(md.get("started")), "completed": _epoch(md.get("completed")),
+                "received": received,
+                "stdout": stdout if stdout == "" or stdout is None else
+                _short(stdout, _OUTPUT_CAP),
+                "stderr": stderr if stderr == "" or stderr is None else
+                _short(stderr, _OUTPUT_CAP),
+                "result": None if size > cap else packer.pack(bufs) if packer is not None
+                else blobs.pack(bufs, ()),
+                "result_bytes": size,
+            }
+            state.status = "ok"
+            state.engine = engine
+            row = dirty.get(msg_id)
+            if row is None and held:
+                got = held.pop(msg_id, None)
+                if got is not None:
+                    row = got[1]
+                    dirty[msg_id] = row
+            if row is None:
+                fields["msg_id"] = msg_id
+                dirty[msg_id] = fields
+            else:
+                row.update(fields)
+        for uuid, seq in read.items():
+            self.tracker.advance(uuid, seq)
+        if wire:
+            self.payload_bytes["wire"] += wire
+        if not was_dirty and dirty:
+            self._dirty_since = time.monotonic()
+
     def _on_reply(self, msg: Message, channel: str, received: float | None = None,
-                  track: bool = True) -> None:
+                  track: bool = True, no_raw: bool = False) -> None:
         parent, md, content = msg.parent, msg.metadata, msg.content
         msg_id = parent.get("msg_id")
         if not msg_id:
@@ -814,7 +966,7 @@ class Hub:
             uuid = sys.intern(uuid)
             if channel == "task" and track:
                 self.tracker.read(uuid, msg_id, state.seq if state is not None else None)
-        blob, size = self._payload(msg)
+        blob, size = self._payload(msg, no_raw)
         engine = md.get("engine")
         stdout, stderr = md.get("stdout"), md.get("stderr")
         fields: dict[str, Any] = {
@@ -1435,6 +1587,18 @@ def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
         raise HubError(f"{what}: unknown filter(s) or option(s) {', '.join(sorted(bad))}; "
                        f"filters: {', '.join(FILTER_KEYS)}; options: "
                        f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+#: the raw flags of buffers none of which is raw (as many as there are: see blobs.pack)
+_NO_RAW = itertools.repeat(False)
+
+
+def _no_raw(msg: Message) -> bool:
+    """Whether none of a verified message's buffers is raw (its header says which are)."""
+    for s in msg.header["buffers"]:
+        if s[1]:
+            return False
+    return True
 
 
 #: |value * 10**6| below this: the product is within 1/8 of the exact one (see _epoch)
