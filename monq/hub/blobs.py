@@ -45,8 +45,8 @@ def pack(frames: Sequence[Any], raw: Sequence[Any]) -> bytes:
 
 
 class Packer:
-    """Packs the buffers of many messages, none of them raw, making the blob of equal
-    buffers once.
+    """Packs the buffers of many messages, none of them raw: ``(blob, their size)``,
+    the blob None when they are over ``cap`` bytes (not kept).
 
     The tasks of a burst mostly carry the same bytes (one pickled function, the
     same empty arguments; results the same pickled ``None``): one blob for all
@@ -57,20 +57,25 @@ class Packer:
     for one batch: it keeps what it has seen.
     """
 
-    __slots__ = ("_known",)
+    __slots__ = ("_cap", "_known")
 
-    def __init__(self) -> None:
-        self._known: dict[tuple[Any, ...], bytes] = {}
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._known: dict[tuple[Any, ...], tuple[bytes | None, int]] = {}
 
-    def pack(self, frames: Sequence[Any]) -> bytes:
+    def pack(self, frames: Sequence[Any]) -> tuple[bytes | None, int]:
         key = tuple(frames)
         try:
-            blob = self._known.get(key)
+            got = self._known.get(key)
         except TypeError:  # an unhashable buffer (a writable memoryview)
-            return pack(frames, _NOT_RAW)
-        if blob is None:
-            blob = self._known[key] = pack(frames, _NOT_RAW)
-        return blob
+            return self._pack(frames)
+        if got is None:
+            got = self._known[key] = self._pack(frames)
+        return got
+
+    def _pack(self, frames: Sequence[Any]) -> tuple[bytes | None, int]:
+        size = total_size(frames)
+        return (None if size > self._cap else pack(frames, _NOT_RAW)), size
 
 
 #: one "not raw" flag per frame, however many

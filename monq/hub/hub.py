@@ -781,8 +781,7 @@ class Hub:
         was_dirty = bool(dirty)
         now = time.monotonic()
         sent = self.tracker.sent if channel == "task" else None
-        packer = blobs.Packer() if no_raw else None
-        cap = self.config.payload_cap
+        pack = blobs.Packer(self.config.payload_cap).pack
         wire = 0
         # all the tasks of one message have its sender's session: one string for them all
         client = ""
@@ -797,14 +796,11 @@ class Hub:
             if spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
                     "bulk" in md or "timeout" in md or "retries_done" in md or \
                     msg_id in inflight or msg_id in dirty or msg_id in held or \
-                    (packer is None and m.buffers):
+                    not no_raw and m.buffers:
                 self._on_request(m, channel, target_uuid, no_raw)
                 continue
-            bufs = m.buffers
-            size = blobs.total_size(bufs)
+            blob, size = pack(m.buffers)
             wire += size
-            blob = None if size > cap else packer.pack(bufs) if packer is not None else \
-                blobs.pack(bufs, ())
             state = _InFlight(channel, "pending", engine_id, client)
             inflight[msg_id] = state
             if sent is not None:
@@ -887,8 +883,7 @@ class Hub:
             received = _epoch(time.time())
         inflight, dirty, held = self._inflight, self._dirty, self._held
         was_dirty = bool(dirty)
-        packer = blobs.Packer() if no_raw else None
-        cap = self.config.payload_cap
+        pack = blobs.Packer(self.config.payload_cap).pack
         unread = self.tracker.unread if channel == "task" and track else None
         read: dict[str, int] = {}  # engine uuid -> the highest seq it has read here
         wire = 0
@@ -900,7 +895,7 @@ class Hub:
             spec = md.get("shm")
             if state is None or content.get("status") != "ok" or type(uuid) is not str or \
                     spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
-                    "bulk" in md or (packer is None and m.buffers):
+                    "bulk" in md or not no_raw and m.buffers:
                 self._on_reply(m, channel, received, track, no_raw)
                 continue
             uuid = sys.intern(uuid)
@@ -912,8 +907,7 @@ class Hub:
                     unread.pop(msg_id, None)
                     if seq > read.get(uuid, -1):
                         read[uuid] = seq
-            bufs = m.buffers
-            size = blobs.total_size(bufs)
+            blob, size = pack(m.buffers)
             wire += size
             engine = md.get("engine")
             stdout, stderr = md.get("stdout"), md.get("stderr")
@@ -925,9 +919,7 @@ class Hub:
                 _short(stdout, _OUTPUT_CAP),
                 "stderr": stderr if stderr == "" or stderr is None else
                 _short(stderr, _OUTPUT_CAP),
-                "result": None if size > cap else packer.pack(bufs) if packer is not None
-                else blobs.pack(bufs, ()),
-                "result_bytes": size,
+                "result": blob, "result_bytes": size,
             }
             state.status = "ok"
             state.engine = engine
@@ -1614,13 +1606,16 @@ def _epoch(value: Any) -> float | None:
     less than 3/8 from an integer n, the exact product rounds to n too, and
     ``n / 1e6`` is the double nearest n / 10**6, which is what ``round``
     returns.  Three times in four for today's timestamps; the others (near a
-    half microsecond) take ``round``.
+    half microsecond) take ``round``.  (n is found as ``(p + 0.5) // 1``, no call:
+    the sum may be rounded, but whatever integer it gives, one less than 3/8 from p
+    is the one nearest it.)
     """
     if type(value) is float:
         p = value * 1e6
         if -_EPOCH_EXACT < p < _EPOCH_EXACT:
-            n = round(p)
-            if abs(p - n) < 0.375:
+            n = (p + 0.5) // 1.0
+            d = p - n
+            if -0.375 < d < 0.375:
                 return n / 1e6
     try:
         return None if value is None else round(float(value), 6)

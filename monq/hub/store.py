@@ -129,7 +129,7 @@ class TaskStore(TaskStats):
         self._lock = threading.Lock()
         #: write statements compiled once per column set (see _Positional)
         self._statements: dict[tuple[str, frozenset[str]], _Positional | None] = {}
-        #: (insert or update, *columns) of rows already checked (see _prepare)
+        #: (insert or update, *columns) of rows already checked (see _prepare_all)
         self._shapes: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._engine = _make_engine(url)
         #: bytes the records keep (payloads and text), once counted; kept up to date by writes
@@ -197,8 +197,8 @@ class TaskStore(TaskStats):
         transaction: one SELECT of the updated rows' old keys per 5,000 of them,
         one upsert executemany per aggregate table.
         """
-        ins = [self._prepare(r, "insert") for r in inserts]
-        ups = [self._prepare(r, "update") for r in updates]
+        ins = self._prepare_all(inserts, "insert")
+        ups = self._prepare_all(updates, "update")
         if not ins and not ups:
             return
         try:
@@ -212,8 +212,8 @@ class TaskStore(TaskStats):
             # (expected, e.g. an engine's "aborted" reply read after its stop had the task
             # recorded lost: one line, no traceback)
             log.info("task batch hit a msg_id already stored; writing it as updates")
-            ins = [self._prepare(r, "insert") for r in inserts]
-            ups = [self._prepare(r, "update") for r in updates]
+            ins = self._prepare_all(inserts, "insert")
+            ups = self._prepare_all(updates, "update")
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
                 bounds = self._write(conn, ins, extra + ups)
@@ -287,8 +287,12 @@ class TaskStore(TaskStats):
         if not self.fts_table:
             return [], []
         # (inserts come grouped by columns: a group without text columns is skipped whole)
-        texted = [r["msg_id"] for g in ins_groups if not _TEXTS.isdisjoint(g[0])
-                  for r in g if _has_text(r)]
+        texted: list[str] = []
+        for g in ins_groups:
+            cols = [c for c in TEXTS if c in g[0]]
+            if cols:  # the group's text columns, read at once per row (this runs per row)
+                get = itemgetter(*cols, *cols[:1])  # two at least: a tuple
+                texted += [r["msg_id"] for r in g if any(get(r))]
         changed = [r for r in ups if not _TEXTS.isdisjoint(r)]
         if deltas is None:  # no state read: every changed row, as the statements select
             ids = [r["msg_id"] for r in changed]
@@ -403,51 +407,63 @@ class TaskStore(TaskStats):
                 fresh.append(r)
         return fresh, again
 
-    def _prepare(self, row: dict[str, Any], what: str) -> dict[str, Any]:
-        if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
-            raise HubError(f"task {what} needs a dict with a string msg_id, got {row!r:.200}")
-        shape = (what, *row)
-        plan = self._shapes.get(shape)
-        if plan is None:
-            # the columns are checked once per shape of row (the Hub's rows have a few),
-            # and what the loop below looks at is the columns this shape has
-            plan = self._shapes[shape] = self._plan_shape(row, what)
-        blobs, texts, has_status, timed = plan
-        if has_status and row["status"] not in STATUSES:
-            raise HubError(f"task {what} for {row['msg_id']}: unknown status "
-                           f"{row['status']!r}; one of {', '.join(STATUSES)}")
-        out = dict(row)  # never mutate the caller's row
-        stored = 0  # what the row adds to the database: kept payloads and captured text
-        for blob, size_col in blobs:
-            data = out[blob]
-            if data is None:
-                continue
-            if type(data) is not bytes:
-                data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
-            n = len(data)
-            if size_col not in out:
-                out[size_col] = n
-            if n <= self.payload_cap:
-                out[blob] = data
-                stored += n
-            else:
-                out[blob] = None
-        for col in texts:
-            text = out[col]
-            if text:
-                stored += len(text)
-        if timed:
-            started, completed = out["started"], out["completed"]
-            if started is not None and completed is not None:
-                out["duration"] = completed - started
-        # (an update's is added to what the row had), counted before its payloads move
-        # to the payloads table
-        out["stored_bytes"] = stored
-        return out
+    def _prepare_all(self, rows: Iterable[dict[str, Any]], what: str
+                     ) -> list[dict[str, Any]]:
+        """Checked copies of ``rows`` (never the caller's), with their sizes and
+        ``stored_bytes`` (and an insert's ``duration``).  One call for a batch: this
+        runs for every row the Hub writes."""
+        shapes = self._shapes
+        cap = self.payload_cap
+        prepared: list[dict[str, Any]] = []
+        append = prepared.append
+        for row in rows:
+            if type(row) is not dict or type(row.get("msg_id")) is not str:
+                if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
+                    raise HubError(f"task {what} needs a dict with a string msg_id, "
+                                   f"got {row!r:.200}")
+            shape = (what, *row)
+            plan = shapes.get(shape)
+            if plan is None:
+                # the columns are checked once per shape of row (the Hub's rows have a
+                # few), and what the loop below looks at is the columns this shape has
+                plan = shapes[shape] = self._plan_shape(row, what)
+            blobs, texts, has_status, timed = plan
+            if has_status and row["status"] not in STATUSES:
+                raise HubError(f"task {what} for {row['msg_id']}: unknown status "
+                               f"{row['status']!r}; one of {', '.join(STATUSES)}")
+            out = dict(row)  # never mutate the caller's row
+            stored = 0  # what the row adds to the database: kept payloads and captured text
+            for blob, size_col in blobs:
+                data = out[blob]
+                if data is None:
+                    continue
+                if type(data) is not bytes:
+                    data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
+                n = len(data)
+                if size_col not in out:
+                    out[size_col] = n
+                if n <= cap:
+                    out[blob] = data
+                    stored += n
+                else:
+                    out[blob] = None
+            for col in texts:
+                text = out[col]
+                if text:
+                    stored += len(text)
+            if timed:
+                started, completed = out["started"], out["completed"]
+                if started is not None and completed is not None:
+                    out["duration"] = completed - started
+            # (an update's is added to what the row had), counted before its payloads move
+            # to the payloads table
+            out["stored_bytes"] = stored
+            append(out)
+        return prepared
 
     def _plan_shape(self, row: dict[str, Any], what: str
                     ) -> tuple[list[tuple[str, str]], list[str], bool, bool]:
-        """Check a new shape of row (its columns); what :meth:`_prepare` does with rows of
+        """Check a new shape of row (its columns); what :meth:`_prepare_all` does with rows of
         it: (payload columns, text columns, has a status, an insert with both times)."""
         unknown = row.keys() - _TASK_COLUMNS
         if unknown:
