@@ -20,6 +20,7 @@ per task in flight (tracemalloc), after the rows are written.
 Run:
     python bench/hub_replay.py record --tasks 20000 --out /tmp/hub-rec.pkl
     python bench/hub_replay.py replay /tmp/hub-rec.pkl [--repeat 5] [--profile out.prof]
+        [--hold-pending 10]
 
 ``replay --compare DIR`` also replays with the monq package found in DIR
 (another checkout, e.g. the commit before a change), in alternating runs, so
@@ -174,7 +175,13 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
 
     ctx = zmq.Context()
     store = TaskStore(f"sqlite:///{tmp / name}")
-    hub = Hub(ctx, Session(key), store, HubConfig())
+    # --hold-pending: how long a held row waits once the Hub has caught up.  A replay
+    # never finds copies waiting (it is never "behind"), so with the default (1 s) how
+    # many rows it writes twice depends on how fast it runs; a live Hub in a burst is
+    # behind throughout, which --hold-pending 10 (hold_max) mirrors, run after run alike
+    hold = os.environ.get("MONQ_REPLAY_HOLD_PENDING")
+    config = HubConfig() if not hold else HubConfig(hold_pending=float(hold))
+    hub = Hub(ctx, Session(key), store, config)
     hub.bind()  # its own Context: the inproc monitor name is free
     return hub, ctx
 
@@ -456,6 +463,9 @@ def main() -> None:
                    help="a checkout whose monq to replay too, alternating")
     q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
+    q.add_argument("--hold-pending", type=float, default=None,
+                   help="HubConfig.hold_pending for the replayed Hubs (10: deterministic, "
+                        "as a Hub behind in a burst; default: HubConfig's)")
     b = sub.add_parser("burst")
     b.add_argument("--tasks", type=int, default=10_000)
     b.add_argument("--compare", type=Path, default=None,
@@ -467,6 +477,8 @@ def main() -> None:
     elif a.cmd == "burst":
         burst(a.tasks, a.compare, a.rounds)
     else:
+        if a.hold_pending is not None:
+            os.environ["MONQ_REPLAY_HOLD_PENDING"] = str(a.hold_pending)
         replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
 
 

@@ -783,6 +783,7 @@ class Hub:
         sent = self.tracker.sent if channel == "task" else None
         pack = blobs.Packer(self.config.payload_cap).pack
         wire = 0
+        last_func = None
         # all the tasks of one message have its sender's session: one string for them all
         client = ""
         for m in msgs:
@@ -792,8 +793,12 @@ class Hub:
             msg_id = h.get("msg_id")
             if type(msg_id) is not str:
                 msg_id = m.msg_id
-            spec = md.get("shm")
-            if spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
+            # shared-memory buffers (every request of a client that can use shared memory
+            # has an "shm" entry, mostly naming none: monq.shm.payload_bytes is 0) or
+            # peer-served ones (monq.bulk), a timeout, a new try, one seen before: the
+            # general way
+            spec = md["shm"] if "shm" in md else None
+            if spec is not None and (type(spec) is not dict or "bufs" in spec) or \
                     "bulk" in md or "timeout" in md or "retries_done" in md or \
                     msg_id in inflight or msg_id in dirty or msg_id in held or \
                     not no_raw and m.buffers:
@@ -806,14 +811,17 @@ class Hub:
             if sent is not None:
                 state.seq = sent(msg_id, now)
             label, func = md.get("label"), md.get("func")
-            date = h.get("date")
+            if func is not None:
+                if func == last_func:
+                    func = last_func  # a batch's tasks mostly share it: one string for all
+                else:
+                    func = last_func = _short(func, 300)
             dirty[msg_id] = {
                 "msg_id": msg_id,
-                "submitted": _epoch(date),
+                "submitted": _epoch(h.get("date")),
                 "client": client, "queue": channel, "status": "pending",
                 "label": None if label is None else _short(label, 200),
-                "func": None if func is None else
-                func if type(func) is str and len(func) <= 300 else _short(func, 300),
+                "func": func,
                 "engine": engine_id, "engine_uuid": target_uuid, "request": blob,
                 "request_bytes": size, "retries": 0}
         if wire:
@@ -885,28 +893,38 @@ class Hub:
         was_dirty = bool(dirty)
         pack = blobs.Packer(self.config.payload_cap).pack
         unread = self.tracker.unread if channel == "task" and track else None
-        read: dict[str, int] = {}  # engine uuid -> the highest seq it has read here
+        # engine uuid -> the highest seq it has read here (the last engine's: top_uuid, top)
+        read: dict[str, int] = {}
+        top_uuid: str | None = None
+        top = -1
+        last_uuid = ""
         wire = 0
         for m in msgs:
             md, content = m.metadata, m.content
             msg_id = m.parent.get("msg_id")
             state = inflight.get(msg_id) if type(msg_id) is str and msg_id else None
             uuid = md.get("engine_uuid")
-            spec = md.get("shm")
+            spec = md["shm"] if "shm" in md else None
             if state is None or content.get("status") != "ok" or type(uuid) is not str or \
-                    spec is not None and (type(spec) is not dict or spec.get("bufs")) or \
+                    spec is not None and (type(spec) is not dict or "bufs" in spec) or \
                     "bulk" in md or not no_raw and m.buffers:
                 self._on_reply(m, channel, received, track, no_raw)
                 continue
-            uuid = sys.intern(uuid)
+            if uuid != last_uuid:
+                last_uuid = sys.intern(uuid)
+            uuid = last_uuid  # a batch's replies come from one engine: one string for all
             if unread is not None:
                 seq = state.seq
                 if seq is None:
                     self.tracker.read(uuid, msg_id, None)
                 else:
                     unread.pop(msg_id, None)
-                    if seq > read.get(uuid, -1):
-                        read[uuid] = seq
+                    if uuid is not top_uuid:
+                        if top_uuid is not None:
+                            read[top_uuid] = top
+                        top_uuid, top = uuid, read.get(uuid, -1)
+                    if seq > top:
+                        top = seq
             blob, size = pack(m.buffers)
             wire += size
             engine = md.get("engine")
@@ -934,6 +952,8 @@ class Hub:
                 dirty[msg_id] = fields
             else:
                 row.update(fields)
+        if top_uuid is not None:
+            read[top_uuid] = top
         for uuid, seq in read.items():
             self.tracker.advance(uuid, seq)
         if wire:

@@ -1,0 +1,122 @@
+"""What the Hub's CPU per task in a burst is made of, counted (never timed).
+
+A burst's tasks reach the Hub in batches (``apply_batch`` copies, then
+``apply_batch_reply`` copies of ~60 tasks each), and the Hub recording them
+was the cluster's bottleneck: ~156 function calls per task at a4c9454.  What
+is counted here is every Python and C function call (``sys.setprofile``) to
+verify, record and write such batches, the way the loop does in a burst: the
+request copies, a flush that holds the new pending rows, the reply copies,
+and the write of the finished rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from monq.hub.hub import Hub, HubConfig
+from monq.hub.store import TaskStore
+from monq.protocol import BATCH_REPLY, BATCH_REQUEST, BatchBuilder, Session, new_id
+
+KEY = b"k" * 32
+#: tasks per batch, and batches (of requests, and as many of replies)
+PER_BATCH, BATCHES = 60, 20
+
+
+def _burst(client: Session, engine: Session) -> tuple[list[list[Any]], list[list[Any]]]:
+    """The monitor copies of a burst of no-ops, as a client and an engine batch them:
+    one function frame for all the tasks of a batch, arguments and results of a few
+    bytes each (each task's own frame), the client's metadata (a function name and a
+    shared-memory entry without buffers), an engine's times and empty output."""
+    func = b"f" * 513
+    shm = {"host": "h", "pid": 1, "min": 524288}
+    requests, replies = [], []
+    for _ in range(BATCHES):
+        req, rep = BatchBuilder(), BatchBuilder()
+        for _ in range(PER_BATCH):
+            msg_id = new_id()
+            req.add({"msg_id": msg_id, "date": time.time(),
+                     "metadata": {"func": "bench.noop", "shm": dict(shm)}},
+                    [func, bytes(b"a" * 17)], [False, False])
+            now = time.time()
+            rep.add({"parent": {"msg_id": msg_id, "session": client.session_id,
+                                "date": now, "msg_type": "apply_request"},
+                     "metadata": {"engine": 0, "engine_uuid": "e0", "status": "ok",
+                                  "received": now, "started": now, "completed": now + 1e-4,
+                                  "stdout": "", "stderr": ""},
+                     "content": {"status": "ok"}}, [bytes(b"\x80\x05N.")], [False])
+        for session, b, kind, where, out in (
+                (client, req, BATCH_REQUEST, b"in.task", requests),
+                (engine, rep, BATCH_REPLY, b"out.task", replies)):
+            _, frames = session.serialize(kind, "task", {"tasks": b.entries},
+                                          buffers=b.buffers, raw=b.raw)
+            # as the Hub receives them (monq.frames.recv_frames: small frames as bytes)
+            out.append([where, b"client-ident", *(bytes(f) for f in frames)])
+    return requests, replies
+
+
+def _calls_per_task(hub: Hub, requests: list[list[Any]], replies: list[list[Any]]
+                    ) -> tuple[float, collections.Counter[str]]:
+    calls = 0
+    by: collections.Counter[str] = collections.Counter()
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event == "call":
+            calls += 1
+            by[frame.f_code.co_name] += 1
+        elif event == "c_call":
+            calls += 1
+            by[frame.f_code.co_name + " > " + getattr(arg, "__qualname__", "?")] += 1
+
+    sys.setprofile(count)
+    try:
+        for frames in requests:
+            hub._on_monitor(frames)
+        hub.flush(hold=True)  # the loop's flush: new pending rows are held for their replies
+        for frames in replies:
+            hub._on_monitor(frames)
+        hub.flush()
+    finally:
+        sys.setprofile(None)
+    return calls / (PER_BATCH * BATCHES), by
+
+
+def test_a_batched_task_costs_the_hub_few_function_calls(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
+    writes: list[tuple[int, int]] = []
+    write = store.write
+
+    def counted(inserts: Any, updates: Any) -> None:
+        writes.append((len(inserts), len(updates)))
+        write(inserts, updates)
+
+    try:
+        client, engine = Session(KEY), Session(KEY)
+        # a first burst: statements compiled, row shapes checked (as in a running Hub)
+        _calls_per_task(hub, *_burst(client, engine))
+        store.write = counted  # type: ignore[method-assign]
+        per_task, by = _calls_per_task(hub, *_burst(client, engine))
+        n = PER_BATCH * BATCHES
+        assert store.count(status="ok") == 2 * n and not hub._inflight
+        assert writes == [(n, 0)]  # each task one INSERT, finished
+        rows = store.db_query({"status": "ok"}, ["request_bytes", "result_bytes", "func",
+                                                 "duration"])
+        assert {(r["request_bytes"], r["result_bytes"], r["func"]) for r in rows} == \
+            {(530, 4, "bench.noop")}
+        assert all(r["duration"] is not None and r["duration"] > 0 for r in rows)
+        print(f"\n{per_task:.1f} function calls per task; most: {by.most_common(45)}")
+        # a4c9454: 154 per task (dict.get alone 51).  Now ~100: of which the protocol's
+        # verification and split (monq.protocol, ~25) and SQLite's and SQLAlchemy's
+        # per-write calls.  What a task costs the Hub's own code: a handful each of
+        # calls by its request, its reply and its row
+        assert per_task < 110, (per_task, by.most_common(20))
+        assert sum(v for k, v in by.items() if k.endswith("> dict.get")) < 30 * n
+    finally:
+        hub.close()
