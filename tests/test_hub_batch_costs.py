@@ -130,3 +130,37 @@ def test_a_batched_task_costs_the_hub_few_function_calls(tmp_path: Path) -> None
         assert own < 60, (own, by.most_common(20))
     finally:
         hub.close()
+
+
+def test_a_held_row_of_a_batched_task_is_small(tmp_path: Path) -> None:
+    """The rows of a burst's pending tasks wait in memory for their replies (at most
+    ``hold_rows`` of them): a batch's tasks share one blob of their equal buffers and
+    one string of their function's name, so that a row is ~0.6 KB (a4c9454: ~1.2 KB,
+    a blob and strings of its own), and ``hold_rows`` 16,000 hold what 10,000 did."""
+    import gc
+    import tracemalloc
+
+    store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
+    try:
+        requests, _ = _burst(Session(KEY), Session(KEY))
+        n = PER_BATCH * BATCHES
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for frames in requests:
+                hub._on_monitor(frames)
+                frames.clear()  # what the Hub keeps of a copy is its own
+            hub.flush(hold=True)
+            gc.collect()
+            held = (tracemalloc.get_traced_memory()[0] - before) / n
+        finally:
+            tracemalloc.stop()
+        assert len(hub._held) == n and store.count() == 0
+        print(f"\n{held:.0f} bytes per task in flight, its row held")
+        # the task in flight (~270 B: see test_costs) and its held row
+        assert held < 1000, held
+        assert hub.config.hold_rows * (held - 270) <= 10_000 * 1200
+    finally:
+        hub.close()
