@@ -448,6 +448,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_controller":
         sys.exit(_controller(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_replay":
+        # as the controller does (monq/hub/__main__.py): what the imports made (SQLAlchemy's
+        # hundreds of thousands of objects) is frozen, out of the collector's full passes
+        import monq.hub.hub  # noqa: F401
+        import monq.hub.store  # noqa: F401
+
+        gc.freeze()
         print(json.dumps(_one(sys.argv[2], int(sys.argv[3]),
                               sys.argv[4] if len(sys.argv) > 4 else None)))
         return

@@ -420,17 +420,24 @@ class TaskStore(TaskStats):
         cap = self.payload_cap
         prepared: list[dict[str, Any]] = []
         append = prepared.append
+        last: tuple[str, ...] = ()
+        plan: Any = None
         for row in rows:
             if type(row) is not dict or type(row.get("msg_id")) is not str:
                 if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
                     raise HubError(f"task {what} needs a dict with a string msg_id, "
                                    f"got {row!r:.200}")
-            shape = (what, *row)
-            plan = shapes.get(shape)
-            if plan is None:
-                # the columns are checked once per shape of row (the Hub's rows have a
-                # few), and what the loop below looks at is the columns this shape has
-                plan = shapes[shape] = self._plan_shape(row, what)
+            # the columns are checked once per shape of row (the Hub's rows have a few),
+            # and what the loop below looks at is the columns this shape has.  Rows come
+            # in runs of one shape: the same keys as the row before (the same strings:
+            # compared without hashing) need no lookup
+            keys = tuple(row)
+            if keys != last:
+                shape = (what, *keys)
+                plan = shapes.get(shape)
+                if plan is None:
+                    plan = shapes[shape] = self._plan_shape(row, what)
+                last = keys
             blobs, texts, has_status, timed = plan
             if has_status and row["status"] not in STATUSES:
                 raise HubError(f"task {what} for {row['msg_id']}: unknown status "
@@ -1192,13 +1199,18 @@ def _by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Group rows by key set (executemany needs one shape), keeping each group's order."""
     groups: dict[frozenset[str], list[dict[str, Any]]] = {}
     order: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    last: tuple[str, ...] = ()
+    group: list[dict[str, Any]] = []
     for r in rows:
         # rows mostly come with their keys in the same order: a tuple of them is
-        # cheaper to hash than a frozenset, which is built once per distinct order
+        # cheaper to hash than a frozenset, which is built once per distinct order; and
+        # in runs of one order: the same keys as the row before are compared, not hashed
         k = tuple(r)
-        group = order.get(k)
-        if group is None:
-            group = order[k] = groups.setdefault(frozenset(k), [])
+        if k != last:
+            group = order.get(k)  # type: ignore[assignment]
+            if group is None:
+                group = order[k] = groups.setdefault(frozenset(k), [])
+            last = k
         group.append(r)
     return list(groups.values())
 
