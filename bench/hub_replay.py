@@ -20,7 +20,7 @@ per task in flight (tracemalloc), after the rows are written.
 Run:
     python bench/hub_replay.py record --tasks 20000 --out /tmp/hub-rec.pkl
     python bench/hub_replay.py replay /tmp/hub-rec.pkl [--repeat 5] [--profile out.prof]
-        [--hold-pending 10]
+        [--frozen-clock]
 
 ``replay --compare DIR`` also replays with the monq package found in DIR
 (another checkout, e.g. the commit before a change), in alternating runs, so
@@ -175,15 +175,43 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
 
     ctx = zmq.Context()
     store = TaskStore(f"sqlite:///{tmp / name}")
-    # --hold-pending: how long a held row waits once the Hub has caught up.  A replay
-    # never finds copies waiting (it is never "behind"), so with the default (1 s) how
-    # many rows it writes twice depends on how fast it runs; a live Hub in a burst is
-    # behind throughout, which --hold-pending 10 (hold_max) mirrors, run after run alike
-    hold = os.environ.get("MONQ_REPLAY_HOLD_PENDING")
-    config = HubConfig() if not hold else HubConfig(hold_pending=float(hold))
+    config = HubConfig()
     hub = Hub(ctx, Session(key), store, config)
     hub.bind()  # its own Context: the inproc monitor name is free
+    if os.environ.get("MONQ_REPLAY_FROZEN_CLOCK"):
+        _freeze_clock()
     return hub, ctx
+
+
+class _FrozenTime:
+    """The Hub module's ``time``, with ``monotonic`` stopped (see _freeze_clock)."""
+
+    def __init__(self) -> None:
+        self._now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _freeze_clock() -> None:
+    """--frozen-clock: the Hub's monotonic clock stands still during the replay.
+
+    How many rows a replay writes twice (pending, then finished) otherwise
+    depends on how fast it runs: a held row is written once it has waited
+    ``hold_pending`` seconds since the Hub was last behind, and a replay is
+    never behind (nothing waits on its sockets), nor as slow as the burst (a
+    profiled or callgrind replay takes minutes: ``hold_max``).  A live Hub in
+    a burst is behind throughout: with the clock stopped, rows are written
+    where the recorded Hub wrote them, held as long as ``hold_rows`` allows,
+    and run after run alike.
+    """
+    from monq.hub import hub as hub_module
+
+    hub_module.time = _FrozenTime()  # type: ignore[assignment]
+
 
 
 def _received(where: str, frames: list[bytes]) -> list[Any]:
@@ -469,9 +497,9 @@ def main() -> None:
                    help="a checkout whose monq to replay too, alternating")
     q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
-    q.add_argument("--hold-pending", type=float, default=None,
-                   help="HubConfig.hold_pending for the replayed Hubs (10: deterministic, "
-                        "as a Hub behind in a burst; default: HubConfig's)")
+    q.add_argument("--frozen-clock", action="store_true",
+                   help="the Hub's monotonic clock stands still: rows are held and written "
+                        "alike whatever the replay's speed (see _freeze_clock)")
     b = sub.add_parser("burst")
     b.add_argument("--tasks", type=int, default=10_000)
     b.add_argument("--compare", type=Path, default=None,
@@ -483,8 +511,8 @@ def main() -> None:
     elif a.cmd == "burst":
         burst(a.tasks, a.compare, a.rounds)
     else:
-        if a.hold_pending is not None:
-            os.environ["MONQ_REPLAY_HOLD_PENDING"] = str(a.hold_pending)
+        if a.frozen_clock:
+            os.environ["MONQ_REPLAY_FROZEN_CLOCK"] = "1"
         replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
 
 

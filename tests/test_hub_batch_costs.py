@@ -2,11 +2,12 @@
 
 A burst's tasks reach the Hub in batches (``apply_batch`` copies, then
 ``apply_batch_reply`` copies of ~60 tasks each), and the Hub recording them
-was the cluster's bottleneck: ~156 function calls per task at a4c9454.  What
+was the cluster's bottleneck: ~156 function calls per task at a4c9454 (a replay of a
+recorded burst).  What
 is counted here is every Python and C function call (``sys.setprofile``) to
 verify, record and write such batches, the way the loop does in a burst: the
-request copies, a flush that holds the new pending rows, the reply copies,
-and the write of the finished rows.
+request copies, a flush that holds the new pending rows, the engine's
+receipts, the reply copies, and the write of the finished rows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import zmq
 
 from monq.hub import hub as hub_module
-from monq.hub.hub import Hub, HubConfig
+from monq.hub.hub import Hub, HubConfig, _Engine
 from monq.hub.store import TaskStore
 from monq.protocol import BATCH_REPLY, BATCH_REQUEST, BatchBuilder, Session, new_id
 
@@ -29,18 +30,24 @@ KEY = b"k" * 32
 PER_BATCH, BATCHES = 60, 20
 
 
-def _burst(client: Session, engine: Session) -> tuple[list[list[Any]], list[list[Any]]]:
+Copies = list[list[Any]]
+
+
+def _burst(client: Session, engine: Session) -> tuple[Copies, Copies, Copies]:
     """The monitor copies of a burst of no-ops, as a client and an engine batch them:
     one function frame for all the tasks of a batch, arguments and results of a few
     bytes each (each task's own frame), the client's metadata (a function name and a
-    shared-memory entry without buffers), an engine's times and empty output."""
+    shared-memory entry without buffers), an engine's times and empty output; and the
+    engine's receipts (``tasks_received``: the msg_ids it has read), one per batch."""
     func = b"f" * 513
     shm = {"host": "h", "pid": 1, "min": 524288}
-    requests, replies = [], []
+    requests, replies, receipts = [], [], []
     for _ in range(BATCHES):
         req, rep = BatchBuilder(), BatchBuilder()
+        ids = []
         for _ in range(PER_BATCH):
             msg_id = new_id()
+            ids.append(msg_id)
             req.add({"msg_id": msg_id, "date": time.time(),
                      "metadata": {"func": "bench.noop", "shm": dict(shm)}},
                     [func, bytes(b"a" * 17)], [False, False])
@@ -58,10 +65,13 @@ def _burst(client: Session, engine: Session) -> tuple[list[list[Any]], list[list
                                           buffers=b.buffers, raw=b.raw)
             # as the Hub receives them (monq.frames.recv_frames: small frames as bytes)
             out.append([where, b"client-ident", *(bytes(f) for f in frames)])
-    return requests, replies
+        _, frames = engine.serialize("tasks_received", "link",
+                                     {"engine_uuid": "e0", "msg_ids": ids})
+        receipts.append([zmq.Frame(b"e0"), *(zmq.Frame(bytes(f)) for f in frames)])
+    return requests, replies, receipts
 
 
-def _calls_per_task(hub: Hub, requests: list[list[Any]], replies: list[list[Any]]
+def _calls_per_task(hub: Hub, requests: Copies, replies: Copies, receipts: Copies
                     ) -> tuple[float, float, collections.Counter[str]]:
     """(function calls per task, those made by monq.hub's own code, the calls by name)."""
     calls = own = 0
@@ -88,6 +98,8 @@ def _calls_per_task(hub: Hub, requests: list[list[Any]], replies: list[list[Any]
         for frames in requests:
             hub._on_monitor(frames)
         hub.flush(hold=True)  # the loop's flush: new pending rows are held for their replies
+        for frames in receipts:
+            hub._on_received(hub.session.feed(frames))  # (what _on_router leads to)
         for frames in replies:
             hub._on_monitor(frames)
         hub.flush()
@@ -108,6 +120,9 @@ def test_a_batched_task_costs_the_hub_few_function_calls(tmp_path: Path) -> None
         write(inserts, updates)
 
     try:
+        # an engine registered (as Hub._register would, without its sockets)
+        hub._engines["e0"] = _Engine(0, "e0", "host", 1, time.time())
+        hub.tracker.engine_added("e0")
         client, engine = Session(KEY), Session(KEY)
         # a first burst: statements compiled, row shapes checked (as in a running Hub)
         _calls_per_task(hub, *_burst(client, engine))
@@ -123,7 +138,7 @@ def test_a_batched_task_costs_the_hub_few_function_calls(tmp_path: Path) -> None
         assert all(r["duration"] is not None and r["duration"] > 0 for r in rows)
         print(f"\n{per_task:.1f} function calls per task, {own:.1f} by monq.hub; most: "
               f"{by.most_common(30)}")
-        # a4c9454: 126 per task, 100 of them by monq.hub's own code (its handlers, the store,
+        # a4c9454: 131 per task, 105 of them by monq.hub's own code (its handlers, the store,
         # the payloads, the aggregates).  The rest is the protocol's verification and
         # split (monq.protocol: ~25) and SQLAlchemy's per-write calls
         assert per_task < 85, (per_task, by.most_common(20))
@@ -143,7 +158,7 @@ def test_a_held_row_of_a_batched_task_is_small(tmp_path: Path) -> None:
     store = TaskStore(f"sqlite:///{tmp_path / 'hub.db'}")
     hub = Hub(zmq.Context.instance(), Session(KEY), store, HubConfig())
     try:
-        requests, _ = _burst(Session(KEY), Session(KEY))
+        requests, _, _ = _burst(Session(KEY), Session(KEY))
         n = PER_BATCH * BATCHES
         gc.collect()
         tracemalloc.start()

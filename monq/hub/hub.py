@@ -1098,10 +1098,22 @@ class Hub:
         ids = msg.content.get("msg_ids")
         if eng is None or not isinstance(ids, list):
             return
+        # every task of a burst is named in a receipt: a load-balanced one read in order
+        # is :meth:`_on_read` inline, and the tracker told once, at the end, the highest
+        # seq this engine has read (its horizon); any other goes through _on_read
+        inflight, unread = self._inflight, self.tracker.unread
+        top = -1
         for msg_id in ids[:100_000]:
-            msg_id = str(msg_id)
-            state = self._inflight.get(msg_id)
-            self._on_read(uuid, msg_id, state)
+            if type(msg_id) is not str:
+                msg_id = str(msg_id)
+            state = inflight.get(msg_id)
+            if state is None or state.seq is None or state.queue != "task":
+                self._on_read(uuid, msg_id, state)
+            else:
+                state.holder = uuid
+                unread.pop(msg_id, None)
+                if state.seq > top:
+                    top = state.seq
             if state is not None and state.status == "pending":
                 state.engine = eng.id
                 if eng.status in ("dead", "stopped"):
@@ -1109,6 +1121,8 @@ class Hub:
                     # was handled: what it names never started
                     self._finish_lost(msg_id, f"engine {eng.id} died ({eng.status}) before "
                                       "starting it", eng.id, started=False)
+        if top >= 0:
+            self.tracker.advance(uuid, top)
 
     def _on_read(self, uuid: str, msg_id: str, state: _InFlight | None) -> None:
         if state is None:
