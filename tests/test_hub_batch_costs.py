@@ -2,12 +2,12 @@
 
 A burst's tasks reach the Hub in batches (``apply_batch`` copies, then
 ``apply_batch_reply`` copies of ~60 tasks each), and the Hub recording them
-was the cluster's bottleneck: ~156 function calls per task at a4c9454 (a replay of a
-recorded burst).  What
-is counted here is every Python and C function call (``sys.setprofile``) to
-verify, record and write such batches, the way the loop does in a burst: the
-request copies, a flush that holds the new pending rows, the engine's
-receipts, the reply copies, and the write of the finished rows.
+was the cluster's bottleneck: ~156 function calls per task at a4c9454 (a
+replay of a recorded burst).  What is counted here is every Python and C
+function call (``sys.setprofile``) to verify, record and write such batches,
+the way the loop does in a burst: the request copies, a flush that holds the
+new pending rows, the engine's receipts, the reply copies, and the write of
+the finished rows.
 """
 
 from __future__ import annotations
