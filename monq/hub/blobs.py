@@ -75,11 +75,11 @@ class Packer:
 
     def _pack(self, frames: Sequence[Any]) -> tuple[bytes | None, int]:
         size = total_size(frames)
-        return (None if size > self._cap else pack(frames, _NOT_RAW)), size
+        return (None if size > self._cap else pack(frames, NOT_RAW)), size
 
 
-#: one "not raw" flag per frame, however many
-_NOT_RAW = itertools.repeat(0)
+#: ``raw`` for :func:`pack` when no frame is raw: one "not raw" flag per frame, however many
+NOT_RAW = itertools.repeat(0)
 
 
 def unpack(blob: bytes) -> tuple[list[memoryview], list[bool]]:

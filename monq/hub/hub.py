@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import itertools
 import json
 import logging
 import math
@@ -761,7 +760,7 @@ class Hub:
             return None, size + in_shm + in_bulk
         if size > self.config.payload_cap:
             return None, size
-        return blobs.pack(bufs, _NO_RAW if no_raw else
+        return blobs.pack(bufs, blobs.NOT_RAW if no_raw else
                           [s[1] for s in msg.header["buffers"]]), size
 
     def _on_requests(self, msgs: Sequence[Message], channel: str, target_uuid: str | None,
@@ -1618,10 +1617,6 @@ def _only(opts: dict[str, Any], allowed: set[str], what: str) -> None:
         raise HubError(f"{what}: unknown filter(s) or option(s) {', '.join(sorted(bad))}; "
                        f"filters: {', '.join(FILTER_KEYS)}; options: "
                        f"{', '.join(sorted(allowed)) or 'none'}")
-
-
-#: the raw flags of buffers none of which is raw (as many as there are: see blobs.pack)
-_NO_RAW = itertools.repeat(False)
 
 
 def _no_raw(msg: Message) -> bool:
