@@ -303,8 +303,6 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
     request copies and engine messages, none of the replies."""
     hub, ctx = _hub(rec["key"], tmp, name)
     try:
-        import zmq
-
         # no replies, and engines do not leave (that would end their tasks as lost); the
         # frames are made as they come in, so that what they cache (Frame.bytes) is only
         # counted if the Hub keeps them

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from zmq import Frame
@@ -26,8 +26,8 @@ def total_size(frames: Sequence[Any]) -> int:
     return n
 
 
-def pack(frames: Sequence[Any], raw: Sequence[Any]) -> bytes:
-    """``raw``: one flag per frame (any truth value)."""
+def pack(frames: Sequence[Any], raw: Iterable[Any]) -> bytes:
+    """``raw``: one flag per frame (any truth value; at least as many as frames)."""
     head = _HEAD.pack
     parts: list[Any] = []
     for f, r in zip(frames, raw):

@@ -905,7 +905,7 @@ class Hub:
         wire = 0
         for m in msgs:
             md, content = m.metadata, m.content
-            msg_id = m.parent.get("msg_id")
+            msg_id: Any = m.parent.get("msg_id")
             state = inflight.get(msg_id) if type(msg_id) is str and msg_id else None
             uuid = md.get("engine_uuid")
             spec = md["shm"] if "shm" in md else None

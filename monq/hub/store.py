@@ -1368,7 +1368,7 @@ def _bind_as_is() -> None:
     same for every other user of sqlite3.
     """
     sqlite3.register_adapter(bytes, bytes)
-    sqlite3.register_adapter(type(None), {}.get)
+    sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]
 
 
 def _make_engine(url: str) -> Engine:
