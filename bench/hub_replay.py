@@ -20,6 +20,7 @@ per task in flight (tracemalloc), after the rows are written.
 Run:
     python bench/hub_replay.py record --tasks 20000 --out /tmp/hub-rec.pkl
     python bench/hub_replay.py replay /tmp/hub-rec.pkl [--repeat 5] [--profile out.prof]
+        [--frozen-clock]
 
 ``replay --compare DIR`` also replays with the monq package found in DIR
 (another checkout, e.g. the commit before a change), in alternating runs, so
@@ -174,15 +175,60 @@ def _hub(key: bytes, tmp: Path, name: str) -> Any:
 
     ctx = zmq.Context()
     store = TaskStore(f"sqlite:///{tmp / name}")
-    hub = Hub(ctx, Session(key), store, HubConfig())
+    config = HubConfig()
+    hub = Hub(ctx, Session(key), store, config)
     hub.bind()  # its own Context: the inproc monitor name is free
+    if os.environ.get("MONQ_REPLAY_FROZEN_CLOCK"):
+        _freeze_clock()
     return hub, ctx
 
 
-def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
+class _FrozenTime:
+    """The Hub module's ``time``, with ``monotonic`` stopped (see _freeze_clock)."""
+
+    def __init__(self) -> None:
+        self._now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _freeze_clock() -> None:
+    """--frozen-clock: the Hub's monotonic clock stands still during the replay.
+
+    How many rows a replay writes twice (pending, then finished) otherwise
+    depends on how fast it runs: a held row is written once it has waited
+    ``hold_pending`` seconds since the Hub was last behind, and a replay is
+    never behind (nothing waits on its sockets), nor as slow as the burst (a
+    profiled or callgrind replay takes minutes: ``hold_max``).  A live Hub in
+    a burst is behind throughout: with the clock stopped, rows are written
+    where the recorded Hub wrote them, held as long as ``hold_rows`` allows,
+    and run after run alike.
+    """
+    from monq.hub import hub as hub_module
+
+    hub_module.time = _FrozenTime()  # type: ignore[assignment]
+
+
+
+def _received(where: str, frames: list[bytes]) -> list[Any]:
+    """A recorded message as the Hub receives it: a monitor copy through
+    ``monq.frames.recv_frames`` (frames under COPY_BELOW bytes as ``bytes``, larger ones
+    zmq Frames), a router message as zmq Frames (``recv_multipart(copy=False)``)."""
     import zmq
 
-    return [(where, [zmq.Frame(b) for b in frames] if where != "flush" else frames)
+    if where == "monitor":
+        from monq.frames import COPY_BELOW
+
+        return [b if len(b) < COPY_BELOW else zmq.Frame(b) for b in frames]
+    return [zmq.Frame(b) for b in frames]
+
+
+def _frames(messages: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[Any]]]:
+    return [(where, _received(where, frames) if where != "flush" else frames)
             for where, frames in messages]
 
 
@@ -257,8 +303,6 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
     request copies and engine messages, none of the replies."""
     hub, ctx = _hub(rec["key"], tmp, name)
     try:
-        import zmq
-
         # no replies, and engines do not leave (that would end their tasks as lost); the
         # frames are made as they come in, so that what they cache (Frame.bytes) is only
         # counted if the Hub keeps them
@@ -271,7 +315,7 @@ def replay_memory(rec: dict[str, Any], tmp: Path, name: str) -> tuple[float, flo
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         for is_monitor, raw in msgs:
-            frames = [zmq.Frame(b) for b in raw]
+            frames = _received("monitor" if is_monitor else "router", raw)
             (hub._on_monitor if is_monitor else hub._on_router)(frames)
             del frames
         gc.collect()
@@ -430,6 +474,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_controller":
         sys.exit(_controller(sys.argv[2], sys.argv[3:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_replay":
+        # as the controller does (monq/hub/__main__.py): what the imports made (SQLAlchemy's
+        # hundreds of thousands of objects) is frozen, out of the collector's full passes
+        import monq.hub.hub  # noqa: F401
+        import monq.hub.store  # noqa: F401
+
+        gc.freeze()
         print(json.dumps(_one(sys.argv[2], int(sys.argv[3]),
                               sys.argv[4] if len(sys.argv) > 4 else None)))
         return
@@ -445,6 +495,9 @@ def main() -> None:
                    help="a checkout whose monq to replay too, alternating")
     q.add_argument("--rounds", type=int, default=3, help="alternations with --compare")
     q.add_argument("--profile", default=None, help="write a cProfile of one replay here")
+    q.add_argument("--frozen-clock", action="store_true",
+                   help="the Hub's monotonic clock stands still: rows are held and written "
+                        "alike whatever the replay's speed (see _freeze_clock)")
     b = sub.add_parser("burst")
     b.add_argument("--tasks", type=int, default=10_000)
     b.add_argument("--compare", type=Path, default=None,
@@ -456,6 +509,8 @@ def main() -> None:
     elif a.cmd == "burst":
         burst(a.tasks, a.compare, a.rounds)
     else:
+        if a.frozen_clock:
+            os.environ["MONQ_REPLAY_FROZEN_CLOCK"] = "1"
         replay(a.recording, a.repeat, a.compare, a.rounds, a.profile)
 
 

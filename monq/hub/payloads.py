@@ -82,10 +82,21 @@ def store_refs(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
     # lookup of equal bytes costs a fraction of hashing them again (blake2b); large ones
     # are rarely repeated, and would be hashed twice
     known: dict[bytes, int] = {}
+    # the Hub's rows share one blob object for a batch's equal payloads: the last one
+    # counted, and its key's entry, are reused without a lookup
+    last: Any = None
+    last_k = 0
+    last_entry: list[Any] = []
     for r in rows:
         for col in KEYS:
             data = r.get(col)
-            if data is None or len(data) < SHARE_MIN:
+            if data is None:
+                continue
+            if data is last:
+                last_entry[1] += 1
+                where.append((r, col, last_k))
+                continue
+            if len(data) < SHARE_MIN:
                 continue
             if type(data) is bytes and len(data) <= _MEMO_MAX:
                 k = known.get(data)
@@ -95,12 +106,13 @@ def store_refs(conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
                 k = key_of(data)
             entry = found.get(k)
             if entry is None:
-                found[k] = [data, 1]
+                entry = found[k] = [data, 1]
             elif entry[0] == data:
                 entry[1] += 1
             else:  # two payloads of this very batch share a key: keep this one inline
                 continue
             where.append((r, col, k))
+            last, last_k, last_entry = data, k, entry
     if not found:
         return
     params = [{"key": k, "data": d, "refs": n} for k, (d, n) in found.items()]

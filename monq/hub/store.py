@@ -129,7 +129,7 @@ class TaskStore(TaskStats):
         self._lock = threading.Lock()
         #: write statements compiled once per column set (see _Positional)
         self._statements: dict[tuple[str, frozenset[str]], _Positional | None] = {}
-        #: (insert or update, *columns) of rows already checked (see _prepare)
+        #: (insert or update, *columns) of rows already checked (see _prepare_all)
         self._shapes: dict[tuple[str, ...], tuple[Any, ...]] = {}
         self._engine = _make_engine(url)
         #: bytes the records keep (payloads and text), once counted; kept up to date by writes
@@ -197,8 +197,8 @@ class TaskStore(TaskStats):
         transaction: one SELECT of the updated rows' old keys per 5,000 of them,
         one upsert executemany per aggregate table.
         """
-        ins = [self._prepare(r, "insert") for r in inserts]
-        ups = [self._prepare(r, "update") for r in updates]
+        ins = self._prepare_all(inserts, "insert")
+        ups = self._prepare_all(updates, "update")
         if not ins and not ups:
             return
         try:
@@ -212,8 +212,8 @@ class TaskStore(TaskStats):
             # (expected, e.g. an engine's "aborted" reply read after its stop had the task
             # recorded lost: one line, no traceback)
             log.info("task batch hit a msg_id already stored; writing it as updates")
-            ins = [self._prepare(r, "insert") for r in inserts]
-            ups = [self._prepare(r, "update") for r in updates]
+            ins = self._prepare_all(inserts, "insert")
+            ups = self._prepare_all(updates, "update")
             with self._engine.begin() as conn:
                 ins, extra = self._split_existing(conn, ins)
                 bounds = self._write(conn, ins, extra + ups)
@@ -287,8 +287,12 @@ class TaskStore(TaskStats):
         if not self.fts_table:
             return [], []
         # (inserts come grouped by columns: a group without text columns is skipped whole)
-        texted = [r["msg_id"] for g in ins_groups if not _TEXTS.isdisjoint(g[0])
-                  for r in g if _has_text(r)]
+        texted: list[str] = []
+        for g in ins_groups:
+            cols = [c for c in TEXTS if c in g[0]]
+            if cols:  # the group's text columns, read at once per row (this runs per row)
+                get = itemgetter(*cols, *cols[:1])  # two at least: a tuple
+                texted += [r["msg_id"] for r in g if any(get(r))]
         changed = [r for r in ups if not _TEXTS.isdisjoint(r)]
         if deltas is None:  # no state read: every changed row, as the statements select
             ids = [r["msg_id"] for r in changed]
@@ -321,11 +325,15 @@ class TaskStore(TaskStats):
         top = -math.inf if self._top_submitted is None else self._top_submitted
         slack = -math.inf
         for rows in ins_groups:  # in the order they got their rowids
+            if not rows or "submitted" not in rows[0]:
+                continue  # (a group's rows have the same columns)
             for r in rows:
-                sub = r.get("submitted")
-                if sub is not None:
-                    slack = max(slack, top - sub)
-                    top = max(top, sub)
+                sub = r["submitted"]
+                if sub is not None:  # max(slack, top - sub), max(top, sub): this runs per row
+                    if top - sub > slack:
+                        slack = top - sub
+                    if sub > top:
+                        top = sub
         moved = [r["submitted"] for r in ups if r.get("submitted") is not None]
         if moved:
             low = conn.execute(select(func.min(tasks.c.submitted))).scalar()
@@ -403,51 +411,70 @@ class TaskStore(TaskStats):
                 fresh.append(r)
         return fresh, again
 
-    def _prepare(self, row: dict[str, Any], what: str) -> dict[str, Any]:
-        if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
-            raise HubError(f"task {what} needs a dict with a string msg_id, got {row!r:.200}")
-        shape = (what, *row)
-        plan = self._shapes.get(shape)
-        if plan is None:
+    def _prepare_all(self, rows: Iterable[dict[str, Any]], what: str
+                     ) -> list[dict[str, Any]]:
+        """Checked copies of ``rows`` (never the caller's), with their sizes and
+        ``stored_bytes`` (and an insert's ``duration``).  One call for a batch: this
+        runs for every row the Hub writes."""
+        shapes = self._shapes
+        cap = self.payload_cap
+        prepared: list[dict[str, Any]] = []
+        append = prepared.append
+        last: tuple[str, ...] = ()
+        plan: Any = None
+        for row in rows:
+            if type(row) is not dict or type(row.get("msg_id")) is not str:
+                if not isinstance(row, dict) or not isinstance(row.get("msg_id"), str):
+                    raise HubError(f"task {what} needs a dict with a string msg_id, "
+                                   f"got {row!r:.200}")
             # the columns are checked once per shape of row (the Hub's rows have a few),
-            # and what the loop below looks at is the columns this shape has
-            plan = self._shapes[shape] = self._plan_shape(row, what)
-        blobs, texts, has_status, timed = plan
-        if has_status and row["status"] not in STATUSES:
-            raise HubError(f"task {what} for {row['msg_id']}: unknown status "
-                           f"{row['status']!r}; one of {', '.join(STATUSES)}")
-        out = dict(row)  # never mutate the caller's row
-        stored = 0  # what the row adds to the database: kept payloads and captured text
-        for blob, size_col in blobs:
-            data = out[blob]
-            if data is None:
-                continue
-            if type(data) is not bytes:
-                data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
-            n = len(data)
-            if size_col not in out:
-                out[size_col] = n
-            if n <= self.payload_cap:
-                out[blob] = data
-                stored += n
-            else:
-                out[blob] = None
-        for col in texts:
-            text = out[col]
-            if text:
-                stored += len(text)
-        if timed:
-            started, completed = out["started"], out["completed"]
-            if started is not None and completed is not None:
-                out["duration"] = completed - started
-        # (an update's is added to what the row had), counted before its payloads move
-        # to the payloads table
-        out["stored_bytes"] = stored
-        return out
+            # and what the loop below looks at is the columns this shape has.  Rows come
+            # in runs of one shape: the same keys as the row before (the same strings:
+            # compared without hashing) need no lookup
+            keys = tuple(row)
+            if keys != last:
+                shape = (what, *keys)
+                plan = shapes.get(shape)
+                if plan is None:
+                    plan = shapes[shape] = self._plan_shape(row, what)
+                last = keys
+            blobs, texts, has_status, timed = plan
+            if has_status and row["status"] not in STATUSES:
+                raise HubError(f"task {what} for {row['msg_id']}: unknown status "
+                               f"{row['status']!r}; one of {', '.join(STATUSES)}")
+            out = dict(row)  # never mutate the caller's row
+            stored = 0  # what the row adds to the database: kept payloads and captured text
+            for blob, size_col in blobs:
+                data = out[blob]
+                if data is None:
+                    continue
+                if type(data) is not bytes:
+                    data = bytes(memoryview(data))  # memoryviews and zmq frames, for the driver
+                n = len(data)
+                if size_col not in out:
+                    out[size_col] = n
+                if n <= cap:
+                    out[blob] = data
+                    stored += n
+                else:
+                    out[blob] = None
+            for col in texts:
+                text = out[col]
+                if text:
+                    stored += len(text)
+            if timed:
+                started, completed = out["started"], out["completed"]
+                if started is not None and completed is not None:
+                    out["duration"] = completed - started
+            # (an update's is added to what the row had), counted before its payloads move
+            # to the payloads table
+            out["stored_bytes"] = stored
+            append(out)
+        return prepared
 
     def _plan_shape(self, row: dict[str, Any], what: str
                     ) -> tuple[list[tuple[str, str]], list[str], bool, bool]:
-        """Check a new shape of row (its columns); what :meth:`_prepare` does with rows of
+        """Check a new shape of row (its columns); what :meth:`_prepare_all` does with rows of
         it: (payload columns, text columns, has a status, an insert with both times)."""
         unknown = row.keys() - _TASK_COLUMNS
         if unknown:
@@ -1172,13 +1199,18 @@ def _by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Group rows by key set (executemany needs one shape), keeping each group's order."""
     groups: dict[frozenset[str], list[dict[str, Any]]] = {}
     order: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    last: tuple[str, ...] = ()
+    group: list[dict[str, Any]] = []
     for r in rows:
         # rows mostly come with their keys in the same order: a tuple of them is
-        # cheaper to hash than a frozenset, which is built once per distinct order
+        # cheaper to hash than a frozenset, which is built once per distinct order; and
+        # in runs of one order: the same keys as the row before are compared, not hashed
         k = tuple(r)
-        group = order.get(k)
-        if group is None:
-            group = order[k] = groups.setdefault(frozenset(k), [])
+        if k != last:
+            group = order.get(k)  # type: ignore[assignment]
+            if group is None:
+                group = order[k] = groups.setdefault(frozenset(k), [])
+            last = k
         group.append(r)
     return list(groups.values())
 
@@ -1321,10 +1353,29 @@ def _chunks(seq: list[Any]) -> Iterable[list[Any]]:
 # -- engine creation ----------------------------------------------------------------
 
 
+def _bind_as_is() -> None:
+    """Have Python's sqlite3 module bind ``None`` and ``bytes`` parameters without
+    looking for an adapter.
+
+    The module binds only int, float, str and bytearray at once: for any other
+    value (a task row's many NULLs, its payloads) it looks for an adapter, then
+    asks its ``PrepareProtocol`` type for ``__adapt__``, whose failure builds an
+    AttributeError with its message each time (~2,000 instructions; ~6 times
+    per task the Hub writes: 3 % of its CPU in a burst, callgrind).  An adapter
+    registered for the type is found first: these give the value back as it
+    is, with one C call (``bytes(b)`` is ``b``; an empty dict's ``get`` of None
+    is None), so what is bound is exactly what was.  Process-wide, and the
+    same for every other user of sqlite3.
+    """
+    sqlite3.register_adapter(bytes, bytes)
+    sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]
+
+
 def _make_engine(url: str) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
+    _bind_as_is()
     db = u.database
     if not db or db == ":memory:" or "mode=memory" in db:
         # One shared connection: the default pool would give each thread its

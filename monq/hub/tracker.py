@@ -88,6 +88,11 @@ class LoadTracker:
         self.unread.pop(msg_id, None)
         self._advance(uuid, seq)
 
+    def advance(self, uuid: str, seq: int) -> None:
+        """Engine ``uuid`` has read every request up to ``seq`` that went to it (what
+        reads of requests numbered up to ``seq`` tell, in one call: a batch's replies)."""
+        self._advance(uuid, seq)
+
     def _advance(self, uuid: str, seq: int) -> None:
         if uuid in self.horizon:
             if seq > self.horizon[uuid]:
