@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from monq.engine.engine import RECENT_RESULT_BYTES, RECENT_SECONDS, Engine, recent_batches
+from monq.hub import blobs
 from monq.hub.hub import Hub, HubConfig, _Engine, _InFlight
 from monq.hub.store import TaskStore
 from monq.protocol import MAX_BATCH_TASKS, RECENT_REPLIES, Session
@@ -109,6 +110,23 @@ def test_the_new_hub_records_only_what_it_does_not_hold_finished(
     assert unknown is not None and unknown["status"] == "ok" and unknown["engine"] == 0
     assert unknown["client"] == "client-1" and unknown["result"] is not None
     assert hub.store.get_task("pending")["status"] == "ok"  # type: ignore[index]
+
+
+def test_each_recovered_reply_keeps_its_own_raw_flags(hub: Hub) -> None:
+    """A batch's replies may share its header (no raw buffer in it); with a raw one they
+    must not: each recorded result keeps the flags its own reply had."""
+    plain, rawr = _reply("plain", result=b"P"), _reply("rawr", result=b"Q")
+    rawr = (*rawr[:6], [True])
+    [(content, buffers, raw)] = recent_batches(collections.deque([plain, rawr]), "e0",
+                                               now=100.0)
+    assert raw == [False, True]
+    hub._on_router(_frames(content, buffers, raw))
+    hub.flush()
+    for msg_id, data, flag in (("plain", b"P", False), ("rawr", b"Q", True)):
+        row = hub.store.get_task(msg_id, with_payload=True)
+        assert row is not None and row["status"] == "ok"
+        frames, flags = blobs.unpack(row["result"])
+        assert [bytes(f) for f in frames] == [data] and flags == [flag], (msg_id, flags)
 
 
 def test_recent_replies_of_an_unknown_engine_are_refused(hub: Hub) -> None:

@@ -1169,7 +1169,10 @@ class Hub:
         if queue not in ("task", "direct") or eng is None:
             self.rejected["recent replies of an unknown engine"] += 1
             return
-        replies = self.session.split_batch(msg, own_headers=False)
+        # the replies share the batch's header unless some buffer is raw: a reply's raw
+        # flags are read from its own header then
+        no_raw = _no_raw(msg)
+        replies = self.session.split_batch(msg, own_headers=not no_raw)
         self._catch_up()  # the copies that did come first
         ids = [m.parent["msg_id"] for m in replies]
         stored = self.store.statuses([i for i in ids if i not in self._inflight])
@@ -1178,7 +1181,7 @@ class Hub:
             st = self._inflight.get(msg_id)
             if (st.status if st is not None else stored.get(msg_id)) in TERMINAL:
                 continue
-            self._on_reply(m, queue, track=False)
+            self._on_reply(m, queue, track=False, no_raw=no_raw)
             told += 1
         if told:
             log.warning("engine %d told %d finished task(s) the last controller had not "
