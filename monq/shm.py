@@ -519,7 +519,9 @@ class ClientShm:
         as ``(key, value)`` (None: nothing): the value is shared by such tasks and
         never changed (made again when the threshold changes), so a burst makes
         no dict per task for it."""
-        if self.local(engine):
+        # self.local(engine), without a call more
+        if self.config.enabled and self.host and (
+                self._all_local if engine is None else self.hosts.get(engine) == self.host):
             spec = self._spec
             if spec is None or spec["min"] != self.config.threshold or \
                     spec["host"] != self.host:

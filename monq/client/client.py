@@ -23,6 +23,7 @@ import zmq
 
 from monq import errors, security
 from monq.client.executor import MonqExecutor
+from monq.client.futures import _DONE
 from monq.client.io import IOThread, Outbox, Queued, QueuedTask
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
@@ -270,17 +271,6 @@ class Client:
                                             timeout, sync, False, None)
         return fut
 
-    def _apply_one(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
-                   kwargs: dict[str, Any], engine: int | None, label: str | None,
-                   retries: int, timeout: float | None, sync: bool,
-                   waiter: Callable[[cf.Future[Any], float | None], bool] | None
-                   ) -> AsyncResult:
-        """Submit one task; its AsyncResult (what ``apply_async`` of a one-task view
-        returns)."""
-        ar: AsyncResult = self._submit_task(channel, f, args, kwargs, engine, label, retries,
-                                            timeout, sync, True, waiter)
-        return ar
-
     def _submit_task(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
                      kwargs: dict[str, Any], engine: int | None, label: str | None,
                      retries: int, timeout: float | None, sync: bool, wrap: bool,
@@ -402,7 +392,7 @@ class Client:
 
     def _on_reply(self, msg: Message) -> None:
         fut = self._tasks.pop(str(msg.parent.get("msg_id", "")), None)
-        if fut is None or fut.done():
+        if fut is None or fut._state in _DONE:
             self.shm.discard_reply(msg)
             return
         try:
@@ -412,20 +402,22 @@ class Client:
             return
         md = msg.metadata
         status = msg.content.get("status", "error")
+        if status == "ok":  # the usual case, with as few calls as can be
+            fut.request = None
+            try:
+                value = deserialize(buffers)
+            except errors.SerializationError as e:
+                fut.replied(md, status)
+                fut.set_exception(e)
+                return
+            fut.settle(value, md)
+            return
         fut.replied(md, status)
         if status == "timeout" and fut.retries_left > 0:
             fut.retries_left -= 1
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
-        if status == "ok":  # the usual case, without a call more
-            try:
-                value = deserialize(buffers)
-            except errors.SerializationError as e:
-                fut.set_exception(e)
-                return
-            fut.settle(value)
-            return
         self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],

@@ -159,14 +159,24 @@ def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
         k = 0
         while k < len(run):
             b = BatchBuilder()
+            entries = b.entries
             start = k
             # what BatchBuilder.full() says, without two calls per task
             end = min(len(run), k + min(cap, MAX_BATCH_TASKS))
+            # the frames, raw flags and buffer indices of the task before: a burst's tasks
+            # share their frames (monq.serialize.pack_call), and then their indices
+            same: tuple[Any, Any, list[int]] | None = None
             while k < end and b.nbytes < MAX_BATCH_BYTES:
                 t = run[k]
                 h = t.header
-                b.add({"msg_id": h["msg_id"], "date": h["date"], "metadata": t.metadata},
-                      t.buffers, t.raw)
+                if same is not None and t.buffers is same[0] and t.raw is same[1]:
+                    # what b.add would find: every frame in the batch already
+                    entries.append({"msg_id": h["msg_id"], "date": h["date"],
+                                    "metadata": t.metadata, "b": same[2]})
+                else:
+                    entry = {"msg_id": h["msg_id"], "date": h["date"], "metadata": t.metadata}
+                    b.add(entry, t.buffers, t.raw)
+                    same = (t.buffers, t.raw, entry["b"])
                 k += 1
             group = run[start:k]
             if len(group) == 1:

@@ -83,29 +83,35 @@ class TaskFuture(LeanFuture):
                 return
         _set_reply(self._md, md, status)
 
-    def settle(self, result: Any) -> None:
-        """``set_result(result)``, settling in the same step the single-task AsyncResult
-        that watches this future.
+    def settle(self, result: Any, md: dict[str, Any], status: str = "ok") -> None:
+        """``replied(md, status)`` then ``set_result(result)``, settling in the same step
+        the single-task AsyncResult that watches this future.
 
-        A burst's usual reply: nobody waits on either future and neither has a
-        callback, so both are settled under one lock, without the chain of calls
-        (set_result, callbacks, the AsyncResult's set_result, its callbacks) the
-        general way takes; any other case goes that way.
+        A burst's usual reply: nobody has read the metadata, nobody waits on
+        either future and neither has a callback, so the reply is recorded and
+        both futures are settled under one lock, without the chain of calls
+        (set_result, callbacks, the AsyncResult's set_result, its callbacks)
+        the general way takes; any other case goes that way.
         """
         p = self._parent
-        if p is not None and type(p)._child_done is _ONE_CHILD_DONE and p._single and \
-                self._cond is None and p._cond is None:
-            with _MAKE:  # no Condition can be made meanwhile (see LeanFuture)
-                fast = (self._cond is None and p._cond is None and self._state not in _DONE
-                        and p._state not in _DONE and self._done_callbacks is _NONE
-                        and p._done_callbacks is _NONE and self._parent is p)
+        fast = False
+        with _MAKE:  # no Condition can be made meanwhile (see LeanFuture)
+            if self._md is None:
+                self._reply = md
+                self._status = status
+                md = None  # type: ignore[assignment]
+                fast = (p is not None and type(p)._child_done is _ONE_CHILD_DONE and
+                        p._single and self._cond is None and p._cond is None and
+                        self._state not in _DONE and p._state not in _DONE and
+                        self._done_callbacks is _NONE and p._done_callbacks is _NONE)
                 if fast:
                     self._result = p._result = result
                     self._state = p._state = _FINISHED
-            if fast:
-                # as after its callbacks ran (see _invoke_callbacks)
-                self._parent = None
-                return
+        if fast:
+            self._parent = None  # as after its callbacks ran (see _invoke_callbacks)
+            return
+        if md is not None:
+            _set_reply(self._md, md, status)  # type: ignore[arg-type]
         self.set_result(result)
 
     def _invoke_callbacks(self) -> None:

@@ -132,13 +132,16 @@ class LoadBalancedView(View):
     def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
         """Submit ``f(*args, **kwargs)``; return its AsyncResult at once."""
         # one task, one future: made with the task (a burst calls this once per task)
-        return self.client._apply_one("task", f, args, kwargs, None, self.label, self.retries,
-                                      self.timeout, False, self._waiter)
+        ar: AsyncResult = self.client._submit_task("task", f, args, kwargs, None, self.label,
+                                                   self.retries, self.timeout, False, True,
+                                                   self._waiter)
+        return ar
 
     def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``f(*args, **kwargs)`` and return its result (or raise its RemoteError)."""
-        return self.client._apply_one("task", f, args, kwargs, None, self.label, self.retries,
-                                      self.timeout, True, self._waiter).get()
+        return self.client._submit_task("task", f, args, kwargs, None, self.label,
+                                        self.retries, self.timeout, True, True,
+                                        self._waiter).get()
 
     def _n_workers(self) -> int:
         return max(1, len(self.client.ids))
