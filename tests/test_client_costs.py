@@ -155,11 +155,13 @@ def test_a_reply_settles_futures_that_are_watched_waited_on_or_read(
     v = client.load_balanced_view()
     v.apply_sync(noop)
     with queued_only(client):
-        ars = [v.apply_async(noop) for _ in range(4)]
+        ars = [v.apply_async(noop) for _ in range(5)]
     called: list[Any] = []
     ars[0].add_done_callback(lambda f: called.append(f.result()))
     ars[1]._children[0].add_done_callback(lambda f: called.append(f.result()))
     assert ars[2].metadata["status"] == "pending"  # read before the reply
+    # an AsyncResult of the AsyncResults (as users combine them) watches each of them
+    outer = AsyncResult(ars, single=False)
     woke: list[Any] = []
     waiter = threading.Thread(target=lambda: woke.append(ars[3]._children[0].result(10)))
     waiter.start()
@@ -168,8 +170,10 @@ def test_a_reply_settles_futures_that_are_watched_waited_on_or_read(
         client._io.dispatch([("replies", _replies(client, ars, 5))])
     finally:
         waiter.join(10)
-    assert [a.get(0) for a in ars] == [5] * 4
+    assert [a.get(0) for a in ars] == [5] * 5
     assert called == [5, 5] and woke == [5]
+    # the last is watched by nothing but ``outer``: settled, it settles ``outer``
+    assert outer.done() and outer.result(0) == [5] * 5
     assert ars[2].metadata["status"] == "ok" and ars[2].metadata["engine"] == 0
     assert all(a.metadata["status"] == "ok" for a in ars)
 

@@ -110,9 +110,11 @@ class QueuedTask:
     """
 
     header: dict[str, Any]
+    #: the metadata, frames and raw flags may be shared with other tasks (see
+    #: Client._submit_task): nobody changes them
     metadata: dict[str, Any]
-    buffers: list[Any]
-    raw: list[bool]
+    buffers: Sequence[Any]
+    raw: Sequence[bool]
     idents: Sequence[bytes]
 
     def frames(self, session: Session) -> list[Any]:

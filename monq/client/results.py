@@ -88,7 +88,7 @@ class TaskFuture(LeanFuture):
         the single-task AsyncResult that watches this future.
 
         A burst's usual reply: nobody has read the metadata, nobody waits on
-        either future and neither has a callback, so the reply is recorded and
+        either future and neither has a callback or a watcher, so the reply is recorded and
         both futures are settled under one lock, without the chain of calls
         (set_result, callbacks, the AsyncResult's set_result, its callbacks)
         the general way takes; any other case goes that way.
@@ -103,7 +103,8 @@ class TaskFuture(LeanFuture):
                 fast = (p is not None and type(p)._child_done is _ONE_CHILD_DONE and
                         p._single and self._cond is None and p._cond is None and
                         self._state not in _DONE and p._state not in _DONE and
-                        self._done_callbacks is _NONE and p._done_callbacks is _NONE)
+                        self._done_callbacks is _NONE and p._done_callbacks is _NONE and
+                        p._parent is None)  # (an AsyncResult of AsyncResults watches p)
                 if fast:
                     self._result = p._result = result
                     self._state = p._state = _FINISHED

@@ -173,6 +173,16 @@ class DirectView(View):
                                         timeout=self.timeout, sync=sync)
                 for t in self._target_list]
 
+    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+        """Submit ``f(*args, **kwargs)`` to every target; return its AsyncResult at once."""
+        if not isinstance(self.targets, int):
+            return super().apply_async(f, *args, **kwargs)
+        # one engine, one task: its AsyncResult made with it, as on a load-balanced view
+        ar: AsyncResult = self.client._submit_task("direct", f, args, kwargs, self.targets,
+                                                   self.label, 0, self.timeout, False, True,
+                                                   self._waiter)
+        return ar
+
     def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]],
                        sync: bool = False) -> list[Any]:
         # spread chunks over the targets in turn
