@@ -148,14 +148,16 @@ def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
             yield channel, item, [_msg_id(item)]
             i += 1
             continue
+        # the run of queued tasks for the same place, gathered in one pass
+        run = [item]
+        idents = item.idents
         j = i + 1
         while j < n:
             c, other = items[j]
-            if c != channel or not isinstance(other, QueuedTask) or \
-                    other.idents != item.idents:
+            if c != channel or not isinstance(other, QueuedTask) or other.idents != idents:
                 break
+            run.append(other)
             j += 1
-        run = [t for _, t in items[i:j] if isinstance(t, QueuedTask)]
         i = j
         cap = -(-len(run) // max(1, engines)) if channel == b"task" else len(run)
         k = 0
