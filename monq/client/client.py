@@ -314,6 +314,10 @@ class Client:
                 task: Queued = queued if segs is None else queued.frames(self.session)
                 msg_id = hdr["msg_id"]
                 fut = TaskFuture(msg_id, hdr["date"], channel, engine)
+                if segs:
+                    # its segments are freed before its AsyncResult is settled (a caller
+                    # woken by the result finds them freed): tracked first
+                    self.shm.track(fut, segs)
                 # watched before it is registered: its reply cannot come first
                 out = AsyncResult._of(fut, waiter) if wrap else fut
                 if channel == "task":
@@ -322,8 +326,6 @@ class Client:
                         fut.retries_left = int(retries)
                 # registered before sending, so the reply always finds its future
                 self._tasks[msg_id] = fut
-                if segs:
-                    self.shm.track(fut, segs)
                 wake = self._emit(channel.encode(), task, got) and not sync
             if wake or got:
                 self._after_emit(wake, got)
