@@ -12,7 +12,8 @@ Run: PYTHONPATH=<tree> python bench/client_costs.py [--tasks 20000] [--rounds 5]
 A/B: run it alternately with PYTHONPATH at two trees (--ab TREE_A TREE_B).
 Prints one JSON line per round (µs per task: total, main thread, I/O thread).
 Under callgrind: valgrind --tool=callgrind python bench/client_costs.py --tasks 2000
-(the fake is an exec'd subprocess, not traced).
+(the fake is an exec'd subprocess, not traced); the counts vary from run to run,
+as valgrind's thread scheduling changes the batch sizes.
 """
 
 from __future__ import annotations
