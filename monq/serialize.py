@@ -136,6 +136,11 @@ def deserialize(frames: Sequence[Any]) -> Any:
     """Rebuild an object from ``serialize``'s frames (zmq Frames, bytes or views)."""
     if not frames:
         raise SerializationError("no frames to unpickle")
+    if len(frames) == 1 and type(frames[0]) is bytes:  # most results: one small stream
+        try:
+            return pickle.loads(frames[0])
+        except Exception as e:
+            raise SerializationError(f"cannot unpickle: {type(e).__name__}: {e}") from e
     stream = _view(frames[0])
     raws = [_view(f) for f in frames[1:]]
     try:
@@ -178,6 +183,51 @@ def pack_apply(f: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any
     frames, raw = serialize((tuple(_prepare(a) for a in args),
                              {k: _prepare(v) for k, v in kwargs.items()}))
     return [fn, *frames], [False, *raw]
+
+
+#: the arguments' stream of a call without arguments: one object for every such task, so a
+#: batch carries it once, as it does the function's stream
+_NO_ARGS = pickle.dumps(((), {}), protocol=5)
+#: the raw flags of a call whose arguments are one in-band stream (shared, never changed)
+_IN_BAND = (False, False)
+#: the function packed last: (weak reference, stream, name, frames of a call without
+#: arguments); one tuple, replaced whole, so threads may share it
+_LAST: list[Any] = [None]
+
+
+def pack_call(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> tuple[Sequence[Any], Sequence[bool], str]:
+    """``pack_apply(f, args, kwargs)`` and ``func_name(f)``, for a client submitting many
+    tasks: ``(frames, raw_flags, name)``, the same frames as pack_apply's.
+
+    A burst sends one function again and again: the last one's stream and name are
+    kept (no cache look-up, no name to build), and a call without arguments is the
+    same two frames every time (nothing to pickle, no list to make).  Small plain
+    arguments are pickled without cloudpickle (see :func:`serialize`).  The frames
+    returned may be shared: callers never change them.
+    """
+    last = _LAST[0]
+    if last is not None and last[0]() is f:
+        _, fn, name, bare = last
+    else:
+        if not callable(f):
+            raise TypeError(f"{f!r} is not callable")
+        fn = _function_stream(f)
+        name = func_name(f)
+        bare = (fn, _NO_ARGS)
+        with contextlib.suppress(TypeError):
+            # kept only where _function_stream keeps it (a callable it cannot key is
+            # pickled anew each time, its state as it is then)
+            if _FN_STREAMS.get(f) is fn:
+                _LAST[0] = (weakref.ref(f), fn, name, bare)
+    if not args and not kwargs:
+        return bare, _IN_BAND, name
+    call = (args if type(args) is tuple else tuple(args), kwargs)
+    if _plain(call):
+        return (fn, pickle.dumps(call, protocol=5)), _IN_BAND, name
+    frames, raw = serialize((tuple(_prepare(a) for a in args),
+                             {k: _prepare(v) for k, v in kwargs.items()}))
+    return [fn, *frames], [False, *raw], name
 
 
 def _load_function(frame: Any) -> Any:

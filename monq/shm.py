@@ -441,6 +441,9 @@ class ClientShm:
         self._free: list[Segment] = []
         self._timer: threading.Timer | None = None
         self._closed = False
+        #: what tag() gives tasks without raw buffers (shared by them)
+        self._spec: dict[str, Any] | None = None
+        self._bulk_spec: dict[str, Any] | None = None
 
     # engines
 
@@ -511,6 +514,28 @@ class ClientShm:
         drop = set(big)
         return _without(buffers, drop), _without(raw, drop), segs
 
+    def tag(self, engine: int | None) -> tuple[str, dict[str, Any]] | None:
+        """What :meth:`offload` adds to the metadata of a task without raw buffers,
+        as ``(key, value)`` (None: nothing): the value is shared by such tasks and
+        never changed (made again when the threshold changes), so a burst makes
+        no dict per task for it."""
+        # self.local(engine), without a call more
+        if self.config.enabled and self.host and (
+                self._all_local if engine is None else self.hosts.get(engine) == self.host):
+            spec = self._spec
+            if spec is None or spec["min"] != self.config.threshold or \
+                    spec["host"] != self.host:
+                spec = self._spec = {"host": self.host, "pid": self.pid,
+                                     "min": self.config.threshold}
+            return "shm", spec
+        cfg = self.bulk.config
+        if not cfg.enabled:
+            return None
+        b = self._bulk_spec
+        if b is None or b["min"] != cfg.threshold:
+            b = self._bulk_spec = {"min": cfg.threshold}
+        return "bulk", b
+
     def track(self, fut: Any, segs: list[Any] | None) -> None:
         """The task ``fut`` uses ``segs`` (segments, or a bulk Ticket) until it is done
         (any way it ends)."""
@@ -540,9 +565,12 @@ class ClientShm:
         result handles (a handle to one of our own segments holds it out of the
         pool while the view lives) and unlinks result segments the engine made.
         """
-        if "bulk" in msg.metadata:  # result buffers the engine serves: fetched here
-            return self.bulk.fetch_all(msg.buffers, msg.metadata["bulk"])
-        spec = msg.metadata.get("shm")
+        md = msg.metadata
+        if not self._tasks and "shm" not in md and "bulk" not in md:
+            return msg.buffers  # most replies: nothing to map, no segment of ours to free
+        if "bulk" in md:  # result buffers the engine serves: fetched here
+            return self.bulk.fetch_all(msg.buffers, md["bulk"])
+        spec = md.get("shm")
         segs = self._tasks.get(str(msg.parent.get("msg_id", ""))) or ()
         rel = spec.get("released") if isinstance(spec, dict) else None
         for i, seg in enumerate(segs):

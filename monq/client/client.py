@@ -23,6 +23,7 @@ import zmq
 
 from monq import errors, security
 from monq.client.executor import MonqExecutor
+from monq.client.futures import _DONE
 from monq.client.io import IOThread, Outbox, Queued, QueuedTask
 from monq.client.results import AsyncResult, TaskFuture, _dt
 from monq.client.view import DirectView, LoadBalancedView, View
@@ -30,7 +31,7 @@ from monq.connection import find_connection_file, load_connection_file, pid_aliv
 from monq.hub.filters import TIME_FILTERS, parse_duration
 from monq.protocol import Message, Session
 from monq.records import TaskRecord, to_epoch
-from monq.serialize import deserialize, func_name, pack_apply
+from monq.serialize import deserialize, pack_call
 from monq.shm import ClientShm
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Client:
         self._outbox = Outbox()
         self._lock = self._outbox.lock  # guards the bell, the outbox and the numbering
         self._tasks: dict[str, TaskFuture] = {}
+        #: metadata shared by tasks alike (see _task_md)
+        self._mds: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._queries: dict[str, Any] = {}
         self._engines: dict[int, str] = {}
         self._closed = False
@@ -263,19 +266,41 @@ class Client:
                     kwargs: dict[str, Any], engine: int | None = None,
                     label: str | None = None, retries: int = 0,
                     timeout: float | None = None, sync: bool = False) -> TaskFuture:
-        buffers, raw = pack_apply(f, args, kwargs)
+        """Submit one task; its future."""
+        fut: TaskFuture = self._submit_task(channel, f, args, kwargs, engine, label, retries,
+                                            timeout, sync, False, None)
+        return fut
+
+    def _submit_task(self, channel: str, f: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any], engine: int | None, label: str | None,
+                     retries: int, timeout: float | None, sync: bool, wrap: bool,
+                     waiter: Callable[[cf.Future[Any], float | None], bool] | None) -> Any:
+        """Pack, number, register and send (or queue) one task: its TaskFuture, or with
+        ``wrap`` its AsyncResult.
+
+        A burst of ``apply_async`` passes here once per task, so it makes as few
+        objects as it can that live until the reply: the frames and raw flags of a
+        call without arguments are shared (see monq.serialize.pack_call), and so
+        is the metadata of tasks alike (see _task_md); what stays per task is the
+        header, the queued task and the two futures.
+        """
+        buffers, raw, name = pack_call(f, args, kwargs)
         idents: Sequence[bytes] = ()
         if channel == "direct":
             assert engine is not None
             idents = [self._engine_uuid(engine).encode()]
-        md: dict[str, Any] = {"func": func_name(f)}
-        if label is not None:
-            md["label"] = str(label)
-        if timeout is not None:
-            md["timeout"] = float(timeout)
-        if retries:
-            md["retries"] = int(retries)
-        buffers, raw, segs = self.shm.offload(buffers, raw, md, engine)
+        segs = None
+        if True in raw:  # large buffers may go through shared memory or be served
+            md: dict[str, Any] = {"func": name}
+            if label is not None:
+                md["label"] = str(label)
+            if timeout is not None:
+                md["timeout"] = float(timeout)
+            if retries:
+                md["retries"] = int(retries)
+            buffers, raw, segs = self.shm.offload(list(buffers), list(raw), md, engine)
+        else:
+            md = self._task_md(name, label, timeout, retries, engine)
         fut: TaskFuture | None = None
         try:
             got: list[Any] = []
@@ -287,14 +312,20 @@ class Client:
                 # arguments in shared memory: signed now and sent alone, never batched
                 # (a batch carries only the host spec, for results sent that way)
                 task: Queued = queued if segs is None else queued.frames(self.session)
-                # registered before sending, so the reply always finds its future
-                fut = TaskFuture(hdr["msg_id"], hdr["date"], channel, engine)
+                msg_id = hdr["msg_id"]
+                fut = TaskFuture(msg_id, hdr["date"], channel, engine)
+                if segs:
+                    # its segments are freed before its AsyncResult is settled (a caller
+                    # woken by the result finds them freed): tracked first
+                    self.shm.track(fut, segs)
+                # watched before it is registered: its reply cannot come first
+                out = AsyncResult._of(fut, waiter) if wrap else fut
                 if channel == "task":
                     fut.request = queued
-                    fut.retries_left = int(retries)
-                self._tasks[hdr["msg_id"]] = fut
-                if segs:
-                    self.shm.track(fut, segs)
+                    if retries:
+                        fut.retries_left = int(retries)
+                # registered before sending, so the reply always finds its future
+                self._tasks[msg_id] = fut
                 wake = self._emit(channel.encode(), task, got) and not sync
             if wake or got:
                 self._after_emit(wake, got)
@@ -302,7 +333,32 @@ class Client:
             if fut is None:
                 self.shm.drop(segs)
             raise
-        return fut
+        return out
+
+    def _task_md(self, name: str, label: str | None, timeout: float | None, retries: int,
+                 engine: int | None) -> dict[str, Any]:
+        """The metadata of a task without raw buffers: one dict shared by every task of
+        the same function, label, timeout, retries and shared-memory spec (nobody
+        changes a task's metadata once made: a resend makes its own)."""
+        tag = self.shm.tag(engine)
+        key = (name, None if label is None else str(label),
+               None if timeout is None else float(timeout), int(retries),
+               None if tag is None else tag[0])
+        md = self._mds.get(key)
+        if md is None or (tag is not None and md[tag[0]] is not tag[1]):
+            md = {"func": name}
+            if label is not None:
+                md["label"] = str(label)
+            if timeout is not None:
+                md["timeout"] = float(timeout)
+            if retries:
+                md["retries"] = int(retries)
+            if tag is not None:
+                md[tag[0]] = tag[1]
+            if len(self._mds) >= 256:
+                self._mds.clear()
+            self._mds[key] = md
+        return md
 
     def _resend(self, fut: TaskFuture, why: str) -> bool:
         """Send a load-balanced task again, under the same msg_id; False if it cannot be."""
@@ -338,7 +394,7 @@ class Client:
 
     def _on_reply(self, msg: Message) -> None:
         fut = self._tasks.pop(str(msg.parent.get("msg_id", "")), None)
-        if fut is None or fut.done():
+        if fut is None or fut._state in _DONE:
             self.shm.discard_reply(msg)
             return
         try:
@@ -348,18 +404,22 @@ class Client:
             return
         md = msg.metadata
         status = msg.content.get("status", "error")
+        if status == "ok":  # the usual case, with as few calls as can be
+            fut.request = None
+            try:
+                value = deserialize(buffers)
+            except errors.SerializationError as e:
+                fut.replied(md, status)
+                fut.set_exception(e)
+                return
+            fut.settle(value, md)
+            return
         fut.replied(md, status)
         if status == "timeout" and fut.retries_left > 0:
             fut.retries_left -= 1
             if self._resend(fut, "it overran its timeout"):
                 return
         fut.request = None
-        if status == "ok":  # the usual case, without a call more
-            try:
-                fut.set_result(deserialize(buffers))
-            except errors.SerializationError as e:
-                fut.set_exception(e)
-            return
         self._resolve(fut, msg.content, buffers, md.get("engine"))
 
     def _resolve(self, fut: TaskFuture, content: dict[str, Any], buffers: Sequence[Any],

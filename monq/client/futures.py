@@ -82,19 +82,19 @@ class LeanFuture(cf.Future):  # type: ignore[type-arg]
     state never changes again, so reading a finished future needs no lock.
     """
 
-    _cond: threading.Condition | None
+    # A fresh future's fields are these class attributes: made per task, a future sets
+    # none of them until it changes (a burst makes two futures per task)
+    _cond: threading.Condition | None = None
+    _parent: Any = None
+    _state: str = cf._base.PENDING
+    _result: Any = None
+    _exception: BaseException | None = None
+    _waiters: Any = _NONE
+    _done_callbacks: Any = _NONE
 
     def __init__(self) -> None:  # noqa: D107
-        self._parent = None
         if not _LEAN:
             cf.Future.__init__(self)
-            return
-        self._cond = None
-        self._state = cf._base.PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: Any = _NONE
-        self._done_callbacks: Any = _NONE
 
     @property
     def _condition(self) -> threading.Condition:

@@ -110,9 +110,11 @@ class QueuedTask:
     """
 
     header: dict[str, Any]
+    #: the metadata, frames and raw flags may be shared with other tasks (see
+    #: Client._submit_task): nobody changes them
     metadata: dict[str, Any]
-    buffers: list[Any]
-    raw: list[bool]
+    buffers: Sequence[Any]
+    raw: Sequence[bool]
     idents: Sequence[bytes]
 
     def frames(self, session: Session) -> list[Any]:
@@ -146,27 +148,39 @@ def pack(items: list[tuple[bytes, Queued]], session: Session, engines: int
             yield channel, item, [_msg_id(item)]
             i += 1
             continue
+        # the run of queued tasks for the same place, gathered in one pass
+        run = [item]
+        idents = item.idents
         j = i + 1
         while j < n:
             c, other = items[j]
-            if c != channel or not isinstance(other, QueuedTask) or \
-                    other.idents != item.idents:
+            if c != channel or not isinstance(other, QueuedTask) or other.idents != idents:
                 break
+            run.append(other)
             j += 1
-        run = [t for _, t in items[i:j] if isinstance(t, QueuedTask)]
         i = j
         cap = -(-len(run) // max(1, engines)) if channel == b"task" else len(run)
         k = 0
         while k < len(run):
             b = BatchBuilder()
+            entries = b.entries
             start = k
             # what BatchBuilder.full() says, without two calls per task
             end = min(len(run), k + min(cap, MAX_BATCH_TASKS))
+            # the frames, raw flags and buffer indices of the task before: a burst's tasks
+            # share their frames (monq.serialize.pack_call), and then their indices
+            same: tuple[Any, Any, list[int]] | None = None
             while k < end and b.nbytes < MAX_BATCH_BYTES:
                 t = run[k]
                 h = t.header
-                b.add({"msg_id": h["msg_id"], "date": h["date"], "metadata": t.metadata},
-                      t.buffers, t.raw)
+                if same is not None and t.buffers is same[0] and t.raw is same[1]:
+                    # what b.add would find: every frame in the batch already
+                    entries.append({"msg_id": h["msg_id"], "date": h["date"],
+                                    "metadata": t.metadata, "b": same[2]})
+                else:
+                    entry = {"msg_id": h["msg_id"], "date": h["date"], "metadata": t.metadata}
+                    b.add(entry, t.buffers, t.raw)
+                    same = (t.buffers, t.raw, entry["b"])
                 k += 1
             group = run[start:k]
             if len(group) == 1:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any
 
 from monq import errors
-from monq.client.futures import _DONE, _FINISHED, _MAKE, _NONE, LeanFuture
+from monq.client.futures import _DONE, _FINISHED, _LEAN, _MAKE, _NONE, LeanFuture
 
 if TYPE_CHECKING:
     from monq.client.io import QueuedTask
@@ -37,21 +37,24 @@ class TaskFuture(LeanFuture):
     until then.
     """
 
+    #: load-balanced tasks keep what they were sent with, to be sent again: after
+    #: their engine died before reading them, or for a retry
+    request: QueuedTask | None = None
+    retries_left = 0
+    _md: dict[str, Any] | None = None
+    #: the reply's metadata and status, until ``metadata`` is made
+    _reply: dict[str, Any] | None = None
+    _status = "pending"
+
     def __init__(self, msg_id: str, submitted: float, queue: str,
                  engine: int | None = None) -> None:
-        LeanFuture.__init__(self)
+        if not _LEAN:
+            LeanFuture.__init__(self)
+        # the other fields start as the class's (see LeanFuture)
         self.msg_id = msg_id
         self.queue = queue
-        #: load-balanced tasks keep what they were sent with, to be sent again: after
-        #: their engine died before reading them, or for a retry
-        self.request: QueuedTask | None = None
-        self.retries_left = 0
         self._submitted = submitted
         self._engine = engine
-        self._md: dict[str, Any] | None = None
-        #: the reply's metadata and status, until ``metadata`` is made
-        self._reply: dict[str, Any] | None = None
-        self._status = "pending"
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -80,6 +83,38 @@ class TaskFuture(LeanFuture):
                 return
         _set_reply(self._md, md, status)
 
+    def settle(self, result: Any, md: dict[str, Any], status: str = "ok") -> None:
+        """``replied(md, status)`` then ``set_result(result)``, settling in the same step
+        the single-task AsyncResult that watches this future.
+
+        A burst's usual reply: nobody has read the metadata, nobody waits on
+        either future and neither has a callback or a watcher, so the reply is recorded and
+        both futures are settled under one lock, without the chain of calls
+        (set_result, callbacks, the AsyncResult's set_result, its callbacks)
+        the general way takes; any other case goes that way.
+        """
+        p = self._parent
+        fast = False
+        with _MAKE:  # no Condition can be made meanwhile (see LeanFuture)
+            if self._md is None:
+                self._reply = md
+                self._status = status
+                md = None  # type: ignore[assignment]
+                fast = (p is not None and type(p)._child_done is _ONE_CHILD_DONE and
+                        p._single and self._cond is None and p._cond is None and
+                        self._state not in _DONE and p._state not in _DONE and
+                        self._done_callbacks is _NONE and p._done_callbacks is _NONE and
+                        p._parent is None)  # (an AsyncResult of AsyncResults watches p)
+                if fast:
+                    self._result = p._result = result
+                    self._state = p._state = _FINISHED
+        if fast:
+            self._parent = None  # as after its callbacks ran (see _invoke_callbacks)
+            return
+        if md is not None:
+            _set_reply(self._md, md, status)  # type: ignore[arg-type]
+        self.set_result(result)
+
     def _invoke_callbacks(self) -> None:
         super()._invoke_callbacks()
         # they ran once and never run again: dropping them breaks the cycle with the
@@ -104,6 +139,30 @@ def _dt(t: float | None) -> datetime | None:
 
 class AsyncResult(LeanFuture):
     """The result of work submitted to the cluster, available later."""
+
+    # what :meth:`_of` leaves as the class's (one task)
+    _waiter: Callable[[cf.Future[Any], float | None], bool] | None = None
+    _child: TaskFuture | None = None
+    _many: list[TaskFuture] | None = None
+    _single = True
+    _reduce: Callable[[list[Any]], Any] | None = None
+    _left = 1
+    _lock: threading.Lock | None = None
+
+    @classmethod
+    def _of(cls, fut: TaskFuture,
+            waiter: Callable[[cf.Future[Any], float | None], bool] | None) -> AsyncResult:
+        """``AsyncResult([fut], waiter=waiter)`` for a future nobody else knows yet (a
+        task being submitted, not yet registered for its reply): nothing to check,
+        nothing to lock, a field or two to set."""
+        if not _LEAN or fut._parent is not None or fut._done_callbacks is not _NONE:
+            return cls([fut], waiter=waiter)
+        self = cls.__new__(cls)
+        if waiter is not None:
+            self._waiter = waiter
+        self._child = fut
+        fut._parent = self
+        return self
 
     def __init__(self, children: Sequence[TaskFuture], single: bool = True,
                  reduce: Callable[[list[Any]], Any] | None = None,
@@ -181,6 +240,8 @@ class AsyncResult(LeanFuture):
         Raises monq.TimeoutError if it is not ready within ``timeout`` seconds
         (the work goes on: call get again later).
         """
+        if self._state == _FINISHED and self._exception is None:
+            return self._result  # done (a burst's results, read after it): final, no lock
         try:
             return self.result(timeout)
         except cf.TimeoutError:
@@ -310,3 +371,6 @@ class AsyncMapResult(AsyncResult):
         else:
             for done in cf.as_completed(self._children):
                 yield from done.result()
+
+
+_ONE_CHILD_DONE = AsyncResult._child_done

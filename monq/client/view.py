@@ -129,6 +129,20 @@ class LoadBalancedView(View):
         return [self.client._send_apply("task", f, args, kwargs, label=self.label,
                                         retries=self.retries, timeout=self.timeout, sync=sync)]
 
+    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+        """Submit ``f(*args, **kwargs)``; return its AsyncResult at once."""
+        # one task, one future: made with the task (a burst calls this once per task)
+        ar: AsyncResult = self.client._submit_task("task", f, args, kwargs, None, self.label,
+                                                   self.retries, self.timeout, False, True,
+                                                   self._waiter)
+        return ar
+
+    def apply_sync(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``f(*args, **kwargs)`` and return its result (or raise its RemoteError)."""
+        return self.client._submit_task("task", f, args, kwargs, None, self.label,
+                                        self.retries, self.timeout, True, True,
+                                        self._waiter).get()
+
     def _n_workers(self) -> int:
         return max(1, len(self.client.ids))
 
@@ -158,6 +172,16 @@ class DirectView(View):
         return [self.client._send_apply("direct", f, args, kwargs, engine=t, label=self.label,
                                         timeout=self.timeout, sync=sync)
                 for t in self._target_list]
+
+    def apply_async(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> AsyncResult:
+        """Submit ``f(*args, **kwargs)`` to every target; return its AsyncResult at once."""
+        if not isinstance(self.targets, int):
+            return super().apply_async(f, *args, **kwargs)
+        # one engine, one task: its AsyncResult made with it, as on a load-balanced view
+        ar: AsyncResult = self.client._submit_task("direct", f, args, kwargs, self.targets,
+                                                   self.label, 0, self.timeout, False, True,
+                                                   self._waiter)
+        return ar
 
     def _submit_chunks(self, f: Callable[..., Any], chunks: list[list[list[Any]]],
                        sync: bool = False) -> list[Any]:
