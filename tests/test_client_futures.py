@@ -99,11 +99,14 @@ def _calls(fn: Any) -> list[str]:
         if event == "call":
             calls.append(frame.f_code.co_name)
 
+    gc.collect()  # a collection while counting would count earlier tests' finalizers
+    gc.disable()
     sys.setprofile(prof)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
 
 
