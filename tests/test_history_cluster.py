@@ -183,7 +183,7 @@ def test_cli_history_filters_formats_and_pages(client: monq.Client, cluster: Clu
 def test_cli_show_and_stats(client: monq.Client, cluster: Cluster) -> None:
     label = _label()
     ars = _work(client, label, n=10)
-    r = _cli(cluster, "show", ars[4].msg_id[:14])
+    r = _cli(cluster, "show", short_id(ars[4].msg_id))  # what tables show
     assert r.returncode == 0, r.stderr
     for piece in (ars[4].msg_id, "status:         error", "--- traceback ---",
                   "ValueError: broken 4", "--- stdout ---", "job 4 says marmalade4",
