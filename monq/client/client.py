@@ -291,13 +291,7 @@ class Client:
             idents = [self._engine_uuid(engine).encode()]
         segs = None
         if True in raw:  # large buffers may go through shared memory or be served
-            md: dict[str, Any] = {"func": name}
-            if label is not None:
-                md["label"] = str(label)
-            if timeout is not None:
-                md["timeout"] = float(timeout)
-            if retries:
-                md["retries"] = int(retries)
+            md = _new_md(name, label, timeout, retries)
             buffers, raw, segs = self.shm.offload(list(buffers), list(raw), md, engine)
         else:
             md = self._task_md(name, label, timeout, retries, engine)
@@ -346,13 +340,7 @@ class Client:
                None if tag is None else tag[0])
         md = self._mds.get(key)
         if md is None or (tag is not None and md[tag[0]] is not tag[1]):
-            md = {"func": name}
-            if label is not None:
-                md["label"] = str(label)
-            if timeout is not None:
-                md["timeout"] = float(timeout)
-            if retries:
-                md["retries"] = int(retries)
+            md = _new_md(name, label, timeout, retries)
             if tag is not None:
                 md[tag[0]] = tag[1]
             if len(self._mds) >= 256:
@@ -1037,6 +1025,20 @@ def _epochs(query: dict[str, Any]) -> dict[str, Any]:
         return v
 
     return {k: conv(v) for k, v in query.items()}
+
+
+def _new_md(name: str, label: str | None, timeout: float | None, retries: int
+            ) -> dict[str, Any]:
+    """A task's own metadata: its function's name, and its label, timeout and retries
+    when given."""
+    md: dict[str, Any] = {"func": name}
+    if label is not None:
+        md["label"] = str(label)
+    if timeout is not None:
+        md["timeout"] = float(timeout)
+    if retries:
+        md["retries"] = int(retries)
+    return md
 
 
 __all__ = ["Client", "HistoryPage"]
